@@ -1,0 +1,12 @@
+"""Typed run configuration: dataclasses, model presets, YAML loading and validation."""
+
+from flagscale.config.loader import (all_keys, config_to_dict, data_prefixes, dump_config,
+                                     load_config, padded_vocab_size, validate)
+from flagscale.config.presets import MODEL_PRESETS
+from flagscale.config.schema import (CheckpointConfig, Config, DataConfig, Layout, MetricsConfig,
+                                     ModelConfig, ParallelConfig, RunConfig, TrainConfig)
+
+__all__ = ["Config", "ModelConfig", "ParallelConfig", "TrainConfig", "DataConfig",
+           "CheckpointConfig", "MetricsConfig", "RunConfig", "Layout", "MODEL_PRESETS",
+           "load_config", "validate", "dump_config", "config_to_dict", "data_prefixes",
+           "padded_vocab_size", "all_keys"]

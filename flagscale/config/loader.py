@@ -1,0 +1,305 @@
+"""Load a run config from YAML plus dotted overrides, and validate it before any work starts.
+
+    cfg = load_config("examples/tiny/config.yaml", ["parallel.tp=2", "train.iterations=20"])
+    layout = validate(cfg, world_size=2)
+
+Errors name the key, the bad value and the arithmetic, and suggest the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import yaml
+
+from flagscale.config.presets import MODEL_PRESETS
+from flagscale.config.schema import Config, Layout
+from flagscale.errors import ConfigError
+
+
+def _fields(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def all_keys(cls=Config, prefix: str = "") -> list[str]:
+    """Every dotted key the config accepts (``model.hidden_size``, ``parallel.tp``, ...)."""
+    keys = []
+    for name, tp in _fields(cls).items():
+        if _is_dataclass_type(tp):
+            keys += all_keys(tp, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
+    hint = f" Did you mean '{close[0]}'?" if close else " Run `flagscale train --keys` for the list."
+    return ConfigError(f"Unknown config key '{key}' ({where}).{hint}")
+
+
+def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
+    """Accept YAML's loose scalars (``3e-4`` is a string in YAML 1.1) but reject real mismatches."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        tp = args[0]
+    if tp is Any or value is None and tp is not bool:
+        return value
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes", "on"):
+                return True
+            if str(value).lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+        if tp is list or typing.get_origin(tp) is list:
+            return list(value) if isinstance(value, (list, tuple)) else [value]
+    except (TypeError, ValueError):
+        name = getattr(tp, "__name__", str(tp))
+        raise ConfigError(f"Config key '{key}' ({where}) must be {name}, got {value!r}.") from None
+    return value
+
+
+def _build(cls, raw: dict, prefix: str, where: str):
+    kwargs = {}
+    fields = _fields(cls)
+    for name, value in raw.items():
+        key = prefix + name
+        if name not in fields:
+            raise _unknown_key(key, where)
+        tp = fields[name]
+        if _is_dataclass_type(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"Config key '{key}' ({where}) must be a mapping of its "
+                                  f"fields, got {value!r}.")
+            kwargs[name] = _build(tp, value, key + ".", where)
+        else:
+            kwargs[name] = _coerce(key, value, tp, where)
+    return cls(**kwargs)
+
+
+def _set_dotted(raw: dict, key: str, value: Any, where: str) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise _unknown_key(key, where)
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
+    """``["parallel.tp=2", "data.paths=[a,b]"]`` -> ``[("parallel.tp", 2), ("data.paths", ["a","b"])]``."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"Override '{item}' is not of the form key=value "
+                              f"(e.g. parallel.tp=2).")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text != "" else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Override '{item}': the value is not valid YAML ({exc}).") from None
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Iterable[str] = (),
+                base: Optional[dict] = None) -> Config:
+    """Read ``path`` (YAML), apply dotted ``overrides`` and fill the model from its preset."""
+    raw: dict = dict(base or {})
+    where = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist. Pass a YAML file such as "
+                              f"examples/tiny/config.yaml.")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"Config file {path} must hold a mapping at the top level.")
+        raw.update(loaded)
+        where = str(path)
+    for key, value in parse_overrides(overrides):
+        if key not in all_keys():
+            raise _unknown_key(key, "command-line override")
+        _set_dotted(raw, key, value, "command-line override")
+    model = raw.get("model") or {}
+    if not isinstance(model, dict):
+        raise ConfigError(f"Config key 'model' ({where}) must be a mapping.")
+    preset = model.get("preset")
+    if preset is not None:
+        if preset not in MODEL_PRESETS:
+            close = difflib.get_close_matches(str(preset), MODEL_PRESETS, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"model.preset '{preset}' ({where}) is not a known preset.{hint} "
+                              f"Known: {', '.join(sorted(MODEL_PRESETS))}.")
+        raw["model"] = {**MODEL_PRESETS[preset], **model}
+    return _build(Config, raw, "", where)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """The resolved config as plain data (what ``config.yaml`` in the run directory holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def data_prefixes(cfg: Config) -> list[tuple[float, str]]:
+    """``data.paths`` as ``(weight, prefix)`` pairs; unweighted lists get equal weights."""
+    paths = list(cfg.data.paths)
+    if not paths:
+        return []
+    if all(isinstance(p, str) for p in paths):
+        return [(1.0, p) for p in paths]
+    if len(paths) % 2 == 0 and all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                   and isinstance(p, str) for w, p in zip(paths[::2], paths[1::2])):
+        return [(float(w), p) for w, p in zip(paths[::2], paths[1::2])]
+    raise ConfigError(f"data.paths must be a list of prefixes [a, b] or weight/prefix pairs "
+                      f"[0.7, a, 0.3, b]; got {paths!r}.")
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Vocabulary padded to a multiple of ``divisible_by * tp`` (so every TP shard is equal)."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+_CHOICES = {
+    "model.params_dtype": ("fp32", "bf16"),
+    "train.lr_decay_style": ("cosine", "linear", "constant"),
+    "train.recompute": ("none", "selective", "full"),
+    "platform": ("auto", "cuda", "cpu"),
+}
+
+
+def validate(cfg: Config, world_size: int, check_paths: bool = True) -> Layout:
+    """Check every constraint megatron-core would hit later, and derive the layout.
+
+    Raises :class:`ConfigError` naming the key, the value and the arithmetic.
+    """
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    for key, choices in _CHOICES.items():
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, name)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}.")
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size"):
+        if getattr(m, name) <= 0:
+            raise ConfigError(f"model.{name} is {getattr(m, name)}: set model.preset (e.g. tiny, "
+                              f"llama3_8b) or give model.{name} explicitly.")
+    for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("train.micro_batch_size",
+                       t.micro_batch_size), ("train.global_batch_size", t.global_batch_size),
+                       ("train.seq_length", t.seq_length), ("train.iterations", t.iterations)):
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}.")
+    groups = m.num_query_groups or m.num_attention_heads
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(f"model.hidden_size ({m.hidden_size}) % model.num_attention_heads "
+                          f"({m.num_attention_heads}) = {m.hidden_size % m.num_attention_heads}, "
+                          f"must be 0.")
+    if m.num_attention_heads % groups:
+        raise ConfigError(f"model.num_attention_heads ({m.num_attention_heads}) % "
+                          f"model.num_query_groups ({groups}) != 0.")
+    if m.num_attention_heads % p.tp:
+        raise ConfigError(f"model.num_attention_heads ({m.num_attention_heads}) % parallel.tp "
+                          f"({p.tp}) = {m.num_attention_heads % p.tp}: choose a tp that divides "
+                          f"the head count.")
+    if groups % p.tp:
+        raise ConfigError(f"model.num_query_groups ({groups}) % parallel.tp ({p.tp}) = "
+                          f"{groups % p.tp}: each TP rank needs whole key/value groups.")
+    if m.ffn_hidden_size % p.tp:
+        raise ConfigError(f"model.ffn_hidden_size ({m.ffn_hidden_size}) % parallel.tp ({p.tp}) != 0.")
+    vpp = p.vpp if p.vpp and p.vpp > 1 else None
+    stages = p.pp * (vpp or 1)
+    if m.num_layers % stages:
+        what = f"parallel.pp ({p.pp}) * parallel.vpp ({vpp})" if vpp else f"parallel.pp ({p.pp})"
+        raise ConfigError(f"model.num_layers ({m.num_layers}) % {what} = "
+                          f"{m.num_layers % stages}: every pipeline stage needs the same number "
+                          f"of layers.")
+    if vpp and p.pp < 2:
+        raise ConfigError(f"parallel.vpp={p.vpp} needs parallel.pp >= 2 (interleaved pipeline "
+                          f"schedule); got pp={p.pp}.")
+    if p.sequence_parallel and p.tp < 2:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp >= 2; set it false "
+                          "or raise tp.")
+    if p.sequence_parallel and t.seq_length % p.tp:
+        raise ConfigError(f"train.seq_length ({t.seq_length}) % parallel.tp ({p.tp}) != 0, "
+                          f"needed by sequence parallelism.")
+    if world_size % (p.tp * p.pp):
+        raise ConfigError(f"tp({p.tp}) * pp({p.pp}) * dp(?) != world size ({world_size}): the "
+                          f"world size must be a multiple of tp*pp={p.tp * p.pp}.")
+    dp = world_size // (p.tp * p.pp)
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) % (micro_batch_size "
+                          f"({t.micro_batch_size}) * dp ({dp})) = {t.global_batch_size % per_step}: "
+                          f"choose a global batch that is a multiple of {per_step}.")
+    num_micro = t.global_batch_size // per_step
+    if vpp and num_micro % p.pp:
+        raise ConfigError(f"microbatches per step ({num_micro} = global_batch_size "
+                          f"{t.global_batch_size} / (micro_batch_size {t.micro_batch_size} * dp "
+                          f"{dp})) must be a multiple of parallel.pp ({p.pp}) for the interleaved "
+                          f"schedule.")
+    if t.warmup_iterations < 0 or (t.lr_decay_iterations is not None and t.lr_decay_iterations < 1):
+        raise ConfigError("train.warmup_iterations must be >= 0 and train.lr_decay_iterations >= 1.")
+    if check_paths:
+        _check_paths(cfg)
+    return Layout(world_size=world_size, tp=p.tp, pp=p.pp, dp=dp, vpp=vpp,
+                  num_microbatches=num_micro,
+                  padded_vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by,
+                                                      p.tp),
+                  kv_channels=m.hidden_size // m.num_attention_heads, num_query_groups=groups)
+
+
+def _check_paths(cfg: Config) -> None:
+    prefixes = data_prefixes(cfg)
+    if not prefixes:
+        raise ConfigError("data.paths is empty: give the dataset prefixes written by "
+                          "`flagscale preprocess` (e.g. data.paths=[data/corpus_text]).")
+    for _, prefix in prefixes:
+        missing = [s for s in (".bin", ".idx") if not Path(prefix + s).is_file()]
+        if missing:
+            raise ConfigError(f"data.paths: dataset prefix '{prefix}' has no "
+                              f"{' or '.join(prefix + s for s in missing)} (cwd {os.getcwd()}). "
+                              f"Run `flagscale preprocess --output-prefix {prefix} ...` or fix "
+                              f"the path.")
+    if cfg.data.tokenizer and not Path(cfg.data.tokenizer).exists():
+        raise ConfigError(f"data.tokenizer: '{cfg.data.tokenizer}' does not exist (cwd "
+                          f"{os.getcwd()}).")
+    load = cfg.checkpoint.load
+    if load and load != "auto" and not Path(load).is_dir():
+        raise ConfigError(f"checkpoint.load: '{load}' is not a directory. Give a checkpoint "
+                          f"directory, 'auto', or leave it empty to start fresh.")

@@ -1,0 +1,54 @@
+"""Named model architectures (REFERENCE section 5; the published model cards).
+
+All are Llama-style: RMSNorm (eps 1e-5), SwiGLU, rotate-half RoPE, no linear biases, untied
+embeddings. ``tiny`` is the CI/demo model: small enough to train on 2 CPU processes in about a
+minute, yet with GQA, SwiGLU and RoPE so every code path of the large models runs.
+"""
+
+from __future__ import annotations
+
+MODEL_PRESETS: dict[str, dict] = {
+    "tiny": dict(num_layers=4, hidden_size=128, num_attention_heads=4, num_query_groups=2,
+                 ffn_hidden_size=352, vocab_size=4096, max_position_embeddings=256,
+                 rope_theta=10000.0),
+    "aquila2_7b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=32,
+                       ffn_hidden_size=11008, vocab_size=100008, max_position_embeddings=4096,
+                       rope_theta=10000.0),
+    # Init std 0.0165 is the FlagScale v0.1 Aquila2-34B recipe.
+    "aquila2_34b": dict(num_layers=60, hidden_size=6144, num_attention_heads=48, num_query_groups=8,
+                        ffn_hidden_size=24576, vocab_size=100008, max_position_embeddings=4096,
+                        rope_theta=10000.0, init_method_std=0.0165),
+    "aquila2_70b": dict(num_layers=80, hidden_size=8192, num_attention_heads=64, num_query_groups=8,
+                        ffn_hidden_size=28672, vocab_size=100008, max_position_embeddings=4096,
+                        rope_theta=10000.0),
+    "llama2_7b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=32,
+                      ffn_hidden_size=11008, vocab_size=32000, max_position_embeddings=4096,
+                      rope_theta=10000.0),
+    "llama2_13b": dict(num_layers=40, hidden_size=5120, num_attention_heads=40, num_query_groups=40,
+                       ffn_hidden_size=13824, vocab_size=32000, max_position_embeddings=4096,
+                       rope_theta=10000.0),
+    "llama2_70b": dict(num_layers=80, hidden_size=8192, num_attention_heads=64, num_query_groups=8,
+                       ffn_hidden_size=28672, vocab_size=32000, max_position_embeddings=4096,
+                       rope_theta=10000.0),
+    "llama3_8b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+                      ffn_hidden_size=14336, vocab_size=128256, max_position_embeddings=8192,
+                      rope_theta=500000.0),
+    "llama3_70b": dict(num_layers=80, hidden_size=8192, num_attention_heads=64, num_query_groups=8,
+                       ffn_hidden_size=28672, vocab_size=128256, max_position_embeddings=8192,
+                       rope_theta=500000.0),
+    # 131072 context through llama3 rope scaling (factor 8 over the original 8192).
+    "llama3_1_8b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+                        ffn_hidden_size=14336, vocab_size=128256, max_position_embeddings=131072,
+                        rope_theta=500000.0, rope_scaling_factor=8.0),
+    "llama3_1_70b": dict(num_layers=80, hidden_size=8192, num_attention_heads=64, num_query_groups=8,
+                         ffn_hidden_size=28672, vocab_size=128256, max_position_embeddings=131072,
+                         rope_theta=500000.0, rope_scaling_factor=8.0),
+    "llama3_1_405b": dict(num_layers=126, hidden_size=16384, num_attention_heads=128,
+                          num_query_groups=8, ffn_hidden_size=53248, vocab_size=128256,
+                          max_position_embeddings=131072, rope_theta=500000.0,
+                          rope_scaling_factor=8.0),
+    # v0.1 attends in a 4096-token sliding window: plain causal attention at seq_length <= 4096.
+    "mistral_7b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+                       ffn_hidden_size=14336, vocab_size=32000, max_position_embeddings=4096,
+                       rope_theta=10000.0),
+}

@@ -1,0 +1,200 @@
+"""The typed configuration tree of a flagscale run.
+
+One dataclass per concern; every field carries a docstring (the string literal under it). The YAML
+file mirrors this tree (``model.hidden_size``, ``parallel.tp``...). Values that follow from others
+(padded vocabulary, data-parallel size, microbatches per step) are computed by :class:`Layout`,
+never stored twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a dense Llama-family decoder."""
+
+    preset: Optional[str] = None
+    """Named architecture (see ``flagscale.config.presets``); explicit fields below override it."""
+    num_layers: int = 0
+    """Number of transformer layers."""
+    hidden_size: int = 0
+    """Model (residual stream) width."""
+    num_attention_heads: int = 0
+    """Query heads per layer."""
+    num_query_groups: Optional[int] = None
+    """Key/value heads (grouped-query attention); ``None`` means one per query head."""
+    ffn_hidden_size: int = 0
+    """Inner width of the SwiGLU MLP (size of gate and of up projection each)."""
+    vocab_size: int = 0
+    """True vocabulary size of the tokenizer; the embedding is padded above it (see Layout)."""
+    max_position_embeddings: int = 4096
+    """Longest sequence the model is meant for (RoPE needs no table, this is informational)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    rope_scaling_factor: Optional[float] = None
+    """Llama-3.1 (``rope_type: llama3``) frequency scaling factor; ``None`` disables scaling."""
+    norm_epsilon: float = 1e-5
+    """RMSNorm epsilon."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal weight initialisation."""
+    params_dtype: str = "fp32"
+    """Training precision: ``fp32``, or ``bf16`` (bf16 weights and activations, fp32 master weights)."""
+    make_vocab_size_divisible_by: int = 128
+    """The embedding is padded to a multiple of this times ``parallel.tp`` (Megatron's convention)."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and data are split across processes (all carried out by megatron-core)."""
+
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    vpp: Optional[int] = None
+    """Virtual pipeline stages per pipeline rank (interleaved 1F1B); ``None`` or 1 disables."""
+    sequence_parallel: bool = False
+    """Shard layer-norm and dropout activations along the sequence across the TP group (needs tp > 1)."""
+    distributed_optimizer: bool = True
+    """Shard optimizer state and fp32 master weights across data-parallel ranks (ZeRO-1)."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    micro_batch_size: int = 1
+    """Sequences per microbatch on each data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step across all data-parallel ranks."""
+    seq_length: int = 128
+    """Tokens per training sequence."""
+    iterations: int = 10
+    """Optimizer steps to run (a resumed run stops at the same total)."""
+    seed: int = 1234
+    """Seed of weight initialisation, dropout and data shuffling."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the decay."""
+    warmup_iterations: int = 0
+    """Linear warmup steps from 0 to ``lr``."""
+    lr_decay_iterations: Optional[int] = None
+    """Steps over which the rate decays to ``min_lr``; ``None`` means ``iterations``."""
+    lr_decay_style: str = "cosine"
+    """``cosine``, ``linear`` or ``constant``."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (not applied to norms)."""
+    adam_beta1: float = 0.9
+    """AdamW first-moment decay."""
+    adam_beta2: float = 0.95
+    """AdamW second-moment decay."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    recompute: str = "none"
+    """Activation recomputation: ``none``, ``selective`` (attention core) or ``full`` (whole layers)."""
+    log_interval: int = 1
+    """Iterations between console/metrics lines."""
+    eval_interval: int = 0
+    """Iterations between validation passes; 0 disables."""
+    eval_iterations: int = 2
+    """Batches per validation pass."""
+
+
+@dataclass
+class DataConfig:
+    """Training data: megatron-core indexed datasets produced by ``flagscale preprocess``."""
+
+    paths: list = field(default_factory=list)
+    """Dataset prefixes (``PREFIX.bin``/``.idx``), optionally weighted: ``[0.7, a, 0.3, b]``."""
+    tokenizer: Optional[str] = None
+    """Tokenizer: a sentencepiece ``.model`` file, a HF ``tokenizer.json`` or a directory holding one."""
+    split: str = "98,2,0"
+    """Train/valid/test proportions of each dataset's documents."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and resuming."""
+
+    save_interval: int = 0
+    """Iterations between saves; 0 disables saving."""
+    load: Optional[str] = None
+    """Checkpoint directory to start from, ``auto`` for the newest complete one of this run, or none."""
+    save_final: bool = True
+    """Also save after the last iteration (when saving is enabled)."""
+    keep_last: Optional[int] = None
+    """Keep only this many newest checkpoints; ``None`` keeps all."""
+
+
+@dataclass
+class MetricsConfig:
+    """Throughput accounting and loggers."""
+
+    device: Optional[str] = None
+    """Device name used to look up peak FLOP/s; ``None`` detects it."""
+    peak_tflops: Optional[float] = None
+    """Peak dense TFLOP/s per device; overrides the built-in table."""
+    wandb: bool = False
+    """Log to Weights & Biases (offline unless ``WANDB_API_KEY`` is set)."""
+    wandb_project: str = "flagscale"
+    """W&B project name."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files under ``run.dir/tensorboard``."""
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes."""
+
+    dir: str = "runs/default"
+    """Everything a run writes goes under this directory."""
+    name: Optional[str] = None
+    """Human-readable run name (loggers); defaults to the directory name."""
+
+
+@dataclass
+class Config:
+    """A complete flagscale run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation loop."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving and resuming."""
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """Throughput accounting and loggers."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Output location."""
+    platform: str = "auto"
+    """``auto`` (cuda when a GPU is visible, else cpu), ``cuda`` or ``cpu``."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Values derived from a config and a world size, computed in one place."""
+
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    vpp: Optional[int]
+    num_microbatches: int
+    padded_vocab_size: int
+    kv_channels: int
+    num_query_groups: int
+
+    def describe(self) -> str:
+        vpp = f" vpp={self.vpp}" if self.vpp else ""
+        return (f"world={self.world_size} tp={self.tp} pp={self.pp}{vpp} dp={self.dp} "
+                f"microbatches/step={self.num_microbatches}")
