@@ -1,0 +1,62 @@
+"""The ``flagscale`` command line.
+
+    flagscale train examples/tiny/config.yaml --nproc 2 train.iterations=20
+    flagscale <command> --help
+
+Each command lives in its own module of this package, defining ``register(subparsers)`` which adds
+a sub-parser whose ``func(args)`` calls one importable, documented function. Errors a user can fix
+(:class:`flagscale.errors.FlagScaleError`) print as one paragraph without a traceback unless
+``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+import flagscale
+from flagscale.errors import FlagScaleError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flagscale",
+        description="Pretrain dense Llama-family models on megatron-core: train, preprocess, "
+                    "trace, reshard, convert, flops, plan, launch.")
+    parser.add_argument("--version", action="version", version=flagscale.__version__)
+    parser.add_argument("--debug", action="store_true",
+                        help="show full tracebacks for user errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    package = importlib.import_module("flagscale.cli")
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+        if info.name in ("main", "__main__") or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"flagscale.cli.{info.name}")
+        if hasattr(module, "register"):
+            module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        result = args.func(args)
+    except FlagScaleError as exc:
+        if args.debug:
+            raise
+        print(f"flagscale {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The training loop, learning-rate schedule, hooks and checkpoint orchestration."""
