@@ -1,20 +1,31 @@
-"""Writers of the per-interval metrics record: console and ``metrics.jsonl``.
+"""Writers of the per-interval metrics record: console, ``metrics.jsonl``, wandb, TensorBoard.
 
-All writers receive the same record (a flat dict) through the training-loop hook ``on_log``.
+All writers receive the same record (a flat dict) through the training-loop hook ``on_log``, after
+the loop and :class:`~flagscale.metrics.throughput.ThroughputMeter` have filled it, and only the
+writer rank writes.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
+from typing import Optional
 
+from flagscale.errors import ConfigError
 from flagscale.train.hooks import Hook
 
 
 def _fmt(value, spec: str) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """The finite numeric entries of a record (what chart-drawing loggers can plot)."""
+    return {k: v for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 class ConsoleLogger(Hook):
@@ -28,16 +39,21 @@ class ConsoleLogger(Hook):
                  f"lr {_fmt(record.get('lr'), '.3e')}",
                  f"grad_norm {_fmt(record.get('grad_norm'), '.3f')}",
                  f"step {_fmt(record.get('step_time_s'), '.3f')}s",
-                 f"tok/s/gpu {_fmt(record.get('tokens_per_sec_per_gpu'), ',.0f')}"]
-        if record.get("tflops_per_gpu") is not None:
-            parts.append(f"TFLOP/s/gpu {_fmt(record['tflops_per_gpu'], '.2f')}")
+                 f"tok/s/gpu {_fmt(record.get('tokens_per_sec_per_gpu'), ',.0f')}",
+                 f"TFLOP/s/gpu {_fmt(record.get('tflops_per_gpu'), '.2f')}"]
         if record.get("mfu") is not None:
             parts.append(f"MFU {100 * record['mfu']:.1f}%")
+        if record.get("memory_gib") is not None:
+            parts.append(f"mem {record['memory_gib']:.2f}GiB")
         print(" | ".join(parts), file=sys.stdout, flush=True)
 
 
 class JsonlLogger(Hook):
-    """Appends one JSON object per log interval to ``run.dir/metrics.jsonl``."""
+    """Appends one JSON object per log interval to ``run.dir/metrics.jsonl``.
+
+    Lines are flushed as they are written, so a crashed run keeps every interval it logged; a resumed
+    run appends to the same file (readers keep the last record of a repeated iteration).
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -58,3 +74,93 @@ class JsonlLogger(Hook):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class WandbLogger(Hook):
+    """Logs every record to Weights & Biases, keyed by iteration.
+
+    Offline (files under ``run.dir/wandb``, upload later with ``wandb sync``) unless
+    ``WANDB_API_KEY`` is set or ``WANDB_MODE`` says otherwise. The run id is kept in
+    ``run.dir/wandb/run_id`` so a resumed run continues the same W&B run.
+    """
+
+    def __init__(self, project: str, name: str, config: dict, run_dir: Path):
+        self.project = project
+        self.name = name
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.run = None
+
+    def on_train_start(self, state) -> None:
+        if not state.is_writer:
+            return
+        import wandb
+
+        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY")
+                                                else "offline")
+        id_file = self.run_dir / "wandb" / "run_id"
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        if id_file.is_file():
+            run_id = id_file.read_text().strip()
+        else:
+            run_id = wandb.util.generate_id()
+            id_file.write_text(run_id + "\n")
+        # console="off": the training output stays on stdout untouched; no system-stats sampler
+        # thread competing with the training processes for CPU.
+        settings = wandb.Settings(console="off", x_disable_stats=True, silent=True)
+        self.run = wandb.init(project=self.project, name=self.name, id=run_id, resume="allow",
+                              config=self.config, dir=str(self.run_dir), mode=mode,
+                              settings=settings)
+
+    def on_log(self, state, record: dict) -> None:
+        if self.run is not None:
+            values = scalars(record)
+            step = int(values.pop("iteration"))
+            self.run.log(values, step=step)
+
+    def on_train_end(self, state) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def tensorboard_writer_class():
+    """``torch.utils.tensorboard.SummaryWriter``, or a ConfigError saying how to get it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ConfigError(f"metrics.tensorboard=true but TensorBoard cannot be imported ({exc}). "
+                          f"Install it (pip install tensorboard) or set "
+                          f"metrics.tensorboard=false.") from None
+    return SummaryWriter
+
+
+class TensorBoardLogger(Hook):
+    """Writes every numeric entry of the record as a scalar under ``run.dir/tensorboard``."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = Path(log_dir)
+        self._writer_class = tensorboard_writer_class()
+        self._writer = None
+
+    def on_train_start(self, state) -> None:
+        if state.is_writer:
+            self._writer = self._writer_class(log_dir=str(self.log_dir))
+
+    def on_log(self, state, record: dict) -> None:
+        if self._writer is not None:
+            values = scalars(record)
+            step = int(values.pop("iteration"))
+            for key, value in values.items():
+                self._writer.add_scalar(key, value, step)
+            self._writer.flush()
+
+    def on_train_end(self, state) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def run_name(run_dir: Path, name: Optional[str]) -> str:
+    """The human-readable run name: ``run.name``, else the run directory's name."""
+    return name or Path(run_dir).resolve().name

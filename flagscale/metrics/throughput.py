@@ -1,31 +1,91 @@
-"""Throughput accounting: tokens/s/GPU over the whole world, averaged over each log interval."""
+"""Throughput accounting per log interval: step time, tokens/s/GPU, TFLOP/s/GPU, MFU, memory.
+
+Definitions (REFERENCE section 3):
+
+- ``step_time_s``: mean wall time of the optimizer steps of the interval, as reported by the loop.
+  The first ``warmup_steps`` (default 1) steps after the run starts or resumes are left out of every
+  average: they include allocator warm-up, kernel autotuning and first-touch data loading, and a
+  single one of them can be several times a normal step. An interval holding only such steps reports
+  ``null`` throughput; ``timed_steps`` says how many steps each average covers.
+- ``tokens_per_sec_per_gpu`` = global_batch * seq_length / (step_time_s * world_size): every rank of
+  the world (TP*PP*CP*DP) is a GPU, so figures compare across layouts and with published numbers.
+- ``tflops_per_gpu`` = model FLOPs per token (Megatron convention, no recomputation) *
+  tokens/s/GPU / 1e12; ``mfu`` = that / the device's peak dense TFLOP/s (``null`` when unknown).
+  ``hfu`` adds the forward work repeated by activation recomputation (equal to ``mfu`` without it).
+- ``memory_gib``: peak memory allocated by tensors on this process's GPU since the start (and
+  ``memory_reserved_gib``, what the caching allocator holds), or the resident set size of the
+  process on CPU. Reported by the writer rank for itself.
+
+Step times arrive as Python floats; nothing here touches device tensors, so accounting adds no host
+synchronisation to the loop.
+"""
 
 from __future__ import annotations
 
+import warnings
+from typing import Optional
+
+import torch
+
+from flagscale.metrics.flops import FlopsEstimate
 from flagscale.train.hooks import Hook, StepInfo
+
+_GIB = float(1 << 30)
+
+
+def memory_usage() -> dict[str, float]:
+    """This process's memory in GiB: CUDA peak allocated/reserved on a GPU, resident set on CPU."""
+    if torch.cuda.is_available():
+        return {"memory_gib": torch.cuda.max_memory_allocated() / _GIB,
+                "memory_reserved_gib": torch.cuda.max_memory_reserved() / _GIB}
+    import psutil
+
+    return {"memory_gib": psutil.Process().memory_info().rss / _GIB}
 
 
 class ThroughputMeter(Hook):
-    """Adds ``step_time_s`` (interval mean) and ``tokens_per_sec_per_gpu`` to each record.
+    """Adds step time, throughput, FLOP rates, MFU/HFU and memory to each metrics record."""
 
-    tokens/s/GPU = global_batch * seq_length / (step_time * world_size): every rank of the world
-    (TP*PP*DP) counts as a GPU, so the figure is comparable across layouts.
-    """
-
-    def __init__(self, tokens_per_step: int, world_size: int):
+    def __init__(self, tokens_per_step: int, world_size: int, flops: FlopsEstimate,
+                 peak_tflops: Optional[float], device: Optional[str] = None,
+                 peak_missing_reason: str = "", warmup_steps: int = 1):
         self.tokens_per_step = tokens_per_step
         self.world_size = world_size
+        self.flops = flops
+        self.peak_tflops = peak_tflops
+        self.device = device
+        self.peak_missing_reason = peak_missing_reason
+        self.warmup_steps = warmup_steps
+        self._first_timed = 1 + warmup_steps
         self._times: list[float] = []
 
+    def on_train_start(self, state) -> None:
+        self._first_timed = state.start_iteration + 1 + self.warmup_steps
+        self._times = []
+        if self.peak_tflops is None and state.is_writer:
+            warnings.warn(f"MFU will not be reported: {self.peak_missing_reason}.", stacklevel=2)
+
     def on_step_end(self, state, step: StepInfo) -> None:
-        self._times.append(step.step_time_s)
+        if step.iteration >= self._first_timed:
+            self._times.append(step.step_time_s)
 
     def on_log(self, state, record: dict) -> None:
         times, self._times = self._times, []
-        if not times:
-            return
-        step_time = sum(times) / len(times)
-        record["step_time_s"] = step_time
-        record["tokens_per_sec_per_gpu"] = self.tokens_per_step / (step_time * self.world_size)
-        record.setdefault("tflops_per_gpu", None)
-        record.setdefault("mfu", None)
+        record.update(self.interval_metrics(times))
+        record.update(memory_usage())
+
+    def interval_metrics(self, step_times: list[float]) -> dict:
+        """The throughput keys of a record for an interval whose timed steps took ``step_times``."""
+        out = dict.fromkeys(("step_time_s", "tokens_per_sec_per_gpu", "tflops_per_gpu", "mfu",
+                             "hfu"))
+        out["timed_steps"] = len(step_times)
+        if not step_times:
+            return out
+        step_time = sum(step_times) / len(step_times)
+        tokens = self.tokens_per_step / (step_time * self.world_size)
+        tflops = self.flops.flops_per_token * tokens / 1e12
+        out.update(step_time_s=step_time, tokens_per_sec_per_gpu=tokens, tflops_per_gpu=tflops)
+        if self.peak_tflops is not None:
+            out["mfu"] = tflops / self.peak_tflops
+            out["hfu"] = self.flops.hardware_flops_per_token * tokens / 1e12 / self.peak_tflops
+        return out

@@ -1,0 +1,203 @@
+"""Parameter counts and training FLOPs per token of a dense Llama-family decoder.
+
+    est = flops_per_token(preset_model("llama3_8b"), seq_length=8192)
+    est.flops_per_token / 1e9          # 51.47 GFLOP/token, Megatron's convention
+    est.terms                          # {'qkv': ..., 'attention': ..., 'out_proj': ..., ...}
+
+Every figure counts one training step per token: forward plus backward (the backward pass does two
+matrix multiplies per forward one, hence x3) at 2 FLOPs per multiply-add, so each term below is
+``6 * multiply-adds per token``. Only matrix multiplies are counted (norms, RoPE, softmax and the
+loss are memory-bound and negligible), which is what model FLOPs utilisation (MFU) is defined on.
+
+Three conventions, labelled wherever a figure is reported because they differ by up to ~15%:
+
+- ``megatron`` (default): Megatron-LM's ``num_floating_point_operations`` (REFERENCE section 3):
+  grouped-query attention, SwiGLU, causal attention counted as half of full, logits over the
+  vocabulary padded to a multiple of ``make_vocab_size_divisible_by * tp``.
+- ``palm``: PaLM appendix B / torchtitan: ``6 * N + 12 * L * heads * d_head * S`` with N every
+  parameter except the input embedding (a lookup, not a multiply) and full (non-causal) attention.
+- ``6n``: Kaplan et al. 2020: ``6 * N`` with the same N and no attention-context term.
+
+Activation recomputation repeats forward work the model does not need; it is reported separately as
+hardware FLOPs (``hardware_flops_per_token``, for HFU) and never enters ``flops_per_token`` (MFU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from flagscale.config.loader import padded_vocab_size
+from flagscale.config.presets import MODEL_PRESETS
+from flagscale.config.schema import Config, ModelConfig
+from flagscale.errors import ConfigError
+
+CONVENTIONS = ("megatron", "palm", "6n")
+"""Names accepted by :func:`flops_per_token` (``convention=``)."""
+
+
+def preset_model(name: str) -> ModelConfig:
+    """The :class:`ModelConfig` of a named preset (``llama3_8b``, ``aquila2_34b``, ``tiny`` ...)."""
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"Unknown model preset '{name}'. Known: {', '.join(sorted(MODEL_PRESETS))}.")
+    return ModelConfig(preset=name, **MODEL_PRESETS[name])
+
+
+def padded_vocab(model: ModelConfig, tp: int = 1) -> int:
+    """Vocabulary rows of the embedding and output layer as megatron-core allocates them."""
+    return padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """The matrix sizes every count below is built from."""
+
+    layers: int
+    hidden: int
+    q: int
+    """Width of all query heads together: heads * kv_channels."""
+    kv: int
+    """Width of all key (or value) heads together: query_groups * kv_channels."""
+    ffn: int
+    vocab: int
+
+    @classmethod
+    def of(cls, model: ModelConfig, vocab: int) -> "_Shape":
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                     "vocab_size"):
+            if getattr(model, name) <= 0:
+                raise ConfigError(f"model.{name} is {getattr(model, name)}: set model.preset or "
+                                  f"give model.{name} to count parameters and FLOPs.")
+        d_head = model.hidden_size // model.num_attention_heads
+        groups = model.num_query_groups or model.num_attention_heads
+        return cls(model.num_layers, model.hidden_size, model.num_attention_heads * d_head,
+                   groups * d_head, model.ffn_hidden_size, vocab)
+
+    def matmul_weights(self) -> dict[str, int]:
+        """Weight elements of each matrix multiply of the model, summed over layers."""
+        return {"qkv": self.layers * self.hidden * (self.q + 2 * self.kv),
+                "out_proj": self.layers * self.q * self.hidden,
+                # SwiGLU: gate and up projections (h -> ffn each), down projection (ffn -> h).
+                "mlp": self.layers * 3 * self.hidden * self.ffn,
+                "logits": self.hidden * self.vocab}
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Parameter counts of a dense Llama-family decoder (untied embeddings, no biases)."""
+
+    total: int
+    """Every parameter: embedding, layers, final norm, output layer."""
+    embedding: int
+    """Input embedding (a table lookup: no FLOPs)."""
+    non_embedding: int
+    """``total - embedding``: the parameters that take part in matrix multiplies, plus norms."""
+    per_layer: int
+    """One transformer layer (attention, MLP and its two RMSNorm weights)."""
+    vocab_size: int
+    """Vocabulary rows counted in the embedding and output layer."""
+
+
+def count_params(model: ModelConfig, vocab_size: Optional[int] = None) -> ParamCount:
+    """Count the parameters of ``model``; ``vocab_size`` defaults to the model's true vocabulary.
+
+    Pass ``padded_vocab(model, tp)`` to count what megatron-core allocates (the published figures,
+    e.g. 8.03B for Llama-3-8B, use the true vocabulary).
+    """
+    vocab = model.vocab_size if vocab_size is None else vocab_size
+    shape = _Shape.of(model, vocab)
+    weights = shape.matmul_weights()
+    norms = (2 * shape.layers + 1) * shape.hidden
+    embedding = vocab * shape.hidden
+    total = embedding + sum(weights.values()) + norms
+    layer_weights = weights["qkv"] + weights["out_proj"] + weights["mlp"]
+    return ParamCount(total=total, embedding=embedding, non_embedding=total - embedding,
+                      per_layer=layer_weights // shape.layers + 2 * shape.hidden, vocab_size=vocab)
+
+
+@dataclass(frozen=True)
+class FlopsEstimate:
+    """Training FLOPs per token (forward + backward) with a per-term breakdown."""
+
+    convention: str
+    """``megatron``, ``palm`` or ``6n``."""
+    seq_length: int
+    causal: bool
+    """Attention counted over the causal half of the score matrix."""
+    vocab_size: int
+    """Vocabulary rows counted in the logits (padded in the megatron convention)."""
+    terms: dict[str, float] = field(default_factory=dict)
+    """Model FLOPs per token by term: ``qkv``, ``attention`` (scores and values), ``out_proj``,
+    ``mlp``, ``logits`` (and ``norms`` in the parameter-count conventions)."""
+    recompute: str = "none"
+    """Activation recomputation the hardware FLOPs include: ``none``, ``selective``, ``full``."""
+    recompute_flops_per_token: float = 0.0
+    """Forward work repeated by activation recomputation, per token."""
+
+    @property
+    def flops_per_token(self) -> float:
+        """Model FLOPs per token: what MFU is computed from."""
+        return float(sum(self.terms.values()))
+
+    @property
+    def hardware_flops_per_token(self) -> float:
+        """Model FLOPs plus recomputation: what the hardware executes (HFU)."""
+        return self.flops_per_token + self.recompute_flops_per_token
+
+    def as_dict(self) -> dict:
+        """Plain data for JSON: totals, the breakdown and the labels needed to read them."""
+        return {"convention": self.convention, "seq_length": self.seq_length,
+                "causal_attention": self.causal, "vocab_size": self.vocab_size,
+                "flops_per_token": self.flops_per_token, "breakdown": dict(self.terms),
+                "recompute": self.recompute,
+                "recompute_flops_per_token": self.recompute_flops_per_token,
+                "hardware_flops_per_token": self.hardware_flops_per_token}
+
+
+def flops_per_token(model: ModelConfig, seq_length: int, tp: int = 1,
+                    convention: str = "megatron", causal: Optional[bool] = None,
+                    recompute: str = "none") -> FlopsEstimate:
+    """Training FLOPs per token of ``model`` at ``seq_length`` (see the module docstring).
+
+    ``tp`` only matters through the vocabulary padding (multiple of ``128 * tp``). ``causal``
+    overrides the convention's attention counting (megatron: causal; palm: full) to compare like
+    with like against a counter that sees a full score matrix. ``recompute`` adds the repeated
+    forward work to ``hardware_flops_per_token`` only.
+    """
+    if convention not in CONVENTIONS:
+        raise ConfigError(f"FLOPs convention '{convention}' is not one of {', '.join(CONVENTIONS)}.")
+    if recompute not in ("none", "selective", "full"):
+        raise ConfigError(f"recompute '{recompute}' is not one of none, selective, full.")
+    if seq_length < 1 or tp < 1:
+        raise ConfigError(f"seq_length ({seq_length}) and tp ({tp}) must be at least 1.")
+    vocab = padded_vocab(model, tp)
+    shape = _Shape.of(model, vocab)
+    causal = (convention == "megatron") if causal is None else causal
+    # Each weight element is one multiply-add per token in the forward pass: x2 FLOPs, x3 with the
+    # backward pass (gradients of inputs and of weights).
+    terms = {name: 6.0 * n for name, n in shape.matmul_weights().items()}
+    # Scores Q.K^T and the weighted sum over V: each is q multiply-adds per (token, key) pair, so
+    # 2*q*S per token with full attention; a causal mask leaves on average S/2 keys per query.
+    attention = 6.0 * shape.layers * 2 * shape.q * seq_length * (0.5 if causal else 1.0)
+    if convention != "6n":
+        terms = {"qkv": terms["qkv"], "attention": attention, **terms}
+    if convention != "megatron":
+        # The parameter-count conventions charge 6 FLOPs to every non-embedding parameter,
+        # including the RMSNorm weights (elementwise, but inside N by definition).
+        terms["norms"] = 6.0 * (2 * shape.layers + 1) * shape.hidden
+    layer_forward = sum(v for k, v in terms.items() if k in ("qkv", "attention", "out_proj", "mlp"))
+    # Recomputation repeats forward passes (1/3 of a forward+backward term): full recomputation
+    # the whole transformer layers, selective only the attention core (megatron-core's default
+    # selective module). The output layer is never recomputed.
+    repeated = {"none": 0.0, "selective": terms.get("attention", 0.0) / 3,
+                "full": layer_forward / 3}[recompute]
+    return FlopsEstimate(convention=convention, seq_length=seq_length, causal=causal,
+                         vocab_size=vocab, terms=terms, recompute=recompute,
+                         recompute_flops_per_token=repeated)
+
+
+def flops_for_config(cfg: Config, convention: str = "megatron") -> FlopsEstimate:
+    """FLOPs per token of a run config: its model, ``train.seq_length``, ``parallel.tp`` and
+    ``train.recompute``."""
+    return flops_per_token(cfg.model, cfg.train.seq_length, tp=cfg.parallel.tp,
+                           convention=convention, recompute=cfg.train.recompute)
