@@ -1,0 +1,45 @@
+"""Small, isolated fixes of megatron-core 0.16.1 defects, each named after the defect it mends.
+
+Applied once by :func:`apply_all` before any checkpoint is loaded; each fix checks that the code it
+wraps still has the defect's shape, so upgrading megatron-core cannot silently stack fixes.
+"""
+
+from __future__ import annotations
+
+_APPLIED = False
+
+
+def fix_fully_reshardable_load_keyerror_step() -> None:
+    """KeyError 'step' when loading a ``fully_reshardable`` distributed-optimizer checkpoint
+    with torch's Adam (no apex, no Transformer Engine).
+
+    torch's Adam keeps a per-parameter ``step`` tensor; ``_set_main_param_and_optimizer_states``
+    copies every key of the destination state from a source dict holding only ``param``,
+    ``exp_avg`` and ``exp_avg_sq``. The step itself is restored from the param groups by
+    ``load_state_dict``, so copying only the keys the source provides is exactly right.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(original, "_flagscale_fix", False):
+        return
+
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        destination = {"param": main_param, **self.optimizer.state[main_param]}
+        for key, value in tensors.items():
+            destination[key].copy_(value)
+
+    _set_main_param_and_optimizer_states._flagscale_fix = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+
+
+def apply_all() -> None:
+    """Apply every fix (idempotent)."""
+    global _APPLIED
+    if not _APPLIED:
+        fix_fully_reshardable_load_keyerror_step()
+        _APPLIED = True

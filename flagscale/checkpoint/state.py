@@ -1,0 +1,176 @@
+"""Save and load megatron-core ``torch_dist`` checkpoints of a training run.
+
+A checkpoint holds the model (every tensor a ShardedTensor with its global shape and offset), the
+distributed optimizer's state saved ``fully_reshardable`` (fp32 master weights and Adam moments in
+the shape of their parameters), the LR scheduler, per-rank RNG states, the iteration, the consumed
+samples and the resolved flagscale config. Because every tensor is stored globally, a checkpoint
+loads at any TP/PP/VPP/DP layout.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from flagscale.checkpoint import megatron_fixes
+from flagscale.checkpoint.paths import (complete_checkpoints, iteration_dir, partial_dir,
+                                        write_latest)
+from flagscale.errors import CheckpointError
+
+FORMAT_VERSION = 1
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+# Fields that make two checkpoints the same network; anything else (layout, lr...) may change.
+ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                     "ffn_hidden_size", "vocab_size")
+
+
+def _unwrap(chunk):
+    return getattr(chunk, "module", chunk)
+
+
+def model_sharded_state(model_chunks) -> dict:
+    """``{"model": ...}`` for one chunk, ``{"model0": ..., "model1": ...}`` with virtual stages."""
+    return {key: _unwrap(chunk).sharded_state_dict()
+            for key, chunk in zip(model_keys(model_chunks), model_chunks)}
+
+
+def model_keys(model_chunks) -> list[str]:
+    return ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
+
+
+def _layout_tuple(layout) -> dict:
+    return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "vpp": layout.vpp}
+
+
+def _rng_object(layout):
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return ShardedObject("rng_state", state, (layout.pp, layout.tp),
+                         (parallel_state.get_pipeline_model_parallel_rank(),
+                          parallel_state.get_tensor_model_parallel_rank()),
+                         replica_id=parallel_state.get_data_parallel_rank())
+
+
+def save_checkpoint(checkpoints: Path, iteration: int, model_chunks, optimizer, scheduler,
+                    consumed_samples: int, config: dict, layout,
+                    keep_last: Optional[int] = None) -> Path:
+    """Collective: every rank calls it. Returns the final directory once it is complete."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    checkpoints = Path(checkpoints)
+    rank = dist.get_rank()
+    partial, final = partial_dir(checkpoints, iteration), iteration_dir(checkpoints, iteration)
+    if rank == 0:
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    sharded = model_sharded_state(model_chunks)
+    sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=False,
+                                                        metadata=OPTIMIZER_SHARDING)
+    sharded["rng_state"] = _rng_object(layout)
+    sharded["iteration"] = iteration
+    sharded["consumed_samples"] = consumed_samples
+    sharded["scheduler"] = scheduler.state_dict()
+    sharded["flagscale"] = {"format": FORMAT_VERSION, "config": config,
+                            "layout": _layout_tuple(layout), "has_optimizer": True}
+    dist_checkpointing.save(sharded, str(partial), content_metadata=OPTIMIZER_SHARDING)
+    dist.barrier()
+    if rank == 0:
+        (partial / "flagscale_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        if final.exists():
+            # Re-saving an iteration (a rerun past it): the new copy is complete, swap it in.
+            stale = final.with_name(final.name + ".old")
+            os.replace(final, stale)
+            os.replace(partial, final)
+            shutil.rmtree(stale)
+        else:
+            os.replace(partial, final)
+        write_latest(checkpoints, final)
+        if keep_last:
+            for old in complete_checkpoints(checkpoints)[:-keep_last]:
+                shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def read_run_state(path: Path) -> dict:
+    """The non-tensor part of a checkpoint (iteration, config, layout...), read on one process."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        return dist_checkpointing.load_common_state_dict(str(path))
+    except Exception as exc:  # a missing or foreign common.pt surfaces in many types
+        raise CheckpointError(f"{path}: cannot read the checkpoint's common state ({exc}). Is it "
+                              f"a megatron-core torch_dist checkpoint?") from None
+
+
+def check_compatible(path: Path, common: dict, model_config) -> None:
+    """Refuse, before any tensor is read, a checkpoint of another architecture."""
+    saved = (common.get("flagscale") or {}).get("config", {}).get("model", {})
+    diffs = [f"model.{k}: checkpoint {saved.get(k)}, this run {getattr(model_config, k)}"
+             for k in ARCHITECTURE_KEYS
+             if k in saved and saved.get(k) != getattr(model_config, k)
+             and not (k == "num_query_groups" and (saved.get(k) or saved.get("num_attention_heads"))
+                      == (model_config.num_query_groups or model_config.num_attention_heads))]
+    if diffs:
+        raise CheckpointError(f"{path} holds a different architecture: {'; '.join(diffs)}. Load it "
+                              f"with the model config it was trained with (its "
+                              f"flagscale_config.yaml).")
+
+
+def load_checkpoint(path: Path, model_chunks, optimizer, scheduler, model_config,
+                    layout) -> dict:
+    """Collective: load ``path`` into this rank's model chunks, optimizer and scheduler.
+
+    Returns ``{"iteration", "consumed_samples", "has_optimizer"}``. A model-only checkpoint (e.g.
+    imported from Hugging Face) loads the weights and leaves optimizer and schedule fresh.
+    """
+    from megatron.core import dist_checkpointing
+
+    megatron_fixes.apply_all()
+    common = read_run_state(path)
+    check_compatible(path, common, model_config)
+    meta = common.get("flagscale") or {}
+    has_optimizer = bool(meta.get("has_optimizer", "optimizer" in common))
+    sharded = model_sharded_state(model_chunks)
+    if has_optimizer:
+        content = dist_checkpointing.load_content_metadata(str(path)) or OPTIMIZER_SHARDING
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True,
+                                                            metadata=content)
+    same_layout = meta.get("layout") == _layout_tuple(layout)
+    if same_layout and has_optimizer:
+        sharded["rng_state"] = _rng_object(layout)
+    state = dist_checkpointing.load(sharded, str(path))
+    for key, chunk in zip(model_keys(model_chunks), model_chunks):
+        _unwrap(chunk).load_state_dict(state[key], strict=False)
+    if has_optimizer:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(common["scheduler"])
+    else:
+        optimizer.reload_model_params()
+    if "rng_state" in state:
+        _restore_rng(state["rng_state"])
+    return {"iteration": int(common.get("iteration", 0)) if has_optimizer else 0,
+            "consumed_samples": int(common.get("consumed_samples", 0)) if has_optimizer else 0,
+            "has_optimizer": has_optimizer}
+
+
+def _restore_rng(state: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])

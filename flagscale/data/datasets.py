@@ -1,0 +1,100 @@
+"""Training datasets: megatron-core GPT datasets (blended when weighted) over indexed files, and
+the one function that decides which global sample each row of each microbatch reads.
+
+The order is fixed and layout-aware: global sample ``g`` of iteration ``it`` is
+
+    g = it * GBS + m * MBS * DP + r * MBS + j      (microbatch m, data-parallel rank r, row j)
+
+so a resume at iteration ``it`` continues exactly, and a trace can name the sample of any row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from flagscale.config import Config, Layout, data_prefixes
+from flagscale.errors import DataError
+
+
+def global_sample_index(iteration: int, microbatch: int, dp_rank: int, row: int,
+                        micro_batch_size: int, dp: int, global_batch_size: int) -> int:
+    """The global sample index read by one row of one microbatch (0-based iteration)."""
+    return (iteration * global_batch_size + microbatch * micro_batch_size * dp
+            + dp_rank * micro_batch_size + row)
+
+
+def _megatron_tokenizer(vocab_size: int, eod: int):
+    # megatron-core reads only these attributes. pad=-1 marks "no padding in pretraining data": a
+    # real token id there would silently mask that token's loss.
+    return SimpleNamespace(vocab_size=vocab_size, eod=eod, pad=-1, unique_identifiers={})
+
+
+def build_datasets(cfg: Config, layout: Layout, eod: int, cache_dir: Path,
+                   valid_samples: int = 0):
+    """Build (train, valid) datasets sized for the run; valid is None when not requested.
+
+    Only global rank 0 writes the index caches; the others wait at a barrier and read them.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder)
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    prefixes = data_prefixes(cfg)
+    if not prefixes:
+        raise DataError("data.paths is empty: nothing to train on.")
+    weights = [w for w, _ in prefixes]
+    paths = [p for _, p in prefixes]
+    train_samples = cfg.train.iterations * cfg.train.global_batch_size
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    gpt_config = GPTDatasetConfig(
+        random_seed=cfg.train.seed,
+        sequence_length=cfg.train.seq_length,
+        blend=(paths, weights if len(paths) > 1 else None),
+        split=cfg.data.split,
+        path_to_cache=str(cache_dir),
+        tokenizer=_megatron_tokenizer(cfg.model.vocab_size, eod),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        mid_level_dataset_surplus=0.005,
+    )
+
+    def is_built_on_rank() -> bool:
+        return True
+
+    sizes = [train_samples, valid_samples or None, None]
+    if valid_samples == 0 and len(paths) > 1:
+        sizes[1] = None
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank, gpt_config)
+    train, valid, _ = builder.build()
+    if train is None or len(train) < train_samples:
+        have = 0 if train is None else len(train)
+        raise DataError(f"The train split of data.paths {paths} yields {have} samples of "
+                        f"{cfg.train.seq_length} tokens, but {cfg.train.iterations} iterations x "
+                        f"global batch {cfg.train.global_batch_size} need {train_samples}. Add data "
+                        f"or give the train split more weight (data.split={cfg.data.split!r}).")
+    return train, valid
+
+
+def microbatches(dataset, cfg: Config, layout: Layout, dp_rank: int, iteration: int,
+                 device: torch.device) -> Iterator[dict]:
+    """Yield this data-parallel rank's microbatches of one iteration (0-based), on ``device``."""
+    t = cfg.train
+    for m in range(layout.num_microbatches):
+        rows = [dataset[global_sample_index(iteration, m, dp_rank, j, t.micro_batch_size,
+                                            layout.dp, t.global_batch_size)]
+                for j in range(t.micro_batch_size)]
+        yield {key: torch.stack([r[key] for r in rows]).to(device)
+               for key in ("tokens", "labels", "loss_mask", "position_ids")}
+
+
+def sample_documents(dataset, index: int) -> Optional[np.ndarray]:
+    """Document ids (within their dataset) that a sample of a GPTDataset spans, in order."""
+    _, docs = dataset._query_document_sample_shuffle_indices(index)
+    return np.asarray(docs)
