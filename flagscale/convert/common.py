@@ -1,0 +1,100 @@
+"""Pieces both conversion directions share: output directories written atomically, the flagscale
+config of a checkpoint, and a one-process megatron-core context."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from flagscale.config import Config
+from flagscale.errors import ConversionError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse a non-empty output unless ``overwrite``."""
+    if output.exists() and not output.is_dir():
+        raise ConversionError(f"Output {output} exists and is not a directory. Choose another "
+                              f"--output.")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ConversionError(f"Output directory {output} is not empty. Pass --overwrite to "
+                              f"replace it, or choose another --output.")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(output: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling of ``output`` that replaces it only if the block succeeds; on
+    failure the temporary directory is removed and ``output`` is untouched."""
+    check_output(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        yield tmp
+        if output.exists():
+            stale = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+            os.replace(output, stale / output.name)
+            os.replace(tmp, output)
+            shutil.rmtree(stale)
+        else:
+            os.replace(tmp, output)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def single_process_layout(cfg: Config, padded_vocab_size: int, params_dtype: str = "fp32"):
+    """``cfg`` at TP=PP=1 (no VPP, no sequence parallel) and its Layout, with the padded
+    vocabulary of the checkpoint (which depends on the TP it was written for)."""
+    from flagscale.config import validate
+
+    one = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, params_dtype=params_dtype), parallel=dataclasses.replace(cfg.parallel, tp=1, pp=1, vpp=None,
+                                          sequence_parallel=False),
+        train=dataclasses.replace(cfg.train, micro_batch_size=1, global_batch_size=1,
+                                  recompute="none"))
+    layout = validate(one, world_size=1, check_paths=False)
+    return one, dataclasses.replace(layout, padded_vocab_size=padded_vocab_size)
+
+
+@contextlib.contextmanager
+def single_process_megatron() -> Iterator[object]:
+    """A one-process gloo group with megatron-core's parallel state at TP=PP=1; yields the
+    Platform. Reuses an existing one-process group; tears down only what it created."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from flagscale.platform import setup_platform
+
+    platform = setup_platform("auto")
+    created_group = not dist.is_initialized()
+    if created_group:
+        store_file = tempfile.NamedTemporaryFile(prefix="flagscale-convert-store-", delete=False)
+        store_file.close()
+        dist.init_process_group(platform.backend, store=dist.FileStore(store_file.name, 1),
+                                rank=0, world_size=1)
+    elif dist.get_world_size() != 1:
+        raise ConversionError("flagscale convert runs in a single process; it was started inside "
+                              f"a {dist.get_world_size()}-process group. Run it without torchrun.")
+    created_parallel = not parallel_state.model_parallel_is_initialized()
+    if created_parallel:
+        parallel_state.initialize_model_parallel(1, 1)
+        # Module construction draws from megatron's model-parallel RNG (weights are replaced after).
+        model_parallel_cuda_manual_seed(0)
+    try:
+        yield platform
+    finally:
+        if created_parallel:
+            parallel_state.destroy_model_parallel()
+        if created_group:
+            dist.destroy_process_group()
+            os.unlink(store_file.name)

@@ -1,0 +1,156 @@
+"""megatron-core torch_dist checkpoint -> Hugging Face ``LlamaForCausalLM`` directory.
+
+    from flagscale.convert import mcore_to_hf
+    result = mcore_to_hf("runs/tiny/checkpoints", "hf/tiny", dtype="bf16")
+
+Reads in one process whatever TP/PP/VPP layout wrote the checkpoint, one transformer layer at a
+time, and streams tensors into sharded safetensors (peak memory: about one layer). The output is
+written to a temporary sibling directory, validated against flagscale's own megatron-core model
+(unless ``validate=False``) and only then renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import yaml
+
+from flagscale.checkpoint import read_run_state, resolve_checkpoint
+from flagscale.config import Config, load_config
+from flagscale.convert import mapping as M
+from flagscale.convert.common import DTYPE_NAMES, DTYPES, atomic_output_dir
+from flagscale.convert.hf_config import generation_config_dict, hf_config_dict
+from flagscale.convert.reader import CheckpointReader
+from flagscale.convert.safetensors_stream import plan_shards, write_sharded
+from flagscale.convert.tokenizer import export_tokenizer
+from flagscale.errors import CheckpointError, ConversionError, DataError
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote and how it checked out."""
+
+    output: Path
+    checkpoint: Path
+    params: int
+    bytes_written: int
+    seconds: float
+    max_abs_diff: Optional[float]
+    """Largest |logit| difference against flagscale's model; None when validation was skipped."""
+    tolerance: Optional[float]
+
+    def summary(self) -> str:
+        check = ("validation skipped" if self.max_abs_diff is None else
+                 f"max |logit diff| {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g})")
+        return (f"exported {self.checkpoint} -> {self.output}: {self.params / 1e6:.2f}M params, "
+                f"{self.bytes_written / 1e6:.1f} MB in {self.seconds:.1f}s; {check}")
+
+
+def checkpoint_config(path: Path) -> Config:
+    """The resolved flagscale config saved in checkpoint ``path``."""
+    common = read_run_state(path)
+    raw = (common.get("flagscale") or {}).get("config")
+    if raw is None and (path / "flagscale_config.yaml").is_file():
+        raw = yaml.safe_load((path / "flagscale_config.yaml").read_text())
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds no flagscale config (neither in its common state nor "
+                              f"as flagscale_config.yaml), so its architecture is unknown. Was it "
+                              f"written by flagscale train or flagscale convert hf-to-mcore?")
+    return load_config(base=raw)
+
+
+def _hf_tensors(reader: CheckpointReader, prefix: str, shape: M.LlamaShape,
+                dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF tensors in file order, read one layer at a time."""
+    where = str(reader.path)
+    yield M.HF_EMBEDDING, M.vocab_to_hf(M.EMBEDDING, reader.read_full(prefix + M.EMBEDDING),
+                                        shape, where).to(dtype)
+    for layer in range(shape.num_layers):
+        raw = reader.read_layer([prefix + k for k in M.LAYER_KEYS], layer)
+        hf = M.layer_to_hf({k: raw[prefix + k] for k in M.LAYER_KEYS}, layer, shape, where)
+        del raw
+        for name in M.hf_layer_names(layer).values():
+            yield name, hf.pop(name).to(dtype)
+    final = reader.read_full(prefix + M.FINAL_NORM)
+    M.check_shape(M.FINAL_NORM, final, (shape.hidden_size,), where)
+    yield M.HF_FINAL_NORM, final.to(dtype)
+    yield M.HF_OUTPUT, M.vocab_to_hf(M.OUTPUT, reader.read_full(prefix + M.OUTPUT), shape,
+                                     where).to(dtype)
+
+
+def _hf_shapes(shape: M.LlamaShape) -> list[tuple[str, tuple[int, ...]]]:
+    entries = [(M.HF_EMBEDDING, (shape.vocab_size, shape.hidden_size))]
+    for layer in range(shape.num_layers):
+        entries += list(shape.hf_layer_shapes(layer).items())
+    return entries + [(M.HF_FINAL_NORM, (shape.hidden_size,)),
+                      (M.HF_OUTPUT, (shape.vocab_size, shape.hidden_size))]
+
+
+def open_checkpoint(path: str | Path) -> tuple[Path, Config, CheckpointReader, str]:
+    """Resolve ``path`` (iter_ dir, checkpoints dir or run dir) and check it holds the model its
+    config describes. Returns (iter dir, config, reader, key prefix)."""
+    ckpt = resolve_checkpoint(path)
+    cfg = checkpoint_config(ckpt)
+    reader = CheckpointReader(ckpt)
+    prefix = M.find_prefix(reader.tensors.keys())
+    if prefix is None:
+        raise ConversionError(f"{ckpt} holds no megatron-core GPT model tensors ("
+                              f"'{M.EMBEDDING}' and '{M.QKV}' not found).")
+    layers = reader.shape(prefix + M.QKV)[0]
+    if layers != cfg.model.num_layers:
+        raise ConversionError(f"{ckpt}: tensor '{prefix + M.QKV}' stacks {layers} layers but the "
+                              f"saved config says model.num_layers={cfg.model.num_layers}.")
+    return ckpt, cfg, reader, prefix
+
+
+def mcore_to_hf(input: str | Path, output: str | Path, dtype: str = "bf16",
+                validate: bool = True, overwrite: bool = False, tokenizer: Optional[str] = None,
+                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, log=print) -> ExportResult:
+    """Export checkpoint ``input`` to a Hugging Face directory ``output``.
+
+    ``tokenizer`` overrides the checkpoint config's ``data.tokenizer`` (a sentencepiece model is
+    converted, a HF tokenizer copied). Raises ConversionError on bad input or failed validation;
+    ``output`` is then left as it was.
+    """
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
+    start = time.perf_counter()
+    ckpt, cfg, reader, prefix = open_checkpoint(input)
+    shape = M.LlamaShape.from_model_config(cfg.model)
+    tok_spec = tokenizer or cfg.data.tokenizer
+    if not tok_spec:
+        raise ConversionError(f"{ckpt}: the saved config has no data.tokenizer; pass --tokenizer "
+                              f"(a sentencepiece .model or a Hugging Face tokenizer).")
+    torch_dtype = DTYPES[dtype]
+    shards = plan_shards(_hf_shapes(shape), torch_dtype, max_shard_bytes)
+    output = Path(output)
+    with atomic_output_dir(output, overwrite) as tmp:
+        try:
+            ids = export_tokenizer(tok_spec, tmp)
+        except DataError as exc:
+            raise ConversionError(f"Tokenizer of {ckpt}: {exc} (pass --tokenizer to point at it)."
+                                  ) from None
+        log(f"exporting {ckpt} ({shape.num_layers} layers) to {output} as {dtype}")
+        written = write_sharded(tmp, shards, torch_dtype, _hf_tensors(reader, prefix, shape,
+                                                                      torch_dtype))
+        config = hf_config_dict(cfg.model, DTYPE_NAMES[dtype], ids["bos"], ids["eos"], ids["pad"])
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(
+            json.dumps(generation_config_dict(ids["bos"], ids["eos"], ids["pad"]), indent=2) + "\n")
+        diff = tol = None
+        if validate:
+            from flagscale.convert.validate import compare_with_megatron
+
+            diff, tol = compare_with_megatron(ckpt, cfg, reader.shape(prefix + M.EMBEDDING)[0],
+                                              tmp, dtype, log=log)
+    params = sum(math.prod(s) for _, s in _hf_shapes(shape))
+    return ExportResult(output, ckpt, params, written, time.perf_counter() - start, diff, tol)
+

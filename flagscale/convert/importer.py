@@ -1,0 +1,147 @@
+"""Hugging Face ``LlamaForCausalLM`` directory -> megatron-core torch_dist checkpoint.
+
+    from flagscale.convert import hf_to_mcore
+    hf_to_mcore("hf/llama3_8b", "ckpt/llama3_8b", tp=8, pp=4)
+    # then: flagscale train CONFIG checkpoint.load=ckpt/llama3_8b
+
+The checkpoint holds the model weights only (no optimizer state, no schedule, iteration 0): a
+training run loading it starts continued pretraining with a fresh optimizer. torch_dist stores
+global tensors with their shard metadata, so one process writes it and any TP/PP/VPP loads it;
+``tp`` only sets the vocabulary padding (a multiple of 128 * tp) and, with ``pp``, the layout
+recorded in the saved config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from flagscale.config import Config, ModelConfig, config_to_dict, padded_vocab_size
+from flagscale.convert import mapping as M
+from flagscale.convert.common import atomic_output_dir, single_process_layout, single_process_megatron
+from flagscale.convert.hf_config import load_config_json, model_fields_from_hf
+from flagscale.errors import ConversionError
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "added_tokens.json", "tokenizer.model")
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+class HFWeights:
+    """Lazy access to the tensors of a HF directory's safetensors files (single or sharded)."""
+
+    def __init__(self, hf_dir: Path):
+        from safetensors import safe_open
+
+        index = hf_dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (hf_dir / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            raise ConversionError(f"{hf_dir} has no model.safetensors or "
+                                  f"model.safetensors.index.json; flagscale reads safetensors "
+                                  f"weights only (re-save with save_pretrained(safe_serialization="
+                                  f"True)).")
+        self.where = str(hf_dir)
+        self._files = {name: safe_open(str(hf_dir / name), framework="pt") for name in files}
+        self._owner = {key: name for name, f in self._files.items() for key in f.keys()}
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` (ConversionError when absent)."""
+        if name not in self._owner:
+            raise ConversionError(f"Tensor '{name}' is missing from {self.where}.")
+        return self._files[self._owner[name]].get_tensor(name)
+
+    def dtype(self) -> torch.dtype:
+        """dtype of the weights (that of the embedding)."""
+        return self.get(M.HF_EMBEDDING).dtype
+
+
+def _target_config(hf_dir: Path, output: Path, tp: int, pp: int, params_dtype: str) -> Config:
+    fields = model_fields_from_hf(load_config_json(hf_dir), str(hf_dir / "config.json"))
+    cfg = Config(model=ModelConfig(**fields, params_dtype=params_dtype))
+    cfg.parallel.tp, cfg.parallel.pp = tp, pp
+    if any((hf_dir / n).is_file() for n in _TOKENIZER_FILES):
+        cfg.data.tokenizer = str((output / "tokenizer").resolve())
+    return cfg
+
+
+@torch.no_grad()
+def _fill_model(model, weights: HFWeights, shape: M.LlamaShape) -> None:
+    """Copy the HF weights into a TP=PP=1 model through its sharded state dict, so every global
+    megatron-core key (whatever the layer spec names the module) gets its mapped tensor."""
+    sharded = model.sharded_state_dict()
+    by_layer: dict[Optional[int], dict[str, torch.Tensor]] = {}
+    for local_name, item in sharded.items():
+        if not hasattr(item, "data") or not isinstance(item.data, torch.Tensor):
+            continue  # _extra_state objects: saved as they are
+        match = _LAYER.match(local_name)
+        by_layer.setdefault(int(match.group(1)) if match else None, {})[item.key] = item.data
+    padded = model.embedding.word_embeddings.weight.shape[0]
+    top = by_layer.pop(None)
+    top[M.EMBEDDING].copy_(M.vocab_from_hf(M.HF_EMBEDDING, weights.get(M.HF_EMBEDDING), shape,
+                                           padded, weights.where))
+    final = weights.get(M.HF_FINAL_NORM)
+    M.check_shape(M.HF_FINAL_NORM, final, (shape.hidden_size,), weights.where)
+    top[M.FINAL_NORM].copy_(final)
+    top[M.OUTPUT].copy_(M.vocab_from_hf(M.HF_OUTPUT, weights.get(M.HF_OUTPUT), shape, padded,
+                                        weights.where))
+    for layer in range(shape.num_layers):
+        hf = {name: weights.get(name) for name in M.hf_layer_names(layer).values()}
+        for key, tensor in M.layer_from_hf(hf, layer, shape, weights.where).items():
+            by_layer[layer][key].copy_(tensor)
+
+
+def hf_to_mcore(input: str | Path, output: str | Path, tp: int = 1, pp: int = 1,
+                overwrite: bool = False, log=print) -> Path:
+    """Write a model-only megatron-core checkpoint of HF directory ``input`` to ``output`` (an
+    ``iter_``-style directory ``checkpoint.load`` accepts). Returns ``output``."""
+    from megatron.core import dist_checkpointing
+
+    from flagscale.checkpoint.state import FORMAT_VERSION
+    from flagscale.models import build_model
+
+    start = time.perf_counter()
+    hf_dir, output = Path(input), Path(output)
+    if not hf_dir.is_dir():
+        raise ConversionError(f"--input {hf_dir} is not a directory; give a Hugging Face model "
+                              f"directory (config.json + safetensors).")
+    weights = HFWeights(hf_dir)
+    params_dtype = "bf16" if weights.dtype() == torch.bfloat16 else "fp32"
+    cfg = _target_config(hf_dir, output, tp, pp, params_dtype)
+    padded = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, tp)
+    from flagscale.config import validate
+    validate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch_size=1)),
+             world_size=tp * pp, check_paths=False)
+    shape = M.LlamaShape.from_model_config(cfg.model)
+    one, layout = single_process_layout(cfg, padded, params_dtype)
+    with atomic_output_dir(output, overwrite) as tmp, single_process_megatron() as platform:
+        model = build_model(one, layout, platform)[0]
+        _fill_model(model, weights, shape)
+        state = {"model": model.sharded_state_dict(), "iteration": 0, "consumed_samples": 0,
+                 "flagscale": {"format": FORMAT_VERSION, "config": config_to_dict(cfg),
+                               "layout": {"tp": tp, "pp": pp, "dp": 1, "vpp": None},
+                               "has_optimizer": False, "source": str(hf_dir.resolve())}}
+        dist_checkpointing.save(state, str(tmp))
+        (tmp / "flagscale_config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg),
+                                                                  sort_keys=False))
+        if cfg.data.tokenizer:
+            (tmp / "tokenizer").mkdir()
+            for name in _TOKENIZER_FILES:
+                if (hf_dir / name).is_file():
+                    shutil.copy2(hf_dir / name, tmp / "tokenizer" / name)
+    log(f"imported {hf_dir} -> {output}: {shape.num_layers} layers, vocab {shape.vocab_size} "
+        f"padded to {padded} for tp={tp}, {params_dtype} weights, in "
+        f"{time.perf_counter() - start:.1f}s. Model weights only: no optimizer state, training "
+        f"from it starts a fresh optimizer at iteration 0.")
+    return output
