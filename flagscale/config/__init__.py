@@ -1,7 +1,8 @@
 """Typed run configuration: dataclasses, model presets, YAML loading and validation."""
 
 from flagscale.config.loader import (all_keys, config_to_dict, data_prefixes, dump_config,
-                                     load_config, padded_vocab_size, validate)
+                                     key_docs, load_config, padded_vocab_size, validate,
+                                     world_size_of)
 from flagscale.config.presets import MODEL_PRESETS
 from flagscale.config.schema import (CheckpointConfig, Config, DataConfig, Layout, MetricsConfig,
                                      ModelConfig, ParallelConfig, RunConfig, TrainConfig)
@@ -9,4 +10,4 @@ from flagscale.config.schema import (CheckpointConfig, Config, DataConfig, Layou
 __all__ = ["Config", "ModelConfig", "ParallelConfig", "TrainConfig", "DataConfig",
            "CheckpointConfig", "MetricsConfig", "RunConfig", "Layout", "MODEL_PRESETS",
            "load_config", "validate", "dump_config", "config_to_dict", "data_prefixes",
-           "padded_vocab_size", "all_keys"]
+           "padded_vocab_size", "all_keys", "key_docs", "world_size_of"]

@@ -168,6 +168,30 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Iterable[st
     return _build(Config, raw, "", where)
 
 
+def world_size_of(cfg: Config) -> int:
+    """Processes the config asks for: tp * pp * (dp or 1)."""
+    return cfg.parallel.tp * cfg.parallel.pp * (cfg.parallel.dp or 1)
+
+
+def key_docs(cls=Config, prefix: str = "") -> dict[str, str]:
+    """``{"parallel.tp": "Tensor-parallel size.", ...}`` from the docstrings under each field."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    hints = _fields(cls)
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) \
+                and isinstance(getattr(after, "value", None), ast.Constant):
+            name = node.target.id
+            if _is_dataclass_type(hints.get(name)):
+                docs.update(key_docs(hints[name], f"{prefix}{name}."))
+            else:
+                docs[prefix + name] = " ".join(str(after.value.value).split())
+    return docs
+
+
 def config_to_dict(cfg: Config) -> dict:
     """The resolved config as plain data (what ``config.yaml`` in the run directory holds)."""
     return dataclasses.asdict(cfg)
@@ -262,6 +286,10 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> Layout:
         raise ConfigError(f"tp({p.tp}) * pp({p.pp}) * dp(?) != world size ({world_size}): the "
                           f"world size must be a multiple of tp*pp={p.tp * p.pp}.")
     dp = world_size // (p.tp * p.pp)
+    if p.dp is not None and p.dp != dp:
+        raise ConfigError(f"tp({p.tp}) * pp({p.pp}) * dp({p.dp}) = {p.tp * p.pp * p.dp} != world "
+                          f"size ({world_size}): launch {p.tp * p.pp * p.dp} processes or drop "
+                          f"parallel.dp.")
     per_step = t.micro_batch_size * dp
     if t.global_batch_size % per_step:
         raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) % (micro_batch_size "

@@ -54,6 +54,8 @@ class ParallelConfig:
     """Tensor-parallel size."""
     pp: int = 1
     """Pipeline-parallel size."""
+    dp: Optional[int] = None
+    """Data-parallel size; ``None`` takes whatever the world size leaves (world / (tp*pp))."""
     vpp: Optional[int] = None
     """Virtual pipeline stages per pipeline rank (interleaved 1F1B); ``None`` or 1 disables."""
     sequence_parallel: bool = False

@@ -45,8 +45,10 @@ def transformer_config(cfg: Config, layout: Layout, platform: Platform):
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.init_method_std,
-        # flagscale draws the weights itself (init_weights) so they do not depend on the layout.
-        perform_initialization=False,
+        # init_weights redraws every weight so it does not depend on the layout; megatron-core's
+        # own pass stays on because it is also what marks parameters as tensor-parallel
+        # (without those marks the grad norm ignores the shards of TP ranks > 0).
+        perform_initialization=True,
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
@@ -62,6 +64,11 @@ def transformer_config(cfg: Config, layout: Layout, platform: Platform):
         apply_rope_fusion=False,
         gradient_accumulation_fusion=fused and platform.apex,
         deallocate_pipeline_outputs=True,
+        # gloo matches messages between two ranks by posting order only. Batched p2p posts a
+        # forward activation and a backward gradient of equal shape to the same peer (pp=2:
+        # previous == next stage) in an order the receiver does not mirror, silently swapping
+        # them under the interleaved schedule; megatron's ordered even/odd p2p path does not.
+        batch_p2p_comm=platform.kind == "cuda",
         **recompute,
     )
 

@@ -1,0 +1,56 @@
+"""``flagscale train CONFIG [--nproc N] [--dry-run] [key=value ...]``
+
+Started by torchrun (RANK set) it runs as one worker; otherwise it validates the config for the
+requested world size and starts that many local workers itself:
+
+    flagscale train examples/tiny/config.yaml                 # world size from the config
+    flagscale train examples/tiny/config.yaml --nproc 2 parallel.tp=2 train.iterations=20
+    flagscale train examples/tiny/config.yaml --dry-run       # resolved config and layout only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from flagscale.config import dump_config, key_docs, load_config, validate, world_size_of
+
+
+def run_train(config: str, overrides: list[str], nproc: int | None = None,
+              dry_run: bool = False) -> int:
+    """Validate ``config`` + ``overrides``, then train (as a worker) or launch local workers."""
+    cfg = load_config(config, overrides)
+    if "RANK" in os.environ:
+        from flagscale.train.loop import train
+
+        train(cfg)
+        return 0
+    world = nproc or world_size_of(cfg)
+    layout = validate(cfg, world)
+    if dry_run:
+        print(dump_config(cfg), end="")
+        print(f"# layout: {layout.describe()}; padded vocab {layout.padded_vocab_size}")
+        return 0
+    from flagscale.launch.local import run_local
+
+    return run_local(world, ["train", config, *overrides])
+
+
+def _print_keys() -> int:
+    for key, doc in key_docs().items():
+        print(f"{key:36s} {doc}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a model (launches local workers if needed)",
+                              description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("config", nargs="?", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="local worker processes (default: tp*pp*dp of the config)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config and layout, then exit")
+    p.add_argument("--keys", action="store_true", help="list every config key with its meaning")
+    p.set_defaults(func=lambda a: _print_keys() if a.keys else run_train(
+        a.config or p.error("CONFIG is required"), a.overrides, a.nproc, a.dry_run))

@@ -1,0 +1,1 @@
+"""Launching runs: local torchrun workers and Slurm jobs."""
