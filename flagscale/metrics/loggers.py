@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Optional
@@ -40,9 +41,9 @@ class ConsoleLogger(Hook):
                  f"grad_norm {_fmt(record.get('grad_norm'), '.3f')}",
                  f"step {_fmt(record.get('step_time_s'), '.3f')}s",
                  f"tok/s/gpu {_fmt(record.get('tokens_per_sec_per_gpu'), ',.0f')}",
-                 f"TFLOP/s/gpu {_fmt(record.get('tflops_per_gpu'), '.2f')}"]
+                 f"TFLOP/s/gpu {_fmt(record.get('tflops_per_gpu'), '.4g')}"]
         if record.get("mfu") is not None:
-            parts.append(f"MFU {100 * record['mfu']:.1f}%")
+            parts.append(f"MFU {100 * record['mfu']:.3g}%")
         if record.get("memory_gib") is not None:
             parts.append(f"mem {record['memory_gib']:.2f}GiB")
         print(" | ".join(parts), file=sys.stdout, flush=True)
@@ -103,7 +104,7 @@ class WandbLogger(Hook):
         if id_file.is_file():
             run_id = id_file.read_text().strip()
         else:
-            run_id = wandb.util.generate_id()
+            run_id = secrets.token_hex(4)
             id_file.write_text(run_id + "\n")
         # console="off": the training output stays on stdout untouched; no system-stats sampler
         # thread competing with the training processes for CPU.
