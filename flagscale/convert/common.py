@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import shutil
 import tempfile
@@ -37,6 +38,9 @@ def atomic_output_dir(output: Path, overwrite: bool) -> Iterator[Path]:
     check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's private 0700 would outlive the rename
     try:
         yield tmp
         if output.exists():
@@ -85,6 +89,12 @@ def single_process_megatron() -> Iterator[object]:
     elif dist.get_world_size() != 1:
         raise ConversionError("flagscale convert runs in a single process; it was started inside "
                               f"a {dist.get_world_size()}-process group. Run it without torchrun.")
+    # On CPU the "CUDA" RNG megatron forks is the CPU RNG, so every module construction logs a
+    # spurious "CPU RNG state changed within GPU RNG context"; conversion draws no random weights.
+    rng_log = logging.getLogger("megatron.core.tensor_parallel.random")
+    rng_level = rng_log.level
+    if platform.kind == "cpu":
+        rng_log.setLevel(logging.ERROR)
     created_parallel = not parallel_state.model_parallel_is_initialized()
     if created_parallel:
         parallel_state.initialize_model_parallel(1, 1)
@@ -93,6 +103,7 @@ def single_process_megatron() -> Iterator[object]:
     try:
         yield platform
     finally:
+        rng_log.setLevel(rng_level)
         if created_parallel:
             parallel_state.destroy_model_parallel()
         if created_group:

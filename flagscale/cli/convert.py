@@ -1,0 +1,79 @@
+"""``flagscale convert mcore-to-hf|hf-to-mcore``: Hugging Face <-> megatron-core checkpoints.
+
+    flagscale convert mcore-to-hf --input runs/tiny/checkpoints --output hf/tiny --dtype bf16
+    flagscale convert mcore-to-hf --input runs/tiny/checkpoints/iter_0000020 --output hf/tiny \\
+        --skip-validation --overwrite
+    flagscale convert hf-to-mcore --input hf/llama3_8b --output ckpt/llama3_8b --tp 8 --pp 4
+    flagscale train CONFIG checkpoint.load=ckpt/llama3_8b      # continued pretraining
+
+mcore-to-hf reads any TP/PP/VPP checkpoint in one process, layer by layer, and by default checks the
+export's logits in transformers against flagscale's own model. hf-to-mcore writes model weights
+only: the training run that loads it starts a fresh optimizer at iteration 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from flagscale.convert.common import DTYPES
+
+
+def run_mcore_to_hf(args) -> int:
+    """CLI wrapper of :func:`flagscale.convert.mcore_to_hf`."""
+    from flagscale.convert import mcore_to_hf
+
+    result = mcore_to_hf(args.input, args.output, dtype=args.dtype,
+                         validate=not args.skip_validation, overwrite=args.overwrite,
+                         tokenizer=args.tokenizer,
+                         max_shard_bytes=int(args.max_shard_size_gb * 1024 ** 3))
+    print(result.summary())
+    return 0
+
+
+def run_hf_to_mcore(args) -> int:
+    """CLI wrapper of :func:`flagscale.convert.hf_to_mcore`."""
+    from flagscale.convert import hf_to_mcore
+
+    hf_to_mcore(args.input, args.output, tp=args.tp, pp=args.pp, overwrite=args.overwrite)
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The converter's sub-commands and options (shared with tools/convert/convert.py)."""
+    sub = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    export = sub.add_parser("mcore-to-hf", help="megatron-core checkpoint -> Hugging Face directory",
+                            description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    export.add_argument("--input", required=True,
+                        help="checkpoint: an iter_XXXXXXX dir, a checkpoints/ dir (uses 'latest') "
+                             "or a run dir")
+    export.add_argument("--output", required=True, help="Hugging Face model directory to write")
+    export.add_argument("--dtype", choices=list(DTYPES), default="bf16",
+                        help="weight dtype of the export (default bf16)")
+    export.add_argument("--skip-validation", action="store_true",
+                        help="do not compare the export's logits with flagscale's model")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --output (only once the new export is complete)")
+    export.add_argument("--tokenizer", default=None,
+                        help="tokenizer to export instead of the checkpoint config's "
+                             "data.tokenizer")
+    export.add_argument("--max-shard-size-gb", type=float, default=5.0,
+                        help="largest safetensors file (default 5)")
+    export.set_defaults(func=run_mcore_to_hf)
+    imp = sub.add_parser("hf-to-mcore", help="Hugging Face directory -> megatron-core checkpoint",
+                         description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    imp.add_argument("--input", required=True, help="Hugging Face model directory (Llama family)")
+    imp.add_argument("--output", required=True,
+                     help="checkpoint directory to write (pass it as checkpoint.load)")
+    imp.add_argument("--tp", type=int, default=1,
+                     help="tensor-parallel size the checkpoint is meant for (sets vocab padding)")
+    imp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size it is meant for")
+    imp.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    imp.set_defaults(func=run_hf_to_mcore)
+
+
+def register(subparsers) -> None:
+    """Add ``flagscale convert``."""
+    parser = subparsers.add_parser("convert", help="convert checkpoints to/from Hugging Face",
+                                   description=__doc__,
+                                   formatter_class=argparse.RawTextHelpFormatter)
+    add_arguments(parser)
