@@ -223,22 +223,15 @@ def _ordered_results(tasks: Iterator[tuple], tokenizer: Tokenizer, workers: int)
             yield head, result.get()
 
 
-def _chunked_builder(bin_path: str, dtype):
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    class ChunkedBuilder(IndexedDatasetBuilder):
-        """megatron-core's builder with one write per block of documents: the per-document
-        add_document would spend main-process CPU that the tokenizing workers need."""
-
-        def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-            """Append ``len(lengths)`` single-sequence documents stored back to back in
-            ``tokens``."""
-            self.data_file.write(tokens.astype(self.dtype, copy=False).tobytes(order="C"))
-            start = len(self.sequence_lengths)
-            self.sequence_lengths.extend(lengths.tolist())
-            self.document_indices.extend(range(start + 1, start + 1 + len(lengths)))
-
-    return ChunkedBuilder(bin_path, dtype=dtype)
+def _add_documents(builder, tokens: np.ndarray, lengths: np.ndarray) -> None:
+    """Append ``len(lengths)`` single-sequence documents, stored back to back in ``tokens``, to
+    megatron-core's IndexedDatasetBuilder with one write: its per-document add_document would
+    spend main-process CPU that the tokenizing workers need. Same state as add_document per
+    document (one sequence length and one document boundary each)."""
+    builder.data_file.write(tokens.astype(builder.dtype, copy=False).tobytes(order="C"))
+    start = len(builder.sequence_lengths)
+    builder.sequence_lengths.extend(lengths.tolist())
+    builder.document_indices.extend(range(start + 1, start + 1 + len(lengths)))
 
 
 def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tokenizer: Tokenizer,
@@ -251,6 +244,9 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tokenize
     provenance metadata last. Raises DataError for unreadable inputs, for the first rejected line
     when ``strict``, and when no document survives.
     """
+    # megatron-core's first import takes seconds: keep it out of the throughput figures.
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
     started = time.perf_counter()
     paths = [Path(p) for p in inputs]
     if not paths:
@@ -285,7 +281,7 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tokenize
                    dynamic_ncols=True)
     records = []
     try:
-        builder = _chunked_builder(temps[0], dtype)
+        builder = IndexedDatasetBuilder(temps[0], dtype=dtype)
         with open(temps[2], "w", encoding="utf-8") as rejected_file:
             for task, (tokens, lengths, lines, offsets, rejections) in _ordered_results(
                     tasks, tokenizer, workers):
@@ -302,7 +298,7 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tokenize
                     rejected_file.write(json.dumps(
                         {"source": source, "line": line, "byte_offset": offset,
                          "reason": reason, "detail": detail}, ensure_ascii=False) + "\n")
-                builder.add_documents(tokens, lengths)
+                _add_documents(builder, tokens, lengths)
                 block = np.empty(len(lengths), dtype=RECORD_DTYPE)
                 block["source"], block["line"], block["byte_offset"] = index, lines, offsets
                 records.append(block)

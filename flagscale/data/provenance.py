@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +115,24 @@ class Provenance:
         record = self.records[doc_id]
         return Origin(self.sources[int(record["source"])]["path"], int(record["line"]),
                       int(record["byte_offset"]))
+
+    def source_line(self, doc_id: int) -> bytes:
+        """The raw line (without its newline) that document ``doc_id`` was built from, read from
+        its source file now; DataError when the file is gone or too short."""
+        origin = self.lookup(doc_id)
+        source = self.sources[int(self.records[doc_id]["source"])]
+        opener = gzip.open if source["gzip"] else open
+        try:
+            with opener(origin.source, "rb") as f:
+                f.seek(origin.byte_offset)
+                line = f.readline()
+        except (OSError, EOFError) as exc:
+            raise DataError(f"Cannot read {origin}: {exc}. The source moved or changed since "
+                            f"the dataset was built.") from None
+        if not line:
+            raise DataError(f"{origin.source} ends before byte {origin.byte_offset}: it changed "
+                            f"since the dataset was built.")
+        return line.rstrip(b"\n")
 
     def changed_sources(self) -> list[str]:
         """Paths of source files that are gone or whose size or sha256 differs from build time."""

@@ -1,0 +1,70 @@
+"""``flagscale data inspect``: what a preprocessed dataset holds and where a document came from.
+
+    flagscale data inspect out/corpus
+    flagscale data inspect out/corpus --document 1234 --max-chars 0
+    flagscale data inspect out/corpus --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from flagscale.data.inspection import inspect_dataset
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if limit <= 0 or len(text) <= limit else text[:limit] + f"... [{len(text)} chars]"
+
+
+def format_report(info: dict, max_chars: int) -> str:
+    """Human-readable form of :func:`flagscale.data.inspection.inspect_dataset`'s result."""
+    lengths, doc, tok = info["lengths"], info["document"], info["tokenizer"]
+    rejected = sum(info["rejected"].values())
+    out = [f"dataset {info['prefix']}: {info['documents']:,} documents, {info['tokens']:,} tokens "
+           f"(eod included), {rejected:,} lines rejected at preprocessing",
+           f"tokenizer: {tok['kind']} {tok['path']} (vocab {tok['vocab_size']}, eod {tok['eod']})",
+           f"document length (tokens): min {lengths['min']}, mean {lengths['mean']:.1f}, "
+           f"p50 {lengths['p50']:.0f}, p90 {lengths['p90']:.0f}, p99 {lengths['p99']:.0f}, "
+           f"max {lengths['max']}",
+           "histogram: " + ", ".join(f"{k}: {v}" for k, v in lengths["histogram"].items())]
+    for source in info["sources"]:
+        changed = " [CHANGED OR MISSING since preprocessing]" \
+            if source["path"] in info["changed_sources"] else ""
+        out.append(f"source: {source['path']} ({source['documents']:,} documents, "
+                   f"{source['size']:,} bytes, sha256 {source['sha256'][:12]}){changed}")
+    out += [f"document {doc['id']}: {doc['tokens']} tokens from {doc['source']}:{doc['line']} "
+            f"(byte {doc['byte_offset']})",
+            "--- decoded ---", _clip(doc["text"], max_chars),
+            "--- source line ---", _clip(doc["source_line"], max_chars)]
+    return "\n".join(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry of ``flagscale data inspect``."""
+    info = inspect_dataset(args.prefix, args.document, args.tokenizer)
+    if args.json:
+        print(json.dumps(info, ensure_ascii=False))
+    else:
+        print(format_report(info, args.max_chars))
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add the ``data`` command group (``data inspect``)."""
+    parser = subparsers.add_parser("data", help="inspect preprocessed datasets",
+                                   description="Inspect datasets made by `flagscale preprocess`.")
+    commands = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    inspect = commands.add_parser(
+        "inspect", help="counts, length histogram and one document with its provenance",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n" + "\n".join(line for line in __doc__.splitlines()
+                                         if line.startswith("    flagscale")))
+    inspect.add_argument("prefix", help="dataset prefix (PREFIX.bin/.idx)")
+    inspect.add_argument("--document", type=int, default=0, help="document id to show (default 0)")
+    inspect.add_argument("--tokenizer", help="decode with this tokenizer instead of the one the "
+                         "dataset was built with")
+    inspect.add_argument("--max-chars", type=int, default=1000,
+                         help="clip shown text to this many characters (0: no limit)")
+    inspect.add_argument("--json", action="store_true", help="print JSON for tools")
+    inspect.set_defaults(func=run)

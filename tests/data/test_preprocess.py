@@ -1,0 +1,156 @@
+"""Preprocessing: exact documents, exact provenance, worker-count independence, rejections."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+from flagscale.data import Provenance, check_dataset, preprocess
+from flagscale.errors import DataError
+
+
+def read_line_at(path, offset: int) -> bytes:
+    """The line starting at ``offset`` of ``path``, read the way a user would check it."""
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        before = f.read(offset)
+        line = f.readline()
+    assert offset == 0 or before.endswith(b"\n"), "offset is not at a line start"
+    return line.rstrip(b"\n"), before.count(b"\n") + 1
+
+
+@pytest.mark.parametrize("workers,block_bytes", [(1, 1 << 18), (3, 97)])
+def test_documents_and_provenance_are_exact(tmp_path, inputs, sp_tokenizer, workers,
+                                            block_bytes):
+    files, expected, _ = inputs
+    prefix = tmp_path / "out" / "ds"
+    result = preprocess(files, prefix, sp_tokenizer, workers=workers, block_bytes=block_bytes)
+    dataset = IndexedDataset(str(prefix))
+    prov = Provenance.open(prefix)
+    assert len(dataset) == len(prov) == result.documents == len(expected)
+    assert dataset.index.dtype == np.uint16
+    assert result.tokens == int(dataset.sequence_lengths.sum()) == prov.tokens
+    for doc_id, (path, line, text) in enumerate(expected):
+        ids = dataset[doc_id].tolist()
+        assert ids == sp_tokenizer.encode(text) + [sp_tokenizer.eod]
+        assert sp_tokenizer.decode(ids) == text
+        source, prov_line, offset = prov.lookup(doc_id)
+        assert (source, prov_line) == (str(path.resolve()), line)
+        raw, counted_line = read_line_at(path, offset)
+        assert counted_line == line
+        record = raw.decode("utf-8")
+        if path.name.endswith((".jsonl", ".jsonl.gz")):
+            record = json.loads(record)["text"]
+        assert record.rstrip("\r") == text
+        assert prov.source_line(doc_id) == raw
+
+
+def test_output_is_byte_identical_across_workers_and_blocks(tmp_path, inputs, sp_tokenizer):
+    files, _, _ = inputs
+    outputs = []
+    for workers, block_bytes in ((1, 1 << 18), (3, 97), (2, 1000)):
+        prefix = tmp_path / f"w{workers}"
+        preprocess(files, prefix, sp_tokenizer, workers=workers, block_bytes=block_bytes)
+        outputs.append([(tmp_path / f"w{workers}{ext}").read_bytes()
+                        for ext in (".bin", ".idx", ".prov.npy", ".rejected.jsonl")])
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_index_matches_megatron_builder_per_document(tmp_path, inputs, sp_tokenizer):
+    files, expected, _ = inputs
+    preprocess(files, tmp_path / "ours", sp_tokenizer)
+    reference = IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=np.uint16)
+    for _, _, text in expected:
+        ids = sp_tokenizer.encode(text) + [sp_tokenizer.eod]
+        reference.add_document(np.array(ids), [len(ids)])
+    reference.finalize(str(tmp_path / "ref.idx"))
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"ours{ext}").read_bytes() == (tmp_path / f"ref{ext}").read_bytes()
+
+
+def test_rejected_lines_are_listed_and_counted(tmp_path, inputs, sp_tokenizer):
+    files, _, rejections = inputs
+    prefix = tmp_path / "ds"
+    result = preprocess(files, prefix, sp_tokenizer, workers=2, block_bytes=64)
+    rows = [json.loads(line) for line in
+            (tmp_path / "ds.rejected.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(r["source"], r["line"], r["reason"]) for r in rows] == \
+        [(str(path), line, reason) for path, line, reason in rejections]
+    for row in rows:
+        path = next(p for p in files if str(p) == row["source"])
+        assert read_line_at(path, row["byte_offset"])[1] == row["line"]
+    counts = {}
+    for _, _, reason in rejections:
+        counts[reason] = counts.get(reason, 0) + 1
+    assert dict(result.rejected) == counts
+    assert json.loads((tmp_path / "ds.prov.json").read_text())["rejected"] == counts
+    shown = [str(r) for r in result.first_rejections]
+    assert shown[0].startswith(f"{files[0]}:4: invalid JSON")
+    assert shown[1].startswith(f"{files[0]}:5: invalid UTF-8")
+
+
+def test_strict_stops_at_first_rejection_and_leaves_no_output(tmp_path, inputs, sp_tokenizer):
+    files, _, _ = inputs
+    prefix = tmp_path / "ds"
+    with pytest.raises(DataError, match=rf"{files[0]}:4: invalid JSON"):
+        preprocess(files, prefix, sp_tokenizer, workers=2, strict=True)
+    assert list(tmp_path.glob("ds*")) == []
+
+
+def test_failed_run_keeps_previous_good_output(tmp_path, inputs, sp_tokenizer):
+    files, _, _ = inputs
+    prefix = tmp_path / "ds"
+    preprocess(files, prefix, sp_tokenizer)
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("ds.*")}
+    with pytest.raises(DataError):
+        preprocess(files, prefix, sp_tokenizer, strict=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("ds.*")} == before
+
+
+def test_sources_are_fingerprinted(tmp_path, inputs, sp_tokenizer):
+    files, _, _ = inputs
+    preprocess(files, tmp_path / "ds", sp_tokenizer)
+    prov = Provenance.open(tmp_path / "ds")
+    assert [s["size"] for s in prov.sources] == [p.stat().st_size for p in files]
+    assert prov.changed_sources() == []
+    files[2].write_bytes(files[2].read_bytes().replace(b"one", b"uno"))
+    assert prov.changed_sources() == [str(files[2].resolve())]
+
+
+def test_check_dataset_errors(tmp_path, inputs, sp_tokenizer, other_sp_tokenizer):
+    files, _, _ = inputs
+    with pytest.raises(DataError, match="not found"):
+        check_dataset(tmp_path / "missing", sp_tokenizer)
+    preprocess(files, tmp_path / "ds", sp_tokenizer)
+    assert check_dataset(tmp_path / "ds", sp_tokenizer).tokenizer_vocab_size == 4096
+    with pytest.raises(DataError, match="same vocab size, different tokenizer"):
+        check_dataset(tmp_path / "ds", other_sp_tokenizer)
+    (tmp_path / "ds.prov.json").unlink()
+    with pytest.raises(DataError, match="no provenance sidecar"):
+        check_dataset(tmp_path / "ds", sp_tokenizer)
+
+
+def test_input_errors(tmp_path, sp_tokenizer):
+    with pytest.raises(DataError, match="does not exist"):
+        preprocess([tmp_path / "nope.jsonl"], tmp_path / "ds", sp_tokenizer)
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="unknown format"):
+        preprocess([tmp_path / "data.csv"], tmp_path / "ds", sp_tokenizer)
+    (tmp_path / "keys.jsonl").write_text('{"content": "x"}\n')
+    with pytest.raises(DataError, match="No documents.*missing key"):
+        preprocess([tmp_path / "keys.jsonl"], tmp_path / "ds", sp_tokenizer)
+    result = preprocess([tmp_path / "keys.jsonl"], tmp_path / "ds", sp_tokenizer,
+                        json_key="content")
+    assert result.documents == 1
+
+
+def test_byte_order_mark_is_not_text(tmp_path, sp_tokenizer):
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbffirst\nsecond\n")
+    preprocess([path], tmp_path / "ds", sp_tokenizer)
+    dataset, prov = IndexedDataset(str(tmp_path / "ds")), Provenance.open(tmp_path / "ds")
+    assert sp_tokenizer.decode(dataset[0]) == "first"
+    assert tuple(prov.lookup(0))[1:] == (1, 3) and tuple(prov.lookup(1))[1:] == (2, 9)
