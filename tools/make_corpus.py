@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-OUTPUT = Path(__file__).resolve().parent.parent / "flagscale" / "data" / "corpus" / "corpus.jsonl.gz"
+OUTPUT = Path(__file__).resolve().parents[1] / "flagscale/data/corpus/corpus.jsonl.gz"
 
 # English files chosen for general, inoffensive prose; ascii-art and the multi-lingual
 # translate-me/disclaimer files are left out because they teach the tokenizer little.
@@ -57,7 +57,8 @@ def extract(deb: Path, into: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Extract the packages and write the corpus."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("debs", nargs="+", type=Path, help="fortunes, fortunes-min, fortunes-zh .deb")
+    parser.add_argument("debs", nargs="+", type=Path,
+                        help="the fortunes, fortunes-min and fortunes-zh .deb files")
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:

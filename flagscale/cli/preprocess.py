@@ -1,13 +1,14 @@
 """``flagscale preprocess``: tokenize text files into a megatron-core indexed dataset.
 
-    flagscale preprocess --input data/a.jsonl data/b.txt.gz --output-prefix out/mix --tokenizer tok.model
+    flagscale preprocess --input a.jsonl b.txt.gz --output-prefix out/mix --tokenizer tok.model
     flagscale preprocess --input corpus.jsonl --output-prefix out/c --tokenizer hf_dir/ --workers 8
     flagscale preprocess --input corpus.jsonl --output-prefix out/c --tokenizer tok.model --strict
 
 Writes PREFIX.bin/.idx (documents in input order: files as given, lines in order, each ending with
 the tokenizer's end-of-document id), the provenance sidecar PREFIX.prov.npy/.prov.json and
-PREFIX.rejected.jsonl. Inputs: *.jsonl (one JSON object per line, text under --json-key), *.txt (one
-document per non-blank line), either gzipped (*.gz). The output is byte-identical whatever --workers.
+PREFIX.rejected.jsonl. Inputs: *.jsonl (one JSON object per line, text under --json-key), *.txt
+(one document per non-blank line), either gzipped (*.gz). The output is byte-identical whatever
+--workers.
 """
 
 from __future__ import annotations

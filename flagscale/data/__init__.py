@@ -1,11 +1,11 @@
-"""Data: tokenizers, preprocessing into megatron-core indexed datasets, provenance, the bundled corpus.
+"""Data: tokenizers, preprocessing into megatron-core indexed datasets, provenance, bundled corpus.
 
     from flagscale.data import load_tokenizer, preprocess, check_dataset, Provenance
     tok = load_tokenizer(default_tokenizer_path())
     preprocess([default_corpus_path()], "out/corpus", tok, workers=2)
     check_dataset("out/corpus", tok).lookup(0)      # -> Origin(source, line, byte_offset)
 
-Training-time datasets (megatron-core's blended GPT datasets) live in :mod:`flagscale.data.datasets`.
+Training-time datasets (megatron-core's blended GPT datasets): :mod:`flagscale.data.datasets`.
 """
 
 from pathlib import Path

@@ -184,23 +184,24 @@ def token_dtype(vocab_size: int):
 def read_blocks(path: Path, gz: bool, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple]:
     """Yield ``(first_line, first_offset, data)`` blocks of whole lines of ``path``."""
     opener = gzip.open if gz else open
-    line, offset, carry = 1, 0, b""
+    line, offset, carry = 1, 0, []  # carry: pieces of a line longer than one block
     try:
         with opener(path, "rb") as f:
             while block := f.read(block_bytes):
                 cut = block.rfind(b"\n")
                 if cut < 0:
-                    carry += block
+                    carry.append(block)
                     continue
-                data, carry = carry + block[:cut + 1], block[cut + 1:]
+                data = b"".join(carry + [block[:cut + 1]])
+                carry = [block[cut + 1:]]
                 yield line, offset, data
                 line += data.count(b"\n")
                 offset += len(data)
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise DataError(f"Input {path}: cannot read it after line {line} ({exc}). Check the "
                         f"file (a truncated .gz download?).") from None
-    if carry:
-        yield line, offset, carry
+    if any(carry):
+        yield line, offset, b"".join(carry)
 
 
 def _ordered_results(tasks: Iterator[tuple], tokenizer: Tokenizer, workers: int) -> Iterator:

@@ -16,7 +16,8 @@ JSONL_LINES = [
     (json.dumps({"text": "Hello, world."}).encode(), "Hello, world.", None),
     (json.dumps({"text": "白日依山尽，黄河入海流。", "id": 2}, ensure_ascii=False).encode(),
      "白日依山尽，黄河入海流。", None),
-    (b'{"text": "emoji \\ud83d\\ude00 and \xf0\x9f\x9a\x80 rocket"}', "emoji 😀 and 🚀 rocket", None),
+    (b'{"text": "emoji \\ud83d\\ude00 and \xf0\x9f\x9a\x80 rocket"}', "emoji 😀 and 🚀 rocket",
+     None),
     (b'{"text": "broken json", ', None, "invalid JSON"),
     (b'{"text": "bad \xff\xfe bytes"}', None, "invalid UTF-8"),
     (b"", None, None),  # blank line: not a record

@@ -22,7 +22,7 @@ def read_line_at(path, offset: int) -> bytes:
     return line.rstrip(b"\n"), before.count(b"\n") + 1
 
 
-@pytest.mark.parametrize("workers,block_bytes", [(1, 1 << 18), (3, 97)])
+@pytest.mark.parametrize("workers,block_bytes", [(1, 1 << 18), (3, 16)])
 def test_documents_and_provenance_are_exact(tmp_path, inputs, sp_tokenizer, workers,
                                             block_bytes):
     files, expected, _ = inputs
@@ -51,7 +51,7 @@ def test_documents_and_provenance_are_exact(tmp_path, inputs, sp_tokenizer, work
 def test_output_is_byte_identical_across_workers_and_blocks(tmp_path, inputs, sp_tokenizer):
     files, _, _ = inputs
     outputs = []
-    for workers, block_bytes in ((1, 1 << 18), (3, 97), (2, 1000)):
+    for workers, block_bytes in ((1, 1 << 18), (3, 16), (2, 1000)):
         prefix = tmp_path / f"w{workers}"
         preprocess(files, prefix, sp_tokenizer, workers=workers, block_bytes=block_bytes)
         outputs.append([(tmp_path / f"w{workers}{ext}").read_bytes()
@@ -154,3 +154,12 @@ def test_byte_order_mark_is_not_text(tmp_path, sp_tokenizer):
     dataset, prov = IndexedDataset(str(tmp_path / "ds")), Provenance.open(tmp_path / "ds")
     assert sp_tokenizer.decode(dataset[0]) == "first"
     assert tuple(prov.lookup(0))[1:] == (1, 3) and tuple(prov.lookup(1))[1:] == (2, 9)
+
+
+def test_truncated_gzip_is_an_error(tmp_path, inputs, sp_tokenizer):
+    files, _, _ = inputs
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(files[1].read_bytes()[:-20])
+    with pytest.raises(DataError, match="broken.jsonl.gz: cannot read it"):
+        preprocess([broken], tmp_path / "ds", sp_tokenizer)
+    assert list(tmp_path.glob("ds*")) == []

@@ -14,8 +14,8 @@ from flagscale.data import (check_dataset, default_corpus_path, default_tokenize
                             load_tokenizer, preprocess)
 from flagscale.errors import DataError
 
-SAMPLES = ["Hello, world.", "白日依山尽，黄河入海流。", "emoji 😀🚀 ok", "  tabs\tand\nnewlines  ",
-           "Ünïcödé ß", "🤖"]
+SAMPLES = ["Hello, world.", "白日依山尽，黄河入海流。", "emoji 😀🚀 ok",
+           "  tabs\tand\nnewlines  ", "Ünïcödé ß", "🤖"]
 
 
 def test_bundled_tokenizer_fits_tiny_model_and_round_trips(sp_tokenizer):
