@@ -24,10 +24,17 @@ from flagscale.metrics.flops import CONVENTIONS, count_params, flops_per_token, 
 from flagscale.metrics.throughput import ThroughputMeter
 
 
+# Llama-3.1's rope scaling stretches an 8192-token pretraining context (the original context
+# length megatron-core's RotaryEmbedding assumes for rope_scaling) to 131072.
+_ROPE_SCALING_ORIGINAL_CONTEXT = 8192
+
+
 def default_seq_length(model: ModelConfig) -> int:
-    """The context a preset was pretrained at: ``max_position_embeddings``, divided by the RoPE
-    scaling factor of long-context variants (Llama-3.1: 131072 / 8 = 8192)."""
-    return int(model.max_position_embeddings / (model.rope_scaling_factor or 1))
+    """The context a preset was pretrained at: ``max_position_embeddings``, or the original
+    8192-token context of long-context variants (Llama-3.1, rope scaling)."""
+    if model.rope_scaling_factor:
+        return min(model.max_position_embeddings, _ROPE_SCALING_ORIGINAL_CONTEXT)
+    return model.max_position_embeddings
 
 
 def flops_report(model: ModelConfig, seq_length: int, tp: int = 1, convention: str = "megatron",
