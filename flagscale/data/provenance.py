@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -161,9 +162,24 @@ def check_dataset(prefix: str | Path, tokenizer=None) -> Provenance:
                         f"data.paths, or build it with `flagscale preprocess --input FILE "
                         f"--output-prefix {prefix} --tokenizer SPEC`.")
     prov = Provenance.open(prefix)
+    _check_index(prefix, prov)
     if tokenizer is not None:
         _check_tokenizer(prefix, prov.tokenizer, tokenizer)
     return prov
+
+
+def _check_index(prefix: str, prov: Provenance) -> None:
+    # The .idx header: 9-byte magic, u64 version, u8 dtype code, u64 sequences, u64 documents.
+    with open(prefix + ".idx", "rb") as f:
+        header = f.read(34)
+    sequences = struct.unpack("<Q", header[18:26])[0] if len(header) == 34 else -1
+    itemsize = np.dtype(prov.meta["token_dtype"]).itemsize
+    bin_size = Path(prefix + ".bin").stat().st_size
+    if sequences != prov.documents or bin_size != prov.tokens * itemsize:
+        raise DataError(f"Dataset {prefix}: .idx holds {sequences} sequences and .bin {bin_size} "
+                        f"bytes, but its provenance records {prov.documents} documents of "
+                        f"{prov.tokens} tokens ({prov.tokens * itemsize} bytes): the files come "
+                        f"from different runs. Re-run `flagscale preprocess` for it.")
 
 
 def _check_tokenizer(prefix: str, built: dict, tokenizer) -> None:
