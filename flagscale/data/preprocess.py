@@ -281,6 +281,7 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tokenize
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", mininterval=0.5,
                    dynamic_ncols=True)
     records = []
+    builder = None
     try:
         builder = IndexedDatasetBuilder(temps[0], dtype=dtype)
         with open(temps[2], "w", encoding="utf-8") as rejected_file:
@@ -328,6 +329,8 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tokenize
     finally:
         if bar is not None:
             bar.close()
+        if builder is not None:
+            builder.data_file.close()  # already closed by finalize on success
         for temp in temps:
             if os.path.exists(temp):
                 os.remove(temp)
