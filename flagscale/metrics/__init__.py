@@ -17,7 +17,8 @@ from flagscale.metrics.loggers import (ConsoleLogger, JsonlLogger, TensorBoardLo
 from flagscale.metrics.throughput import ThroughputMeter, memory_usage
 
 __all__ = ["CONVENTIONS", "PEAK_TFLOPS", "ConsoleLogger", "FlopsEstimate", "JsonlLogger",
-           "ParamCount", "TensorBoardLogger", "ThroughputMeter", "WandbLogger", "build_metric_hooks",
+           "ParamCount", "TensorBoardLogger", "ThroughputMeter", "WandbLogger",
+           "build_metric_hooks",
            "build_throughput_meter", "canonical_device", "count_params", "flops_for_config",
            "flops_per_token", "memory_usage", "padded_vocab", "peak_tflops", "preset_model",
            "resolve_peak"]

@@ -39,7 +39,8 @@ CONVENTIONS = ("megatron", "palm", "6n")
 def preset_model(name: str) -> ModelConfig:
     """The :class:`ModelConfig` of a named preset (``llama3_8b``, ``aquila2_34b``, ``tiny`` ...)."""
     if name not in MODEL_PRESETS:
-        raise ConfigError(f"Unknown model preset '{name}'. Known: {', '.join(sorted(MODEL_PRESETS))}.")
+        raise ConfigError(f"Unknown model preset '{name}'. Known: "
+                          f"{', '.join(sorted(MODEL_PRESETS))}.")
     return ModelConfig(preset=name, **MODEL_PRESETS[name])
 
 
@@ -165,7 +166,8 @@ def flops_per_token(model: ModelConfig, seq_length: int, tp: int = 1,
     forward work to ``hardware_flops_per_token`` only.
     """
     if convention not in CONVENTIONS:
-        raise ConfigError(f"FLOPs convention '{convention}' is not one of {', '.join(CONVENTIONS)}.")
+        raise ConfigError(f"FLOPs convention '{convention}' is not one of "
+                          f"{', '.join(CONVENTIONS)}.")
     if recompute not in ("none", "selective", "full"):
         raise ConfigError(f"recompute '{recompute}' is not one of none, selective, full.")
     if seq_length < 1 or tp < 1:

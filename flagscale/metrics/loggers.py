@@ -20,7 +20,8 @@ from flagscale.train.hooks import Hook
 
 
 def _fmt(value, spec: str) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+    missing = value is None or (isinstance(value, float) and math.isnan(value))
+    return "n/a" if missing else format(value, spec)
 
 
 def scalars(record: dict) -> dict[str, float]:
@@ -52,8 +53,8 @@ class ConsoleLogger(Hook):
 class JsonlLogger(Hook):
     """Appends one JSON object per log interval to ``run.dir/metrics.jsonl``.
 
-    Lines are flushed as they are written, so a crashed run keeps every interval it logged; a resumed
-    run appends to the same file (readers keep the last record of a repeated iteration).
+    Lines are flushed as they are written, so a crashed run keeps every interval it logged; a
+    resumed run appends to the same file (readers keep the last record of a repeated iteration).
     """
 
     def __init__(self, path: Path):

@@ -79,7 +79,8 @@ def plot_metrics(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     paths = [_save_chart(out_dir / "loss.png", f"{name}: training loss", "loss",
                          *_series(records, "loss")),
              _save_chart(out_dir / "tokens_per_sec_per_gpu.png", f"{name}: throughput",
-                         "tokens/s per GPU", *_series(records, "tokens_per_sec_per_gpu"), from_zero=True)]
+                         "tokens/s per GPU", *_series(records, "tokens_per_sec_per_gpu"),
+                         from_zero=True)]
     mfu = _series(records, "mfu", 100.0)
     if mfu[0]:
         paths.append(_save_chart(out_dir / "mfu.png", f"{name}: model FLOPs utilisation",

@@ -78,7 +78,8 @@ def test_config_supplies_sequence_tp_and_recompute(tmp_path):
                              "parallel.tp=8", "train.recompute=full"])
     estimate = flops_for_config(cfg)
     assert estimate.flops_per_token == flops_per_token(cfg.model, 4096, tp=8).flops_per_token
-    assert estimate.recompute == "full" and estimate.hardware_flops_per_token > estimate.flops_per_token
+    assert estimate.recompute == "full"
+    assert estimate.hardware_flops_per_token > estimate.flops_per_token
 
 
 def test_bad_inputs_raise_config_errors():
