@@ -24,7 +24,8 @@ from typing import Optional
 import torch
 import yaml
 
-from flagscale.config import Config, ModelConfig, config_to_dict, padded_vocab_size
+from flagscale.config import (Config, ModelConfig, config_to_dict, padded_vocab_size,
+                              validate)
 from flagscale.convert import mapping as M
 from flagscale.convert.common import atomic_output_dir, single_process_layout, single_process_megatron
 from flagscale.convert.hf_config import load_config_json, model_fields_from_hf
@@ -120,7 +121,6 @@ def hf_to_mcore(input: str | Path, output: str | Path, tp: int = 1, pp: int = 1,
     params_dtype = "bf16" if weights.dtype() == torch.bfloat16 else "fp32"
     cfg = _target_config(hf_dir, output, tp, pp, params_dtype)
     padded = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, tp)
-    from flagscale.config import validate
     validate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch_size=1)),
              world_size=tp * pp, check_paths=False)
     shape = M.LlamaShape.from_model_config(cfg.model)

@@ -14,8 +14,32 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from flagscale.errors import CheckpointError, ConversionError
+
+
+class _RegionPlanner(DefaultLoadPlanner):
+    """Plans reads of one region per key into the plain tensors of ``out`` (defined at module
+    level: a class made inside ``read`` would keep every layer's tensors alive in reference cycles
+    until the garbage collector ran)."""
+
+    def __init__(self, metadata: dict, regions: dict, out: dict):
+        super().__init__()
+        self.tensor_metadata, self.regions, self.destinations = metadata, regions, out
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for key, (offsets, sizes) in self.regions.items():
+            chunk = ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
+            items += create_read_items_for_chunk_list(key, self.tensor_metadata[key], [chunk])
+        return LoadPlan(items)
+
+    def lookup_tensor(self, index) -> torch.Tensor:
+        return self.destinations[index.fqn]
 
 
 class CheckpointReader:
@@ -55,28 +79,11 @@ class CheckpointReader:
         """Read regions ``{key: (offsets, sizes)}`` of global tensors in one pass, each in its
         stored dtype."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        from torch.distributed.checkpoint.planner import LoadPlan
-        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
         out = {key: torch.empty(tuple(sizes), dtype=self.dtype(key))
                for key, (_, sizes) in requests.items()}
-
-        class _RegionPlanner(DefaultLoadPlanner):
-            """Plans reads of one region per key into a plain tensor of the region's shape."""
-
-            def create_local_plan(planner):
-                items = []
-                for key, (offsets, sizes) in requests.items():
-                    chunk = ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
-                    items += create_read_items_for_chunk_list(key, self.tensors[key], [chunk])
-                return LoadPlan(items)
-
-            def lookup_tensor(planner, index):
-                return out[index.fqn]
-
-        dcp.load(out, storage_reader=self._reader, planner=_RegionPlanner(), no_dist=True)
+        dcp.load(out, storage_reader=self._reader, planner=_RegionPlanner(self.tensors, requests, out),
+                 no_dist=True)
         return out
 
     def read_full(self, key: str) -> torch.Tensor:
@@ -94,3 +101,4 @@ class CheckpointReader:
                                       f"layer {layer} was requested.")
             requests[key] = ((layer,) + (0,) * (len(shape) - 1), (1,) + shape[1:])
         return {key: t[0] for key, t in self.read(requests).items()}
+
