@@ -204,15 +204,24 @@ def read_blocks(path: Path, gz: bool, block_bytes: int = BLOCK_BYTES) -> Iterato
         yield line, offset, b"".join(carry)
 
 
+def pool_context():
+    """The multiprocessing context of the tokenizing workers: fork where the platform has it.
+
+    Fork starts workers instantly; spawn would re-import the caller's main module (often torch and
+    megatron-core: seconds per worker). The pool is started before any thread of ours (the
+    progress bar's monitor) exists, as torch's DataLoader does with its fork workers.
+    """
+    return multiprocessing.get_context(
+        "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+
+
 def _ordered_results(tasks: Iterator[tuple], tokenizer: Tokenizer, workers: int) -> Iterator:
     """encode_block over ``tasks`` in order: in-process for one worker, else a bounded pool."""
     if workers <= 1:
         for task in tasks:
             yield task, encode_block(task, tokenizer)
         return
-    # spawn: the parent may hold torch/OpenMP threads, which make fork unsafe.
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer.path,)) as pool:
+    with pool_context().Pool(workers, initializer=_init_worker, initargs=(tokenizer.path,)) as pool:
         pending: deque = deque()
         for task in tasks:
             pending.append((task, pool.apply_async(encode_block, (task,))))
@@ -273,13 +282,9 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tokenize
     tasks = ((index, fmt, json_key, line, offset, data)
              for index, (path, (fmt, gz)) in enumerate(zip(paths, formats))
              for line, offset, data in read_blocks(path, gz, block_bytes))
+    # Decompressed sizes are unknown up front: with .gz inputs the bar shows no percentage.
+    total = None if any(gz for _, gz in formats) else sum(s["size"] for s in sources)
     bar = None
-    if progress:
-        from tqdm import tqdm
-        # Decompressed sizes are unknown up front: with .gz inputs the bar shows no percentage.
-        total = None if any(gz for _, gz in formats) else sum(s["size"] for s in sources)
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", mininterval=0.5,
-                   dynamic_ncols=True)
     records = []
     builder = None
     try:
@@ -308,7 +313,11 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tokenize
                 result.documents += len(lengths)
                 result.tokens += int(tokens.size)
                 result.input_bytes += len(task[-1])
-                if bar is not None:
+                if progress:
+                    if bar is None:  # created only now that the worker pool exists
+                        from tqdm import tqdm
+                        bar = tqdm(total=total, unit="B", unit_scale=True, desc="preprocess",
+                                   mininterval=0.5, dynamic_ncols=True)
                     bar.update(len(task[-1]))
                     elapsed = max(time.perf_counter() - started, 1e-9)
                     bar.set_postfix(docs=f"{result.documents:,}",
