@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,23 +69,45 @@ def checkpoint_config(path: Path) -> Config:
     return load_config(base=raw)
 
 
-def _hf_tensors(reader: CheckpointReader, prefix: str, shape: M.LlamaShape,
-                dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF tensors in file order, read one layer at a time."""
+def _hf_groups(reader: CheckpointReader, prefix: str, shape: M.LlamaShape,
+               dtype: torch.dtype) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """HF tensors in file order, in groups read together: the embedding, each layer, the head."""
     where = str(reader.path)
-    yield M.HF_EMBEDDING, M.vocab_to_hf(M.EMBEDDING, reader.read_full(prefix + M.EMBEDDING),
-                                        shape, where).to(dtype)
+    yield [(M.HF_EMBEDDING, M.vocab_to_hf(M.EMBEDDING, reader.read_full(prefix + M.EMBEDDING),
+                                          shape, where).to(dtype))]
     for layer in range(shape.num_layers):
         raw = reader.read_layer([prefix + k for k in M.LAYER_KEYS], layer)
-        hf = M.layer_to_hf({k: raw[prefix + k] for k in M.LAYER_KEYS}, layer, shape, where)
-        del raw
-        for name in M.hf_layer_names(layer).values():
-            yield name, hf.pop(name).to(dtype)
+        hf = M.layer_to_hf({k: raw.pop(prefix + k) for k in M.LAYER_KEYS}, layer, shape, where)
+        yield [(name, hf.pop(name).to(dtype)) for name in M.hf_layer_names(layer).values()]
     final = reader.read_full(prefix + M.FINAL_NORM)
     M.check_shape(M.FINAL_NORM, final, (shape.hidden_size,), where)
-    yield M.HF_FINAL_NORM, final.to(dtype)
-    yield M.HF_OUTPUT, M.vocab_to_hf(M.OUTPUT, reader.read_full(prefix + M.OUTPUT), shape,
-                                     where).to(dtype)
+    yield [(M.HF_FINAL_NORM, final.to(dtype)),
+           (M.HF_OUTPUT, M.vocab_to_hf(M.OUTPUT, reader.read_full(prefix + M.OUTPUT), shape,
+                                       where).to(dtype))]
+
+
+def _prefetched(groups: Iterator[list]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the tensors of ``groups`` while a background thread reads the next group: reading
+    and writing overlap (both release the GIL) and at most two groups are in memory."""
+    ready: queue.Queue = queue.Queue(maxsize=1)
+    done = object()
+
+    def produce():
+        try:
+            for group in groups:
+                ready.put(group)
+            ready.put(done)
+        except BaseException as exc:  # re-raised in the consumer, with its traceback
+            ready.put(exc)
+
+    thread = threading.Thread(target=produce, daemon=True, name="flagscale-export-reader")
+    thread.start()
+    while (group := ready.get()) is not done:
+        if isinstance(group, BaseException):
+            raise group
+        yield from group
+        del group
+    thread.join()
 
 
 def _hf_shapes(shape: M.LlamaShape) -> list[tuple[str, tuple[int, ...]]]:
@@ -139,8 +163,8 @@ def mcore_to_hf(input: str | Path, output: str | Path, dtype: str = "bf16",
             raise ConversionError(f"Tokenizer of {ckpt}: {exc} (pass --tokenizer to point at it)."
                                   ) from None
         log(f"exporting {ckpt} ({shape.num_layers} layers) to {output} as {dtype}")
-        written = write_sharded(tmp, shards, torch_dtype, _hf_tensors(reader, prefix, shape,
-                                                                      torch_dtype))
+        tensors = _prefetched(_hf_groups(reader, prefix, shape, torch_dtype))
+        written = write_sharded(tmp, shards, torch_dtype, tensors)
         config = hf_config_dict(cfg.model, DTYPE_NAMES[dtype], ids["bos"], ids["eos"], ids["pad"])
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(

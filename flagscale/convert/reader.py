@@ -75,15 +75,16 @@ class CheckpointReader:
                                   f"megatron-core GPT checkpoint?")
         return self.tensors[key]
 
-    def read(self, requests: dict[str, tuple[Sequence[int], Sequence[int]]]) -> dict[str, torch.Tensor]:
+    def read(self, requests: dict[str, tuple[Sequence[int], Sequence[int]]]
+             ) -> dict[str, torch.Tensor]:
         """Read regions ``{key: (offsets, sizes)}`` of global tensors in one pass, each in its
         stored dtype."""
         import torch.distributed.checkpoint as dcp
 
         out = {key: torch.empty(tuple(sizes), dtype=self.dtype(key))
                for key, (_, sizes) in requests.items()}
-        dcp.load(out, storage_reader=self._reader, planner=_RegionPlanner(self.tensors, requests, out),
-                 no_dist=True)
+        planner = _RegionPlanner(self.tensors, requests, out)
+        dcp.load(out, storage_reader=self._reader, planner=planner, no_dist=True)
         return out
 
     def read_full(self, key: str) -> torch.Tensor:
