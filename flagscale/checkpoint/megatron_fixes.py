@@ -6,6 +6,8 @@ wraps still has the defect's shape, so upgrading megatron-core cannot silently s
 
 from __future__ import annotations
 
+import torch
+
 _APPLIED = False
 
 
@@ -37,9 +39,36 @@ def fix_fully_reshardable_load_keyerror_step() -> None:
     DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
 
 
+def fix_shared_adam_step_after_load() -> None:
+    """Adam's bias correction goes wrong after loading a distributed-optimizer checkpoint with
+    torch's Adam (no apex, no Transformer Engine).
+
+    ``DistributedOptimizer.load_state_dict`` gives every parameter's state the *same* ``step``
+    tensor; torch's Adam increments each parameter's step in place, so after a resume the shared
+    counter advances once per parameter per iteration and the update differs from an
+    uninterrupted run. Giving each parameter its own copy restores the exact update.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.load_state_dict
+    if getattr(original, "_flagscale_fix", False):
+        return
+
+    def load_state_dict(self, state_dict):
+        original(self, state_dict)
+        for param_state in self.optimizer.state.values():
+            step = param_state.get("step")
+            if isinstance(step, torch.Tensor):
+                param_state["step"] = step.clone()
+
+    load_state_dict._flagscale_fix = True
+    DistributedOptimizer.load_state_dict = load_state_dict
+
+
 def apply_all() -> None:
     """Apply every fix (idempotent)."""
     global _APPLIED
     if not _APPLIED:
         fix_fully_reshardable_load_keyerror_step()
+        fix_shared_adam_step_after_load()
         _APPLIED = True

@@ -146,6 +146,7 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler, model_config
     has_optimizer = bool(meta.get("has_optimizer", "optimizer" in common))
     sharded = model_sharded_state(model_chunks)
     if has_optimizer:
+        _materialize_optimizer_state(optimizer)
         content = dist_checkpointing.load_content_metadata(str(path)) or OPTIMIZER_SHARDING
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True,
                                                             metadata=content)
@@ -165,6 +166,14 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler, model_config
     return {"iteration": int(common.get("iteration", 0)) if has_optimizer else 0,
             "consumed_samples": int(common.get("consumed_samples", 0)) if has_optimizer else 0,
             "has_optimizer": has_optimizer}
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    # A fresh distributed optimizer has no Adam state yet, and building its sharded state dict
+    # for loading reads that state (the 'step' of every parameter).
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(inner, "_init_optimizer_states_with_dummy_values"):
+            inner._init_optimizer_states_with_dummy_values()
 
 
 def _restore_rng(state: dict) -> None:

@@ -42,7 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Dotted overrides may follow options (`train CFG --nproc 2 parallel.tp=2`); argparse stops
+    # collecting positionals at the first option, so gather the rest here.
+    overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+    if overrides and isinstance(getattr(args, "overrides", None), list):
+        args.overrides += overrides
+        extra = [e for e in extra if e not in overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

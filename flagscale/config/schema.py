@@ -76,6 +76,9 @@ class TrainConfig:
     """Tokens per training sequence."""
     iterations: int = 10
     """Optimizer steps to run (a resumed run stops at the same total)."""
+    stop_iteration: Optional[int] = None
+    """Stop after this iteration (saving a checkpoint if saving is on) while the LR schedule still
+    follows ``iterations``: for time-limited allocations; resume with ``checkpoint.load=auto``."""
     seed: int = 1234
     """Seed of weight initialisation, dropout and data shuffling."""
     lr: float = 3e-4

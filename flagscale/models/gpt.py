@@ -73,13 +73,33 @@ def transformer_config(cfg: Config, layout: Layout, platform: Platform):
     )
 
 
-def layer_spec(platform: Platform):
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm, usable under sequence parallelism.
+
+    megatron-core's local spec wraps torch norms but refuses sequence parallelism, because nothing
+    marks their weights for the TP all-reduce of gradients that SP needs. Marking them
+    (``sequence_parallel``, as apex's and TE's norms do) is all ``finalize_model_grads`` asks.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def layer_spec(platform: Platform, tconfig, vp_stage):
     """Transformer Engine spec when TE is importable, megatron-core's local spec otherwise."""
     from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
 
     if platform.transformer_engine:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer.submodules.input_layernorm = RMSNorm
+    layer.submodules.pre_mlp_layernorm = RMSNorm
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(tconfig, vp_stage=vp_stage),
+        layer_norm=RMSNorm)
 
 
 def build_model(cfg: Config, layout: Layout, platform: Platform) -> list[torch.nn.Module]:
@@ -91,13 +111,12 @@ def build_model(cfg: Config, layout: Layout, platform: Platform) -> list[torch.n
     from megatron.core.models.gpt import GPTModel
 
     tconfig = transformer_config(cfg, layout, platform)
-    spec = layer_spec(platform)
     chunks = []
     for stage in range(layout.vpp or 1):
         vp_stage = stage if layout.vpp else None
         model = GPTModel(
             config=tconfig,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=layer_spec(platform, tconfig, vp_stage),
             vocab_size=layout.padded_vocab_size,
             max_sequence_length=max(cfg.model.max_position_embeddings, cfg.train.seq_length),
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,

@@ -94,7 +94,8 @@ def train(cfg: Config, hooks: Optional[list[Hook]] = None) -> TrainState:
     grad_norms: list[float] = []
     save_every = cfg.checkpoint.save_interval
 
-    for it in range(state.start_iteration, cfg.train.iterations):
+    end = min(cfg.train.iterations, cfg.train.stop_iteration or cfg.train.iterations)
+    for it in range(state.start_iteration, end):
         start = time.perf_counter()
         for chunk in model:
             chunk.zero_grad_buffer()
@@ -125,7 +126,8 @@ def train(cfg: Config, hooks: Optional[list[Hook]] = None) -> TrainState:
         for hook in hooks:
             hook.on_step_end(state, step)
 
-        if state.iteration % cfg.train.log_interval == 0 or state.iteration == cfg.train.iterations:
+        last = state.iteration == end
+        if state.iteration % cfg.train.log_interval == 0 or last:
             record = _log_record(state, interval, grad_norms, lr)
             if eval_passes and state.iteration % cfg.train.eval_interval == 0:
                 record["valid_loss"] = _evaluate(model, valid_ds, cfg, layout, dp_rank,
@@ -137,7 +139,6 @@ def train(cfg: Config, hooks: Optional[list[Hook]] = None) -> TrainState:
                 hook.on_log(state, record)
             state.history.append(record)
 
-        last = state.iteration == cfg.train.iterations
         if save_every and (state.iteration % save_every == 0
                            or (last and cfg.checkpoint.save_final)):
             saved = save_checkpoint(run_dir / "checkpoints", state.iteration, model, optimizer,
