@@ -13,6 +13,7 @@ layer, not the model. Everything is deleted afterwards unless --keep.
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing as mp
 import os
 import resource
@@ -23,12 +24,13 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPE = dict(num_layers=22, hidden_size=2048, num_attention_heads=32, num_query_groups=4,
              ffn_hidden_size=5632, vocab_size=32000, max_position_embeddings=2048,
              rope_theta=10000.0, params_dtype="bf16")
-TOKENIZER = Path(__file__).resolve().parents[1] / "flagscale" / "data" / "corpus" / "tokenizer.model"
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+TOKENIZER = REPO / "flagscale" / "data" / "corpus" / "tokenizer.model"
 
 
 def write_checkpoint(path: str) -> None:
@@ -100,7 +102,6 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="flagscale-bench-convert-", dir=args.workdir))
     try:
         import psutil
-        import torch
 
         from flagscale.convert import mapping as M, mcore_to_hf
         from flagscale.convert.export import checkpoint_config
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
         shape = M.LlamaShape(**{k: SHAPE[k] for k in ("num_layers", "hidden_size",
                                                       "num_attention_heads", "ffn_hidden_size",
                                                       "vocab_size", "num_query_groups")})
-        layer_bytes = 2 * sum(int(torch.Size(s).numel()) for s in shape.mcore_layer_shapes().values())
+        layer_bytes = 2 * sum(math.prod(s) for s in shape.mcore_layer_shapes().values())
         vocab_bytes = 2 * SHAPE["vocab_size"] * SHAPE["hidden_size"]
         checkpoint_config(ckpt)  # import megatron-core before the baseline memory is taken
         rss_before = psutil.Process().memory_info().rss
@@ -141,7 +142,8 @@ def main(argv=None) -> int:
             export_s = time.perf_counter() - t0
         maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         growth = rss.peak - rss_before
-        print(f"model: {result.params / 1e9:.3f}B params, export wrote {result.bytes_written / 1e9:.2f} GB "
+        print(f"model: {result.params / 1e9:.3f}B params, export wrote "
+              f"{result.bytes_written / 1e9:.2f} GB "
               f"(checkpoint {ckpt_bytes / 1e9:.2f} GB)")
         print(f"time (each to durable disk, sync included): export {export_s:.2f}s vs plain copy "
               f"{copy_s:.2f}s -> "

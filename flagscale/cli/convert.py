@@ -41,7 +41,8 @@ def run_hf_to_mcore(args) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The converter's sub-commands and options (shared with tools/convert/convert.py)."""
     sub = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
-    export = sub.add_parser("mcore-to-hf", help="megatron-core checkpoint -> Hugging Face directory",
+    export = sub.add_parser("mcore-to-hf",
+                            help="megatron-core checkpoint -> Hugging Face directory",
                             description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     export.add_argument("--input", required=True,
                         help="checkpoint: an iter_XXXXXXX dir, a checkpoints/ dir (uses 'latest') "

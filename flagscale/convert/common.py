@@ -61,7 +61,8 @@ def single_process_layout(cfg: Config, padded_vocab_size: int, params_dtype: str
     from flagscale.config import validate
 
     one = dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, params_dtype=params_dtype), parallel=dataclasses.replace(cfg.parallel, tp=1, pp=1, vpp=None,
+        cfg, model=dataclasses.replace(cfg.model, params_dtype=params_dtype),
+        parallel=dataclasses.replace(cfg.parallel, tp=1, pp=1, vpp=None,
                                           sequence_parallel=False),
         train=dataclasses.replace(cfg.train, micro_batch_size=1, global_batch_size=1,
                                   recompute="none"))

@@ -76,7 +76,8 @@ def _rope(config: dict, where: str) -> tuple[float, Optional[float]]:
 
 
 def model_fields_from_hf(config: dict, where: str = "config.json") -> dict[str, Any]:
-    """flagscale ``ModelConfig`` fields of a HF Llama-family config; refuses what mcore can't run."""
+    """flagscale ``ModelConfig`` fields of a HF Llama-family config; refuses, by name, what
+    megatron-core cannot run."""
     archs = config.get("architectures") or [ARCHITECTURE]
     if not any(a in ACCEPTED_ARCHITECTURES for a in archs) or \
             config.get("model_type", "llama") not in ACCEPTED_MODEL_TYPES:

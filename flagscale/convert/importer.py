@@ -27,7 +27,8 @@ import yaml
 from flagscale.config import (Config, ModelConfig, config_to_dict, padded_vocab_size,
                               validate)
 from flagscale.convert import mapping as M
-from flagscale.convert.common import atomic_output_dir, single_process_layout, single_process_megatron
+from flagscale.convert.common import (atomic_output_dir, single_process_layout,
+                                      single_process_megatron)
 from flagscale.convert.hf_config import load_config_json, model_fields_from_hf
 from flagscale.errors import ConversionError
 

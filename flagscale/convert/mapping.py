@@ -168,7 +168,8 @@ def layer_from_hf(tensors: dict[str, torch.Tensor], layer: int, shape: LlamaShap
 def vocab_to_hf(name: str, weight: torch.Tensor, shape: LlamaShape,
                 where: str = "the checkpoint") -> torch.Tensor:
     """Embedding or output layer -> HF: drop the padded rows."""
-    if weight.dim() != 2 or weight.shape[1] != shape.hidden_size or weight.shape[0] < shape.vocab_size:
+    if (weight.dim() != 2 or weight.shape[1] != shape.hidden_size
+            or weight.shape[0] < shape.vocab_size):
         raise ConversionError(f"Tensor '{name}' in {where} has shape {tuple(weight.shape)}, "
                               f"expected (>= {shape.vocab_size}, {shape.hidden_size}) (padded "
                               f"vocabulary x hidden size).")

@@ -33,7 +33,8 @@ def test_layer_round_trip_is_bitwise(shape):
     hf = _hf_layer(shape, layer=1)
     mcore = M.layer_from_hf(hf, 1, shape)
     assert mcore[M.FC1].shape == (2 * shape.ffn_hidden_size, shape.hidden_size)
-    assert torch.equal(mcore[M.FC1][:shape.ffn_hidden_size], hf["model.layers.1.mlp.gate_proj.weight"])
+    gate = hf["model.layers.1.mlp.gate_proj.weight"]
+    assert torch.equal(mcore[M.FC1][:shape.ffn_hidden_size], gate)
     back = M.layer_to_hf(mcore, 1, shape)
     assert back.keys() == hf.keys()
     assert all(torch.equal(back[k], hf[k]) for k in hf)
@@ -49,8 +50,8 @@ def test_vocab_padding_round_trip():
 def test_shape_mismatch_names_tensor_and_shapes():
     hf = _hf_layer(GQA)
     hf["model.layers.0.mlp.up_proj.weight"] = torch.zeros(40, 32)
-    with pytest.raises(ConversionError, match=r"model\.layers\.0\.mlp\.up_proj\.weight.*\(40, 32\).*"
-                                              r"expected \(48, 32\)"):
+    with pytest.raises(ConversionError, match=r"model\.layers\.0\.mlp\.up_proj\.weight.*"
+                                              r"\(40, 32\).*expected \(48, 32\)"):
         M.layer_from_hf(hf, 0, GQA)
 
 

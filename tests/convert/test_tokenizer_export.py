@@ -11,7 +11,8 @@ import sentencepiece as spm
 from flagscale.convert.tokenizer import export_tokenizer
 
 BUNDLED = Path(__file__).resolve().parents[2] / "flagscale" / "data" / "corpus" / "tokenizer.model"
-TEXTS = ["hello world", "  two  spaces, a tab\tand\na newline  ", "naïve Überschall 日本語 🙂",
+TEXTS = ["hello world", "  two  spaces, a tab\tand\na newline  ",
+         "naïve Überschall 日本語 🙂",
          "digits 1234567 and 3.14", "", "   ", "trailing "]
 
 
