@@ -63,7 +63,7 @@ def single_process_layout(cfg: Config, padded_vocab_size: int, params_dtype: str
     one = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, params_dtype=params_dtype),
         parallel=dataclasses.replace(cfg.parallel, tp=1, pp=1, vpp=None,
-                                          sequence_parallel=False),
+                                          sequence_parallel=False, dp=None),
         train=dataclasses.replace(cfg.train, micro_batch_size=1, global_batch_size=1,
                                   recompute="none"))
     layout = validate(one, world_size=1, check_paths=False)

@@ -1,0 +1,41 @@
+# flagscale: `make demo` and `make test` from a fresh clone; nothing else needed first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+FS     := $(VENV)/bin/flagscale
+STAMP  := $(VENV)/.flagscale-installed
+DEMO   ?= runs/demo
+
+.PHONY: install demo test bench clean-demo
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# CPU torch 2.13.0 only where no torch is present: an unpinned torch would pull a multi-GB CUDA
+# build, and a machine that already has a (CUDA) torch keeps it.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest tests
+
+# Preprocess the bundled corpus, train the tiny model on 2 processes (resuming if run before),
+# export it to Hugging Face format (validated against transformers), and generate with it.
+demo: install
+	$(FS) preprocess --input flagscale/data/corpus/corpus.jsonl.gz \
+		--output-prefix data/tiny/corpus --tokenizer flagscale/data/corpus/tokenizer.model
+	$(FS) train examples/tiny/config.yaml run.dir=$(DEMO)
+	$(FS) convert mcore-to-hf --input $(DEMO)/checkpoints --output $(DEMO)/hf --overwrite
+	$(PY) examples/tiny/generate.py $(DEMO)/hf "Life is"
+
+bench: install
+	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/preprocess.py
+	$(PY) benchmarks/convert.py
+
+clean-demo:
+	rm -rf $(DEMO) data/tiny

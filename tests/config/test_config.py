@@ -1,0 +1,100 @@
+"""Config loading, presets, derived layout and the errors a user sees before any work starts."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from flagscale.cli.main import main
+from flagscale.config import (MODEL_PRESETS, all_keys, key_docs, load_config, padded_vocab_size,
+                              validate)
+from flagscale.errors import ConfigError
+
+
+def _write(tmp_path, data) -> str:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_every_key_is_documented():
+    assert set(key_docs()) == set(all_keys())
+    assert all(doc for doc in key_docs().values())
+
+
+@pytest.mark.parametrize("preset", sorted(MODEL_PRESETS))
+def test_presets_give_consistent_architectures(preset):
+    cfg = load_config(overrides=[f"model.preset={preset}"])
+    layout = validate(cfg, world_size=1, check_paths=False)
+    assert layout.kv_channels * cfg.model.num_attention_heads == cfg.model.hidden_size
+    assert layout.padded_vocab_size % 128 == 0 and layout.padded_vocab_size >= cfg.model.vocab_size
+
+
+def test_llama3_8b_layout_is_derived_in_one_place():
+    cfg = load_config(overrides=["model.preset=llama3_8b", "parallel.tp=8", "parallel.pp=2",
+                                 "train.micro_batch_size=1", "train.global_batch_size=64"])
+    layout = validate(cfg, world_size=64, check_paths=False)
+    assert (layout.dp, layout.num_microbatches) == (4, 16)
+    # 128256 padded to a multiple of 128 * tp(8) = 1024.
+    assert layout.padded_vocab_size == 129024 == padded_vocab_size(128256, 128, 8)
+    assert cfg.model.rope_theta == 500000.0 and cfg.model.num_query_groups == 8
+
+
+def test_explicit_fields_override_the_preset_and_yaml_floats_are_read(tmp_path):
+    cfg = load_config(_write(tmp_path, {"model": {"preset": "tiny", "num_layers": 8},
+                                        "train": {"lr": "3e-4"}}))
+    assert cfg.model.num_layers == 8 and cfg.model.hidden_size == 128
+    assert cfg.train.lr == pytest.approx(3e-4)
+
+
+def test_misspelt_key_suggests_the_right_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"'parallel\.tpp'.*Did you mean 'parallel\.tp'"):
+        load_config(_write(tmp_path, {"parallel": {"tpp": 2}}))
+    with pytest.raises(ConfigError, match=r"'train\.iteration'.*command-line.*'train\.iterations'"):
+        load_config(overrides=["train.iteration=5"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"'parallel\.tp'.*must be int.*'two'"):
+        load_config(overrides=["parallel.tp=two"])
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["parallel.tp=3"], 3, r"num_attention_heads \(4\) % parallel\.tp \(3\) = 1"),
+    (["parallel.pp=3"], 3, r"num_layers \(4\) % parallel\.pp \(3\) = 1"),
+    (["parallel.tp=2"], 3, r"tp\(2\) \* pp\(1\) \* dp\(\?\) != world size \(3\)"),
+    (["parallel.pp=2", "parallel.vpp=4"], 2, r"num_layers \(4\) % parallel\.pp \(2\) \* "
+                                              r"parallel\.vpp \(4\)"),
+    (["parallel.sequence_parallel=true"], 1, r"sequence_parallel=true needs parallel\.tp >= 2"),
+    (["train.global_batch_size=6", "train.micro_batch_size=4"], 1,
+     r"global_batch_size \(6\) % \(micro_batch_size \(4\) \* dp \(1\)\) = 2"),
+    (["parallel.dp=4"], 2, r"tp\(1\) \* pp\(1\) \* dp\(4\) = 4 != world size \(2\)"),
+])
+def test_impossible_layouts_show_the_arithmetic(overrides, world, message):
+    cfg = load_config(overrides=["model.preset=tiny", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg, world_size=world, check_paths=False)
+
+
+def test_missing_data_path_names_the_prefix_and_the_fix(tmp_path):
+    cfg = load_config(overrides=["model.preset=tiny", f"data.paths=[{tmp_path}/nope]"])
+    with pytest.raises(ConfigError, match=r"nope.*has no .*nope\.bin.*flagscale preprocess"):
+        validate(cfg, world_size=1)
+
+
+def test_cli_reports_config_errors_in_one_paragraph_before_launching(tmp_path, capsys):
+    cfg = _write(tmp_path, {"model": {"preset": "tiny"}, "data": {"paths": [str(tmp_path / "x")]}})
+    assert main(["train", cfg, "--nproc", "2", "parallel.tpp=2"]) == 1
+    err = capsys.readouterr().err
+    assert "Did you mean 'parallel.tp'" in err and "Traceback" not in err
+    assert main(["train", cfg, "--nproc", "2"]) == 1
+    assert "has no" in capsys.readouterr().err
+
+
+def test_dry_run_prints_resolved_config_and_layout(tmp_path, capsys, tiny_corpus):
+    cfg = _write(tmp_path, {"model": {"preset": "tiny"}, "parallel": {"tp": 2},
+                            "data": {"paths": [tiny_corpus]}})
+    assert main(["train", cfg, "--dry-run", "train.global_batch_size=4"]) == 0
+    out = capsys.readouterr().out
+    assert "world=2 tp=2 pp=1 dp=1 microbatches/step=4" in out
+    assert yaml.safe_load(out)["train"]["global_batch_size"] == 4
