@@ -88,15 +88,20 @@ def _hf_groups(reader: CheckpointReader, prefix: str, shape: M.LlamaShape,
 
 def _prefetched(groups: Iterator[list]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield the tensors of ``groups`` while a background thread reads the next group: reading
-    and writing overlap (both release the GIL) and at most two groups are in memory."""
-    ready: queue.Queue = queue.Queue(maxsize=1)
+    and writing overlap (both release the GIL) and at most two groups are alive at once."""
+    ready: queue.Queue = queue.Queue()
+    slots = threading.Semaphore(2)
     done = object()
 
     def produce():
         try:
-            for group in groups:
+            while True:
+                slots.acquire()
+                group = next(groups, done)
                 ready.put(group)
-            ready.put(done)
+                if group is done:
+                    return
+                del group
         except BaseException as exc:  # re-raised in the consumer, with its traceback
             ready.put(exc)
 
@@ -107,6 +112,7 @@ def _prefetched(groups: Iterator[list]) -> Iterator[tuple[str, torch.Tensor]]:
             raise group
         yield from group
         del group
+        slots.release()
     thread.join()
 
 
