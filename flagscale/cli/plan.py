@@ -1,0 +1,87 @@
+"""``flagscale plan``: which parallel layouts of a model fit on N GPUs, with memory per GPU.
+
+    flagscale plan examples/aquila2_34b/h100_64nodes.yaml --gpus 512
+    flagscale plan --model llama3_8b --gpus 8 --seq-len 8192
+    flagscale plan --model llama3_1_405b --gpus 1024 --recompute full --json
+    flagscale plan --model aquila2_34b --gpus 512 --device a100-40g --seq-len 4096
+
+With a CONFIG the model, precision, ``train.seq_length``, ``train.micro_batch_size``,
+``train.global_batch_size`` (microbatches in flight, batch divisibility), ``train.recompute`` and
+``parallel.distributed_optimizer`` come from it (options and key=value overrides win); the layout
+the config asks for is marked. With ``--model`` the run is bf16 with the distributed optimizer at
+the preset's pretraining context and micro batch 1. Estimates follow
+``flagscale/plan/memory.py`` (Korthikanti et al. 2022 activations, megatron-core's buffers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Optional
+
+from flagscale.cli.flops import default_seq_length
+from flagscale.config import Config, load_config
+from flagscale.errors import ConfigError
+from flagscale.plan import DEVICE_MEMORY_GIB, Plan, format_plan, plan_layouts
+
+
+def plan_command(config: Optional[str], model: Optional[str], gpus: int, device: str = "h100-sxm",
+                 overrides: tuple[str, ...] = (), seq_len: Optional[int] = None,
+                 micro_batch: Optional[int] = None, recompute: Optional[str] = None,
+                 attention: str = "flash") -> Plan:
+    """Resolve a config or preset plus options into a :class:`Plan` (see the module docstring)."""
+    if (config is None) == (model is None):
+        raise ConfigError("flagscale plan needs exactly one of CONFIG (a run config YAML) or "
+                          "--model PRESET (e.g. --model llama3_8b).")
+    if config is not None:
+        cfg: Config = load_config(config, overrides)
+    else:
+        cfg = load_config(None, [f"model.preset={model}", "model.params_dtype=bf16",
+                                 "train.micro_batch_size=1", *overrides])
+        cfg.train.seq_length = default_seq_length(cfg.model)
+    if seq_len is not None:
+        cfg.train.seq_length = seq_len
+    if micro_batch is not None:
+        cfg.train.micro_batch_size = micro_batch
+    return plan_layouts(cfg, gpus, device=device, recompute=recompute, attention=attention,
+                        batch_from_config=config is not None)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry of ``flagscale plan``: print the table or, with ``--json``, the plan as JSON."""
+    plan = plan_command(args.config, args.model, args.gpus, args.device, tuple(args.overrides),
+                        args.seq_len, args.micro_batch, args.recompute, args.attention)
+    if args.json:
+        print(json.dumps(plan.as_dict(), indent=2))
+    else:
+        print(format_plan(plan, limit=None if args.all else 12))
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add the ``plan`` sub-command."""
+    parser = subparsers.add_parser(
+        "plan", help="parallel layouts that fit on N GPUs, with memory per GPU",
+        description="Enumerate tensor/pipeline/data-parallel layouts of a model on N GPUs and "
+                    "estimate weights, gradients, optimizer state and activations per GPU.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n" + "\n".join(line for line in __doc__.splitlines()
+                                         if line.startswith("    flagscale")))
+    parser.add_argument("config", nargs="?", help="run config YAML")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.recompute=full")
+    parser.add_argument("--model", help="model preset instead of a config (e.g. aquila2_34b)")
+    parser.add_argument("--gpus", type=int, required=True, help="GPUs of the run (world size)")
+    parser.add_argument("--device", choices=tuple(DEVICE_MEMORY_GIB), default="h100-sxm",
+                        help="GPU model, for its memory (default: h100-sxm)")
+    parser.add_argument("--seq-len", type=int, help="sequence length (default: the config's, or "
+                        "the preset's pretraining context)")
+    parser.add_argument("--micro-batch", type=int, help="sequences per microbatch (default: the "
+                        "config's, or 1)")
+    parser.add_argument("--recompute", choices=("none", "selective", "full"),
+                        help="activation recomputation (default: the config's, or none)")
+    parser.add_argument("--attention", choices=("flash", "unfused"), default="flash",
+                        help="attention kernel: flash (Transformer Engine fused attention, the "
+                        "GPU default) or unfused (megatron-core local spec, stores the scores)")
+    parser.add_argument("--json", action="store_true", help="print JSON for tools")
+    parser.add_argument("--all", action="store_true", help="show every layout, not the first 12")
+    parser.set_defaults(func=run)

@@ -1,0 +1,199 @@
+"""Per-GPU memory of one training layout: weights, gradients, optimizer state and activations.
+
+    est = estimate_memory(cfg, tp=4, pp=4, dp=32, sequence_parallel=True)
+    est.total_gib, est.as_dict()     # {'params': ..., 'grads': ..., 'optimizer': ..., ...}
+
+The estimate is for the worst pipeline stage of a megatron-core run as flagscale configures it
+(``flagscale.train.loop`` / ``flagscale.models.gpt``):
+
+Model state, per parameter held by the rank (its ``1/tp`` share of the matrices of its ``L/pp``
+layers; RMSNorm weights are replicated over TP; the input embedding lives on the first stage, the
+final norm and the untied output layer on the last, both with the vocabulary padded to a multiple
+of ``128 * tp``):
+
+- weights: 2 bytes (bf16) or 4 (fp32);
+- gradients: 4 bytes: megatron-core's DDP accumulates into an fp32 ``main_grad`` buffer, because
+  flagscale sets ``grad_reduce_in_fp32`` for bf16 runs (fp32 runs are fp32 anyway);
+- optimizer: Adam's ``m`` and ``v`` in fp32 (4 + 4 bytes) plus, for bf16, the fp32 master copy
+  (4 bytes): 12 bytes, or 8 for fp32. The distributed optimizer (ZeRO-1) shards all of it over the
+  data-parallel group, so it is divided by ``dp``; the gradient buffer is not sharded.
+
+Activations follow Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+Models" (arXiv:2205.05198), section 4: a GPT layer stores ``s*b*h*(34 + 5*a*s/h)`` bytes (16-bit
+activations, 1-byte dropout masks); with tensor and sequence parallelism all of it is divided by
+``t``; with TP but no SP the ``10*s*b*h`` of layer-norm inputs and dropout masks stay whole.
+flagscale's Llama layers differ from that GPT layer, so the terms are re-derived with the same
+method (``e`` = bytes per activation element, ``g`` = query groups, ``f`` = SwiGLU width):
+
+- dropout is off (``hidden_dropout = attention_dropout = 0``, as in Llama pretraining; torch's
+  dropout at p=0 returns its input and keeps no mask): the mask bytes are gone;
+- replicated across TP unless SP is on: the inputs of the two RMSNorms and of the QKV and fc1
+  projections: ``4*s*b*h`` elements;
+- split by TP: Q (``s*b*h``), K and V with grouped-query attention (``2*s*b*h*g/a``), the
+  attention output feeding the output projection (``s*b*h``), the SwiGLU input (gate and up,
+  ``2*s*b*f``) and its output feeding fc2 (``s*b*f``);
+- the attention core: with fused (flash) attention, Transformer Engine's GPU path, only the
+  softmax log-sum-exp in fp32 (``4*a*s*b`` bytes); megatron-core's unfused attention (local spec,
+  no TE) keeps the ``a*s*s*b`` score matrix softmax output in fp32 for the softmax backward and in
+  16 bits for the value product (``attention_softmax_in_fp32``): 6 bytes per score element. This
+  is Korthikanti's ``5*a*s/h`` term without the dropout mask and with the fp32 softmax.
+
+Without SP or recomputation a layer keeps ``s*b*h*(12 + 4*g/a + 6*f/h)`` bytes at 16 bits plus
+the attention core; for Llama-3-8B (``g/a = 1/4``, ``f = 3.5h``) that is ``34*s*b*h``, the paper's
+figure for its GPT layer (SwiGLU's wider MLP takes the place of the dropout masks).
+
+Recomputation (megatron-core, as :func:`flagscale.models.gpt.transformer_config` sets it):
+``selective`` recomputes the attention core, removing its term; ``full`` (uniform, one layer per
+checkpoint) keeps only each layer's input (``s*b*h`` elements, divided by ``t`` with SP) and, while
+one layer is recomputed in the backward pass, that layer's full activations once.
+
+Pipelining (1F1B, section 4.2.3): stage ``i`` of ``p`` holds ``p - i`` microbatches in flight, at
+most the number of microbatches per step, so the first stage holds ``min(p, m)`` microbatches of
+its ``L/p`` layers and the last stage one; the interleaved schedule multiplies the first stage's
+by ``1 + (p - 1) / (p * vpp)``. The last stage also keeps the logits' softmax in fp32 for the
+vocabulary-parallel cross entropy backward (``4*s*b*V/t`` bytes) and the inputs of the final norm
+and output layer. The estimate is the larger of the first and last stage.
+
+Not counted: temporary buffers of a single operation (e.g. the fp32 copy of the logits while the
+loss is computed), communication buffers and the CUDA context; the device budget
+(:func:`usable_gib`) sets memory aside for those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from flagscale.config.loader import padded_vocab_size
+from flagscale.config.schema import Config
+from flagscale.errors import ConfigError
+from flagscale.metrics.flops import count_params
+
+GIB = 2 ** 30
+
+DEVICE_MEMORY_GIB: dict[str, float] = {
+    # NVIDIA datasheets; HBM is sized in binary units (an "80GB" H100 shows ~79.6 GiB to CUDA).
+    "h100-sxm": 80.0,
+    "h100-pcie": 80.0,
+    "h100-nvl": 94.0,
+    "h200": 141.0,
+    "h800": 80.0,
+    "a100-80g": 80.0,
+    "a100-40g": 40.0,
+    "a800": 80.0,
+}
+"""Device memory in GiB per device key (``--device``)."""
+
+RESERVED_GIB = 3.0
+"""Set aside before anything else: CUDA context (~0.5-1 GiB), cuBLAS/Transformer Engine workspaces
+and NCCL communicator buffers (one set per process group)."""
+
+FRAGMENTATION = 0.10
+"""Share of the rest lost to the caching allocator's fragmentation and to transient buffers the
+estimate does not count (10% is typical of megatron-core runs without expandable segments)."""
+
+
+def usable_gib(device: str) -> float:
+    """Memory a layout may plan for on ``device``: ``(capacity - 3 GiB) * 0.9``."""
+    if device not in DEVICE_MEMORY_GIB:
+        raise ConfigError(f"Unknown device '{device}' for the memory planner. Known: "
+                          f"{', '.join(DEVICE_MEMORY_GIB)} (pass one with --device).")
+    return (DEVICE_MEMORY_GIB[device] - RESERVED_GIB) * (1.0 - FRAGMENTATION)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU on the layout's worst pipeline stage."""
+
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    stage: str
+    """Which stage is the worst: ``first``, ``last`` or ``only`` (pp=1)."""
+
+    @property
+    def total(self) -> float:
+        """All four terms, bytes."""
+        return self.params + self.grads + self.optimizer + self.activations
+
+    @property
+    def total_gib(self) -> float:
+        """:attr:`total` in GiB."""
+        return self.total / GIB
+
+    def as_dict(self) -> dict:
+        """GiB per term plus ``total`` (what ``plan --json`` reports as ``memory_gib_per_gpu``)."""
+        return {name: round(getattr(self, name) / GIB, 3)
+                for name in ("params", "grads", "optimizer", "activations", "total")}
+
+
+def _layer_activation_bytes(cfg: Config, tp: int, sequence_parallel: bool, recompute: str,
+                            attention: str) -> tuple[float, float]:
+    """(bytes one microbatch keeps per layer, bytes of one fully stored layer) on one TP rank."""
+    m, t = cfg.model, cfg.train
+    s, b, h, f = t.seq_length, t.micro_batch_size, m.hidden_size, m.ffn_hidden_size
+    a = m.num_attention_heads
+    g = m.num_query_groups or a
+    e = 2 if m.params_dtype == "bf16" else 4
+    sbh = s * b * h
+    replicated = 4 * sbh * e
+    split = (sbh + 2 * sbh * g / a + sbh + 3 * s * b * f) * e
+    core = 4 * a * s * b if attention == "flash" else 6 * a * s * s * b
+    full_layer = replicated / (tp if sequence_parallel else 1) + (split + core) / tp
+    if recompute == "full":
+        return sbh * e / (tp if sequence_parallel else 1), full_layer
+    if recompute == "selective":
+        return full_layer - core / tp, full_layer
+    return full_layer, full_layer
+
+
+def estimate_memory(cfg: Config, tp: int, pp: int, dp: int, sequence_parallel: bool,
+                    vpp: Optional[int] = None, recompute: Optional[str] = None,
+                    attention: str = "flash", num_microbatches: Optional[int] = None
+                    ) -> MemoryEstimate:
+    """Per-GPU memory of ``cfg``'s model trained at ``tp x pp x dp`` (see the module docstring).
+
+    ``recompute`` defaults to ``cfg.train.recompute``; ``num_microbatches`` (per step) caps the
+    microbatches in flight, None meaning at least ``pp``. Sequence length, micro batch, precision
+    and the distributed optimizer come from ``cfg``.
+    """
+    if attention not in ("flash", "unfused"):
+        raise ConfigError(f"attention '{attention}' is not one of flash, unfused.")
+    recompute = recompute or cfg.train.recompute
+    if recompute not in ("none", "selective", "full"):
+        raise ConfigError(f"recompute '{recompute}' is not one of none, selective, full.")
+    m = cfg.model
+    vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp)
+    counts = count_params(m, vocab_size=vocab)
+    layers = m.num_layers // pp
+    norm_weights = 2 * m.hidden_size
+    layer_params = layers * ((counts.per_layer - norm_weights) / tp + norm_weights)
+    vocab_params = counts.embedding / tp
+    stage_params = {"first": layer_params + vocab_params,
+                    "last": layer_params + vocab_params + m.hidden_size}
+
+    per_layer, full_layer = _layer_activation_bytes(cfg, tp, sequence_parallel, recompute,
+                                                    attention)
+    in_flight = pp if num_microbatches is None else min(pp, num_microbatches)
+    if vpp and vpp > 1:
+        in_flight *= 1 + (pp - 1) / (pp * vpp)
+    working_set = full_layer if recompute == "full" else 0.0
+    s, b, e = cfg.train.seq_length, cfg.train.micro_batch_size, 2 if m.params_dtype == "bf16" else 4
+    # Final-norm and output-layer inputs (sequence-sharded under SP) and the fp32 softmax the
+    # vocabulary-parallel cross entropy saves for its backward.
+    logits = 2 * s * b * m.hidden_size * e / (tp if sequence_parallel else 1) + 4 * s * b * vocab / tp
+    stage_activations = {"first": in_flight * layers * per_layer + working_set,
+                         "last": layers * per_layer + working_set + logits}
+    if pp == 1:
+        stage_params = {"only": stage_params["last"]}
+        stage_activations = {"only": in_flight * layers * per_layer + working_set + logits}
+
+    weight_bytes = 2 if m.params_dtype == "bf16" else 4
+    optimizer_bytes = 12 if m.params_dtype == "bf16" else 8
+    shards = dp if cfg.parallel.distributed_optimizer else 1
+    estimates = [MemoryEstimate(params=n * weight_bytes, grads=n * 4,
+                                optimizer=n * optimizer_bytes / shards,
+                                activations=stage_activations[stage], stage=stage)
+                 for stage, n in stage_params.items()]
+    return max(estimates, key=lambda est: est.total)

@@ -1,0 +1,172 @@
+"""Enumerate the parallel layouts of a model on N GPUs and estimate each one's memory per GPU.
+
+    plan = plan_layouts(load_config("examples/aquila2_34b/h100_64nodes.yaml"), gpus=512)
+    plan.best.tp, plan.best.pp                   # the preferred layout that fits
+    print(format_plan(plan)); plan.as_dict()    # table for humans, JSON for tools
+
+A layout is valid when :func:`flagscale.config.validate` accepts it for the world size: ``tp`` a
+divisor of 8 (one node's NVLink domain) dividing the heads and query groups, ``pp`` dividing the
+layers, ``dp = gpus / (tp * pp)`` and, for a run config, the global batch split evenly over ``dp``.
+Sequence parallelism is on wherever ``tp > 1``: it divides the activations the TP group would
+otherwise replicate at no extra communication volume. Layouts are ordered by preference: those
+that fit first, then fewer model-parallel GPUs (``tp * pp``: less communication, larger ``dp``),
+then fewer pipeline stages (smaller bubble), then lower memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+from flagscale.config import Config, validate
+from flagscale.errors import ConfigError
+from flagscale.metrics.flops import count_params
+from flagscale.plan.memory import (DEVICE_MEMORY_GIB, FRAGMENTATION, GIB, RESERVED_GIB,
+                                   MemoryEstimate, estimate_memory, usable_gib)
+
+TP_SIZES = (1, 2, 4, 8)
+"""Tensor-parallel sizes considered: divisors of the 8 GPUs an NVLink node holds."""
+
+
+@dataclass(frozen=True)
+class LayoutPlan:
+    """One layout and its memory estimate."""
+
+    tp: int
+    pp: int
+    dp: int
+    sequence_parallel: bool
+    memory: MemoryEstimate
+    fits: bool
+    configured: bool = False
+    """The layout the run config asks for (``parallel.*``)."""
+
+    def as_dict(self) -> dict:
+        """The contract's keys (``tp``, ``pp``, ``dp``, ``memory_gib_per_gpu``, ``fits``) plus
+        ``sequence_parallel``, ``worst_stage`` and ``configured``."""
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp,
+                "sequence_parallel": self.sequence_parallel,
+                "memory_gib_per_gpu": self.memory.as_dict(), "worst_stage": self.memory.stage,
+                "fits": self.fits, "configured": self.configured}
+
+
+@dataclass
+class Plan:
+    """Every valid layout of a model on ``gpus`` devices, preferred first."""
+
+    model: str
+    params: int
+    gpus: int
+    device: str
+    usable_gib: float
+    seq_length: int
+    micro_batch_size: int
+    recompute: str
+    attention: str
+    params_dtype: str
+    layouts: list[LayoutPlan] = field(default_factory=list)
+
+    @property
+    def best(self) -> Optional[LayoutPlan]:
+        """The preferred layout that fits, or None when none does."""
+        return next((lay for lay in self.layouts if lay.fits), None)
+
+    def as_dict(self) -> dict:
+        """Plain data for ``plan --json``."""
+        return {"model": self.model, "params": self.params, "gpus": self.gpus,
+                "device": self.device, "device_memory_gib": DEVICE_MEMORY_GIB[self.device],
+                "usable_gib": round(self.usable_gib, 3), "seq_length": self.seq_length,
+                "micro_batch_size": self.micro_batch_size, "recompute": self.recompute,
+                "attention": self.attention, "params_dtype": self.params_dtype,
+                "layouts": [lay.as_dict() for lay in self.layouts]}
+
+
+def _candidate(cfg: Config, tp: int, pp: int, dp: int, sequence_parallel: bool,
+               batch_from_config: bool) -> Config:
+    candidate = copy.deepcopy(cfg)
+    candidate.parallel = dataclasses.replace(cfg.parallel, tp=tp, pp=pp, dp=None,
+                                             sequence_parallel=sequence_parallel,
+                                             vpp=cfg.parallel.vpp if batch_from_config else None)
+    if not batch_from_config:
+        # A bare model has no batch: assume enough microbatches to fill the pipeline.
+        candidate.train.global_batch_size = candidate.train.micro_batch_size * dp * pp
+    return candidate
+
+
+def plan_layouts(cfg: Config, gpus: int, device: str = "h100-sxm",
+                 recompute: Optional[str] = None, attention: str = "flash",
+                 batch_from_config: bool = True) -> Plan:
+    """Estimate every valid layout of ``cfg``'s model on ``gpus`` GPUs of ``device``.
+
+    The sequence length, micro batch, precision, recomputation (unless ``recompute`` is given),
+    distributed optimizer and, with ``batch_from_config``, the global batch (microbatches in
+    flight, batch divisibility) and ``parallel.vpp`` come from ``cfg``. The configured layout is
+    marked (``configured``) when it is among the valid ones. Raises :class:`ConfigError` when no
+    layout is valid.
+    """
+    if gpus < 1:
+        raise ConfigError(f"--gpus must be at least 1, got {gpus}.")
+    budget = usable_gib(device)
+    recompute = recompute or cfg.train.recompute
+    m = cfg.model
+    layouts, rejected = [], {}
+    for tp in TP_SIZES:
+        for pp in range(1, m.num_layers + 1):
+            if m.num_layers % pp or gpus % (tp * pp):
+                continue
+            dp = gpus // (tp * pp)
+            candidate = _candidate(cfg, tp, pp, dp, tp > 1, batch_from_config)
+            try:
+                layout = validate(candidate, gpus, check_paths=False)
+            except ConfigError as exc:
+                rejected[f"tp={tp} pp={pp} dp={dp}"] = str(exc)
+                continue
+            memory = estimate_memory(candidate, tp, pp, dp, tp > 1, vpp=layout.vpp,
+                                     recompute=recompute, attention=attention,
+                                     num_microbatches=layout.num_microbatches)
+            configured = batch_from_config and (tp, pp) == (cfg.parallel.tp, cfg.parallel.pp)
+            layouts.append(LayoutPlan(tp, pp, dp, tp > 1, memory, memory.total_gib <= budget,
+                                      configured))
+    if not layouts:
+        reasons = "; ".join(f"{k}: {v}" for k, v in list(rejected.items())[:3])
+        raise ConfigError(f"No parallel layout of {m.preset or 'the model'} fits the arithmetic "
+                          f"of {gpus} GPUs (tp in {TP_SIZES} dividing heads and query groups, pp "
+                          f"dividing {m.num_layers} layers, the global batch divisible by "
+                          f"micro_batch_size*dp). First rejections: {reasons or 'none'}. Choose "
+                          f"a GPU count that is a multiple of the tensor/pipeline sizes.")
+    layouts.sort(key=lambda lay: (not lay.fits, lay.tp * lay.pp, lay.pp, lay.memory.total))
+    return Plan(model=m.preset or "custom", params=count_params(m).total, gpus=gpus,
+                device=device, usable_gib=budget, seq_length=cfg.train.seq_length,
+                micro_batch_size=cfg.train.micro_batch_size, recompute=recompute,
+                attention=attention, params_dtype=m.params_dtype, layouts=layouts)
+
+
+def format_plan(plan: Plan, limit: Optional[int] = None) -> str:
+    """The human-readable table of a :class:`Plan` (preferred layouts first)."""
+    lines = [f"model {plan.model}: {plan.params / 1e9:.2f}B parameters, {plan.params_dtype}, "
+             f"seq {plan.seq_length}, micro batch {plan.micro_batch_size}, recompute "
+             f"{plan.recompute}, {plan.attention} attention",
+             f"{plan.gpus} x {plan.device} ({DEVICE_MEMORY_GIB[plan.device]:g} GiB): planning for "
+             f"{plan.usable_gib:.1f} GiB per GPU (capacity - {RESERVED_GIB:g} GiB context/NCCL, "
+             f"- {100 * FRAGMENTATION:.0f}% fragmentation)",
+             f"{'tp':>3} {'pp':>4} {'dp':>5} {'sp':>3} {'weights':>8} {'grads':>8} "
+             f"{'optim':>8} {'activ':>8} {'total':>8}  GiB/GPU  {'stage':<6}fits"]
+    shown = plan.layouts if limit is None else plan.layouts[:limit]
+    for lay in shown:
+        mem = lay.memory
+        gib = [v / GIB for v in (mem.params, mem.grads, mem.optimizer, mem.activations, mem.total)]
+        mark = "  <- config" if lay.configured else ""
+        lines.append(f"{lay.tp:>3} {lay.pp:>4} {lay.dp:>5} {'on' if lay.sequence_parallel else '-':>3} "
+                     + " ".join(f"{v:>8.1f}" for v in gib)
+                     + f"           {mem.stage:<6}{'yes' if lay.fits else 'no'}{mark}")
+    if len(shown) < len(plan.layouts):
+        lines.append(f"... {len(plan.layouts) - len(shown)} more (--all to show every layout)")
+    best = plan.best
+    lines.append(f"preferred: tp={best.tp} pp={best.pp} dp={best.dp}"
+                 f"{' sequence_parallel' if best.sequence_parallel else ''} "
+                 f"({best.memory.total_gib:.1f} GiB/GPU)" if best else
+                 "no layout fits: raise the GPU count, use --recompute selective or full, or a "
+                 "smaller --micro-batch / --seq-len")
+    return "\n".join(lines)
