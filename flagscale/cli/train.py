@@ -14,6 +14,7 @@ import argparse
 import os
 
 from flagscale.config import dump_config, key_docs, load_config, validate, world_size_of
+from flagscale.data.datasets import check_training_data
 
 
 def run_train(config: str, overrides: list[str], nproc: int | None = None,
@@ -27,6 +28,7 @@ def run_train(config: str, overrides: list[str], nproc: int | None = None,
         return 0
     world = nproc or world_size_of(cfg)
     layout = validate(cfg, world)
+    check_training_data(cfg)
     if dry_run:
         print(dump_config(cfg), end="")
         print(f"# layout: {layout.describe()}; padded vocab {layout.padded_vocab_size}")

@@ -10,11 +10,11 @@ so a resume at iteration ``it`` continues exactly, and a trace can name the samp
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator, Optional
+from typing import Iterator
 
-import numpy as np
 import torch
 
 from flagscale.config import Config, Layout, data_prefixes
@@ -26,6 +26,27 @@ def global_sample_index(iteration: int, microbatch: int, dp_rank: int, row: int,
     """The global sample index read by one row of one microbatch (0-based iteration)."""
     return (iteration * global_batch_size + microbatch * micro_batch_size * dp
             + dp_rank * micro_batch_size + row)
+
+
+def check_training_data(cfg: Config) -> None:
+    """Refuse, before any process starts, data the run cannot use: a missing prefix, a dataset
+    built with another tokenizer, or a tokenizer larger than the model's vocabulary."""
+    from flagscale.data.provenance import check_dataset
+    from flagscale.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    if tokenizer is not None and tokenizer.vocab_size > cfg.model.vocab_size:
+        raise DataError(f"data.tokenizer {cfg.data.tokenizer} has {tokenizer.vocab_size} tokens but "
+                        f"model.vocab_size is {cfg.model.vocab_size}: token ids would fall outside "
+                        f"the embedding. Use the model's tokenizer or set model.vocab_size.")
+    for _, prefix in data_prefixes(cfg):
+        if Path(prefix + ".prov.json").is_file():
+            check_dataset(prefix, tokenizer)
+        elif not Path(prefix + ".idx").is_file():
+            check_dataset(prefix)  # raises the missing-files error
+        else:
+            warnings.warn(f"{prefix} has no provenance sidecar (it was not written by `flagscale "
+                          f"preprocess`): traces will name sample and document ids only.")
 
 
 def _megatron_tokenizer(vocab_size: int, eod: int):
@@ -93,8 +114,3 @@ def microbatches(dataset, cfg: Config, layout: Layout, dp_rank: int, iteration: 
         yield {key: torch.stack([r[key] for r in rows]).to(device)
                for key in ("tokens", "labels", "loss_mask", "position_ids")}
 
-
-def sample_documents(dataset, index: int) -> Optional[np.ndarray]:
-    """Document ids (within their dataset) that a sample of a GPTDataset spans, in order."""
-    _, docs = dataset._query_document_sample_shuffle_indices(index)
-    return np.asarray(docs)

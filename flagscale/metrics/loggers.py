@@ -53,8 +53,9 @@ class ConsoleLogger(Hook):
 class JsonlLogger(Hook):
     """Appends one JSON object per log interval to ``run.dir/metrics.jsonl``.
 
-    Lines are flushed as they are written, so a crashed run keeps every interval it logged; a
-    resumed run appends to the same file (readers keep the last record of a repeated iteration).
+    Lines are flushed as they are written, so a crashed run keeps every interval it logged. At
+    start, records past the iteration the run starts from are dropped (they belong to work after
+    the checkpoint that is about to be redone), so the file always holds one history.
     """
 
     def __init__(self, path: Path):
@@ -62,9 +63,16 @@ class JsonlLogger(Hook):
         self._file = None
 
     def on_train_start(self, state) -> None:
-        if state.is_writer:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", buffering=1)
+        if not state.is_writer:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("iteration", 0) <= state.start_iteration]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        self._file = open(self.path, "a", buffering=1)
 
     def on_log(self, state, record: dict) -> None:
         if self._file is not None:

@@ -23,7 +23,7 @@ import torch
 
 from flagscale.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from flagscale.config import Config, Layout, config_to_dict, dump_config, validate
-from flagscale.data.datasets import build_datasets, microbatches
+from flagscale.data.datasets import build_datasets, check_training_data, microbatches
 from flagscale.metrics import build_metric_hooks
 from flagscale.models import build_model, transformer_config
 from flagscale.platform import Platform, setup_platform
@@ -51,6 +51,7 @@ def train(cfg: Config, hooks: Optional[list[Hook]] = None) -> TrainState:
     platform = setup_platform(cfg.platform)
     rank, world_size = _init_process_group(platform)
     layout = validate(cfg, world_size)
+    check_training_data(cfg)
     _init_model_parallel(cfg, layout)
     from megatron.core import parallel_state
 

@@ -98,3 +98,11 @@ def test_dry_run_prints_resolved_config_and_layout(tmp_path, capsys, tiny_corpus
     out = capsys.readouterr().out
     assert "world=2 tp=2 pp=1 dp=1 microbatches/step=4" in out
     assert yaml.safe_load(out)["train"]["global_batch_size"] == 4
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_is_refused_before_launch(
+        tmp_path, capsys, tiny_corpus, tiny_tokenizer):
+    cfg = _write(tmp_path, {"model": {"preset": "tiny", "vocab_size": 1000},
+                            "data": {"paths": [tiny_corpus], "tokenizer": tiny_tokenizer}})
+    assert main(["train", cfg, "--nproc", "1"]) == 1
+    assert "has 4096 tokens but model.vocab_size is 1000" in capsys.readouterr().err

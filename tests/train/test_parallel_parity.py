@@ -94,5 +94,6 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_corpus, tiny_tokeniz
         if record["iteration"] > 5:
             assert record["grad_norm"] == pytest.approx(grad_norms[record["iteration"]], rel=1e-6)
     assert (checkpoints / "latest").read_text().strip() == "iter_0000010"
+    assert [r["iteration"] for r in _metrics(tmp_path / "resumed")] == list(range(1, 11))
     assert yaml.safe_load((tmp_path / "resumed" / "config.yaml").read_text())["train"][
         "iterations"] == 10
