@@ -121,6 +121,10 @@ class DataConfig:
     """Tokenizer: a sentencepiece ``.model`` file, a HF ``tokenizer.json`` or a directory holding one."""
     split: str = "98,2,0"
     """Train/valid/test proportions of each dataset's documents."""
+    skip_iterations: list = field(default_factory=list)
+    """1-based iterations whose global batch is never trained on: that iteration and every later
+    one read the next unused batch. For resuming past batches that made the loss spike (see
+    ``flagscale trace``)."""
 
 
 @dataclass

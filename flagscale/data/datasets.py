@@ -5,7 +5,9 @@ The order is fixed and layout-aware: global sample ``g`` of iteration ``it`` is
 
     g = it * GBS + m * MBS * DP + r * MBS + j      (microbatch m, data-parallel rank r, row j)
 
-so a resume at iteration ``it`` continues exactly, and a trace can name the sample of any row.
+where ``it`` is the *batch* index: iteration ``i`` (1-based) normally reads batch ``i - 1``, and
+batches named by ``data.skip_iterations`` are stepped over (:func:`batch_index`). So a resume at any
+iteration continues exactly, and a trace can name the sample of any row.
 """
 
 from __future__ import annotations
@@ -19,6 +21,20 @@ import torch
 
 from flagscale.config import Config, Layout, data_prefixes
 from flagscale.errors import DataError
+
+
+def batch_index(cfg: Config, iteration: int) -> int:
+    """The global batch read by 0-based ``iteration``, stepping over ``data.skip_iterations``.
+
+    Skipping iteration ``k`` (1-based) retires the batch it read before the skip was configured,
+    batch ``k - 1``: iterations before it are unchanged, later ones shift by one batch per skip.
+    """
+    skipped = sorted({int(k) - 1 for k in cfg.data.skip_iterations})
+    batch = iteration
+    for k in skipped:
+        if k <= batch:
+            batch += 1
+    return batch
 
 
 def global_sample_index(iteration: int, microbatch: int, dp_rank: int, row: int,
@@ -70,7 +86,8 @@ def build_datasets(cfg: Config, layout: Layout, eod: int, cache_dir: Path,
         raise DataError("data.paths is empty: nothing to train on.")
     weights = [w for w, _ in prefixes]
     paths = [p for _, p in prefixes]
-    train_samples = cfg.train.iterations * cfg.train.global_batch_size
+    train_samples = batch_index(cfg, cfg.train.iterations - 1) * cfg.train.global_batch_size + \
+        cfg.train.global_batch_size
     cache_dir.mkdir(parents=True, exist_ok=True)
     gpt_config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
@@ -103,12 +120,12 @@ def build_datasets(cfg: Config, layout: Layout, eod: int, cache_dir: Path,
     return train, valid
 
 
-def microbatches(dataset, cfg: Config, layout: Layout, dp_rank: int, iteration: int,
+def microbatches(dataset, cfg: Config, layout: Layout, dp_rank: int, batch: int,
                  device: torch.device) -> Iterator[dict]:
-    """Yield this data-parallel rank's microbatches of one iteration (0-based), on ``device``."""
+    """Yield this data-parallel rank's microbatches of global batch ``batch``, on ``device``."""
     t = cfg.train
     for m in range(layout.num_microbatches):
-        rows = [dataset[global_sample_index(iteration, m, dp_rank, j, t.micro_batch_size,
+        rows = [dataset[global_sample_index(batch, m, dp_rank, j, t.micro_batch_size,
                                             layout.dp, t.global_batch_size)]
                 for j in range(t.micro_batch_size)]
         yield {key: torch.stack([r[key] for r in rows]).to(device)

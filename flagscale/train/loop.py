@@ -23,7 +23,8 @@ import torch
 
 from flagscale.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from flagscale.config import Config, Layout, config_to_dict, dump_config, validate
-from flagscale.data.datasets import build_datasets, check_training_data, microbatches
+from flagscale.data.datasets import (batch_index, build_datasets, check_training_data,
+                                     microbatches)
 from flagscale.metrics import build_metric_hooks
 from flagscale.models import build_model, transformer_config
 from flagscale.platform import Platform, setup_platform
@@ -104,8 +105,8 @@ def train(cfg: Config, hooks: Optional[list[Hook]] = None) -> TrainState:
         lr = optimizer.param_groups[0]["lr"]
         reduced = forward_backward(
             forward_step_func=_forward_step,
-            data_iterator=_data_iterators(model, train_ds, cfg, layout, dp_rank, it,
-                                          platform.device),
+            data_iterator=_data_iterators(model, train_ds, cfg, layout, dp_rank,
+                                          batch_index(cfg, it), platform.device),
             model=model, num_microbatches=layout.num_microbatches,
             seq_length=cfg.train.seq_length, micro_batch_size=cfg.train.micro_batch_size,
             forward_only=False)
@@ -252,9 +253,9 @@ def _forward_backward_func():
 
 # ---- one step -----------------------------------------------------------------------------------
 
-def _data_iterators(model, dataset, cfg, layout, dp_rank, iteration, device):
+def _data_iterators(model, dataset, cfg, layout, dp_rank, batch, device):
     """One iterator per model chunk; chunks that neither embed nor compute the loss get None."""
-    iters = [microbatches(dataset, cfg, layout, dp_rank, iteration, device)
+    iters = [microbatches(dataset, cfg, layout, dp_rank, batch, device)
              if (c.module.pre_process or c.module.post_process) else None for c in model]
     return iters if len(iters) > 1 else iters[0]
 
