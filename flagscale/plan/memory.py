@@ -170,8 +170,9 @@ def estimate_memory(cfg: Config, tp: int, pp: int, dp: int, sequence_parallel: b
     norm_weights = 2 * m.hidden_size
     layer_params = layers * ((counts.per_layer - norm_weights) / tp + norm_weights)
     vocab_params = counts.embedding / tp
+    # The input embedding on the first stage; the final norm and output layer on the last.
     stage_params = {"first": layer_params + vocab_params,
-                    "last": layer_params + vocab_params + m.hidden_size}
+                    "last": layer_params + m.hidden_size + vocab_params}
 
     per_layer, full_layer = _layer_activation_bytes(cfg, tp, sequence_parallel, recompute,
                                                     attention)
@@ -186,7 +187,7 @@ def estimate_memory(cfg: Config, tp: int, pp: int, dp: int, sequence_parallel: b
     stage_activations = {"first": in_flight * layers * per_layer + working_set,
                          "last": layers * per_layer + working_set + logits}
     if pp == 1:
-        stage_params = {"only": stage_params["last"]}
+        stage_params = {"only": stage_params["last"] + vocab_params}
         stage_activations = {"only": in_flight * layers * per_layer + working_set + logits}
 
     weight_bytes = 2 if m.params_dtype == "bf16" else 4

@@ -1,0 +1,39 @@
+"""Every shipped large-model example loads, validates for the world size it is named for, and
+fits according to the planner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flagscale.config import load_config, validate
+from flagscale.plan import plan_layouts
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+CASES = [("aquila2_34b/h100_64nodes.yaml", 64 * 8, (4, 4, 32)),
+         ("llama3_8b/h100_1node.yaml", 8, (2, 1, 4)),
+         ("llama3_1_405b/h100_144nodes.yaml", 144 * 8, (8, 6, 24))]
+
+
+@pytest.mark.parametrize("name,world,layout", CASES)
+def test_example_validates_and_fits(name, world, layout):
+    cfg = load_config(EXAMPLES / name)
+    got = validate(cfg, world, check_paths=False)
+    assert (got.tp, got.pp, got.dp) == layout
+    assert cfg.model.params_dtype == "bf16" and cfg.parallel.distributed_optimizer
+    configured = [lay for lay in plan_layouts(cfg, world, device=cfg.metrics.device).layouts
+                  if lay.configured]
+    assert len(configured) == 1 and configured[0].fits
+
+
+def test_aquila2_34b_recipe_conversion():
+    """Sample counts of the FlagScale v0.1 recipe converted to iterations of 1024 sequences."""
+    cfg = load_config(EXAMPLES / "aquila2_34b/h100_64nodes.yaml")
+    t = cfg.train
+    assert (t.global_batch_size, t.micro_batch_size, t.seq_length) == (1024, 1, 4096)
+    assert t.iterations == 488_281_250 // 1024 and t.warmup_iterations == 500_000 // 1024
+    assert (t.lr, t.min_lr, t.lr_decay_style) == (1.5e-4, 1.5e-5, "cosine")
+    assert (t.adam_beta1, t.adam_beta2, t.weight_decay, t.clip_grad) == (0.9, 0.95, 0.1, 1.0)
+    assert cfg.parallel.sequence_parallel and cfg.model.init_method_std == 0.0165
