@@ -63,8 +63,13 @@ def _rng_object(layout):
 
 def save_checkpoint(checkpoints: Path, iteration: int, model_chunks, optimizer, scheduler,
                     consumed_samples: int, config: dict, layout,
-                    keep_last: Optional[int] = None) -> Path:
-    """Collective: every rank calls it. Returns the final directory once it is complete."""
+                    keep_last: Optional[int] = None,
+                    optimizer_sharding: str = "fully_reshardable") -> Path:
+    """Collective: every rank calls it. Returns the final directory once it is complete.
+
+    ``optimizer_sharding`` is megatron-core's distributed-optimizer sharding type; anything but
+    the default ``fully_reshardable`` (e.g. ``dp_reshardable``) only reloads at the same TP/PP.
+    """
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
@@ -77,15 +82,16 @@ def save_checkpoint(checkpoints: Path, iteration: int, model_chunks, optimizer, 
         partial.mkdir(parents=True)
     dist.barrier()
     sharded = model_sharded_state(model_chunks)
+    sharding = {"distrib_optim_sharding_type": optimizer_sharding}
     sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=False,
-                                                        metadata=OPTIMIZER_SHARDING)
+                                                        metadata=sharding)
     sharded["rng_state"] = _rng_object(layout)
     sharded["iteration"] = iteration
     sharded["consumed_samples"] = consumed_samples
     sharded["scheduler"] = scheduler.state_dict()
     sharded["flagscale"] = {"format": FORMAT_VERSION, "config": config,
                             "layout": _layout_tuple(layout), "has_optimizer": True}
-    dist_checkpointing.save(sharded, str(partial), content_metadata=OPTIMIZER_SHARDING)
+    dist_checkpointing.save(sharded, str(partial), content_metadata=sharding)
     dist.barrier()
     if rank == 0:
         (partial / "flagscale_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
