@@ -1,0 +1,133 @@
+"""The Slurm launcher: the generated script for real example configs, validation before writing,
+and the script itself running a tiny job through torchrun's c10d rendezvous on this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flagscale.cli.main import main
+from flagscale.config import config_to_dict, load_config
+from flagscale.errors import ConfigError, FlagScaleError
+from flagscale.launch.slurm import HEAD_ADDR_FUNCTION, SlurmOptions, launch_slurm
+
+ROOT = Path(__file__).resolve().parents[2]
+AQUILA = ROOT / "examples" / "aquila2_34b" / "h100_64nodes.yaml"
+
+
+def test_aquila2_34b_64_node_script(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job = launch_slurm(AQUILA, [], SlurmOptions(nodes=64, partition="gpu", time="2-00:00:00"),
+                       dry_run=True)
+    assert job.world_size == 512
+    assert job.script == tmp_path / "runs/aquila2_34b_h100_64nodes/slurm" / f"{job.job_name}.sbatch"
+    text = job.script.read_text()
+    # The node count is written once, as the directive; everything else reads SLURM_NNODES.
+    assert len(re.findall(r"\b64\b", text.replace("64nodes", ""))) == 1
+    assert [line for line in text.splitlines() if "--nodes=64" in line] == ["#SBATCH --nodes=64"]
+    assert 'torch.distributed.run' in text and '--nnodes="$SLURM_NNODES"' in text
+    assert text.count("--nproc-per-node=8") == 1 and "#SBATCH --gpus-per-node=8" in text
+    assert "#SBATCH --ntasks-per-node=1" in text and "#SBATCH --partition=gpu" in text
+    assert '--rdzv-backend=c10d' in text and '--rdzv-id="$SLURM_JOB_ID"' in text
+    assert 'scontrol show hostnames "$SLURM_JOB_NODELIST"' in text
+    assert "export CUDA_DEVICE_MAX_CONNECTIONS=1" in text
+    assert f"-m flagscale train {job.config}" in text
+    # Every NCCL setting sits in one block of consecutive lines.
+    lines = text.splitlines()
+    nccl = [i for i, line in enumerate(lines) if "NCCL_" in line]
+    assert nccl and all(lines[i].startswith(("export", "#")) for i in range(nccl[0], nccl[-1] + 1))
+    subprocess.run(["bash", "-n", str(job.script)], check=True)
+    # The job trains the resolved config that was validated.
+    assert config_to_dict(load_config(job.config)) == config_to_dict(load_config(AQUILA))
+
+
+def test_overrides_are_frozen_into_the_job_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job = launch_slurm(AQUILA, ["train.iterations=100", "run.dir=out/short"],
+                       SlurmOptions(nodes=64, job_name="short"), dry_run=True)
+    assert job.script == tmp_path / "out/short/slurm/short.sbatch"
+    assert load_config(job.config).train.iterations == 100
+
+
+def test_impossible_layout_fails_before_writing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"3 nodes x 8 GPUs = 24 processes.*tp\*pp=16"):
+        launch_slurm(AQUILA, [], SlurmOptions(nodes=3), dry_run=True)
+    with pytest.raises(ConfigError, match="--partition"):
+        launch_slurm(AQUILA, [], SlurmOptions(nodes=64, partition="gpu a100"), dry_run=True)
+    with pytest.raises(ConfigError, match="Unknown config key 'train.iteration'"):
+        launch_slurm(AQUILA, ["train.iteration=5"], SlurmOptions(nodes=64), dry_run=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_sbatch_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(FlagScaleError, match="sbatch is not on PATH"):
+        launch_slurm(AQUILA, [], SlurmOptions(nodes=64))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_dry_run_prints_script_and_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["launch", str(AQUILA), "--slurm", "--nodes", "64", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("#!/bin/bash") and "#SBATCH --nodes=64" in out
+    assert "not submitted (--dry-run); submit with: sbatch " in out
+    assert main(["launch", str(AQUILA), "--nodes", "64"]) == 1
+    assert "add --slurm" in capsys.readouterr().err
+
+
+def _head_addr(host: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", HEAD_ADDR_FUNCTION + '\nflagscale_head_addr "$1"', "-",
+                           host], capture_output=True, text=True)
+
+
+def test_head_address_is_never_loopback():
+    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+    result = _head_addr(host)
+    if result.returncode != 0:
+        assert "set FLAGSCALE_HEAD_ADDR" in result.stderr
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    addr = result.stdout.strip()
+    assert re.fullmatch(r"\d+\.\d+\.\d+\.\d+", addr) and not addr.startswith("127.")
+
+
+SHIMS = {
+    # One-node stand-ins for the two Slurm commands the script calls; everything else is real.
+    "scontrol": '#!/bin/bash\n[[ "$1 $2" == "show hostnames" ]] && echo "$3"\n',
+    "srun": '#!/bin/bash\nwhile [[ $1 == -* ]]; do shift; done\nSLURM_NODEID=0 exec "$@"\n',
+}
+
+
+def test_generated_script_runs_a_tiny_job_on_one_node(tmp_path, tiny_corpus, tiny_tokenizer):
+    """The script's rendezvous, torchrun and train invocation, run on this machine as a 1-node job
+    (srun and scontrol replaced by one-node stand-ins): 2 workers train 1 iteration."""
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    for name, text in SHIMS.items():
+        (shims / name).write_text(text)
+        (shims / name).chmod(0o755)
+    run_dir = tmp_path / "run"
+    job = launch_slurm(ROOT / "examples/tiny/config.yaml",
+                       ["train.iterations=1", "checkpoint.save_interval=0",
+                        f"data.paths=[{tiny_corpus}]", f"data.tokenizer={tiny_tokenizer}",
+                        f"run.dir={run_dir}"],
+                       SlurmOptions(nodes=1, gpus_per_node=2), dry_run=True, python=sys.executable)
+    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+    env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+           "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": host, "SLURM_CPUS_ON_NODE": "2"}
+    if _head_addr(host).returncode != 0:
+        env["FLAGSCALE_HEAD_ADDR"] = "127.0.0.1"
+    result = subprocess.run(["bash", str(job.script)], env=env, capture_output=True, text=True,
+                            timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert re.search(r"rendezvous [\d.]+:19242 ", result.stdout)  # 15000 + 4242
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1]
