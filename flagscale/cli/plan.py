@@ -2,7 +2,7 @@
 
     flagscale plan examples/aquila2_34b/h100_64nodes.yaml --gpus 512
     flagscale plan --model llama3_8b --gpus 8 --seq-len 8192
-    flagscale plan --model llama3_1_405b --gpus 1024 --recompute full --json
+    flagscale plan --model llama3_1_405b --gpus 1152 --recompute full --json
     flagscale plan --model aquila2_34b --gpus 512 --device a100-40g --seq-len 4096
 
 With a CONFIG the model, precision, ``train.seq_length``, ``train.micro_batch_size``,

@@ -111,7 +111,8 @@ def _check_options(opts: SlurmOptions) -> None:
             raise ConfigError(f"{flag} {value!r} must be a non-empty value without spaces.")
 
 
-def _sbatch_directives(opts: SlurmOptions, job_name: str, workdir: Path, log_dir: Path) -> list[str]:
+def _sbatch_directives(opts: SlurmOptions, job_name: str, workdir: Path,
+                       log_dir: Path) -> list[str]:
     lines = [f"--job-name={job_name}", f"--nodes={opts.nodes}", "--ntasks-per-node=1",
              f"--gpus-per-node={opts.gpus_per_node}",
              # Whole nodes: the one task per node starts every GPU worker and its data loading.
@@ -169,7 +170,7 @@ echo "flagscale: job $SLURM_JOB_ID on $SLURM_NNODES nodes, rendezvous $head_addr
 # the rendezvous store. --kill-on-bad-exit ends every node when one fails.
 srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_ON_NODE" \\
     --kill-on-bad-exit=1 \\
-    bash -c 'exec "$0" -m torch.distributed.run --rdzv-conf="is_host=$(( SLURM_NODEID == 0 ))" "$@"' \\
+    bash -c 'exec "$0" -m torch.distributed.run --rdzv-conf=is_host=$((SLURM_NODEID==0)) "$@"' \\
     "$PYTHON" --nnodes="$SLURM_NNODES" --nproc-per-node={opts.gpus_per_node} \\
     --rdzv-backend=c10d --rdzv-endpoint="$head_addr:$rdzv_port" --rdzv-id="$SLURM_JOB_ID" \\
     --max-restarts=0 \\

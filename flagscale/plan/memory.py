@@ -183,7 +183,8 @@ def estimate_memory(cfg: Config, tp: int, pp: int, dp: int, sequence_parallel: b
     s, b, e = cfg.train.seq_length, cfg.train.micro_batch_size, 2 if m.params_dtype == "bf16" else 4
     # Final-norm and output-layer inputs (sequence-sharded under SP) and the fp32 softmax the
     # vocabulary-parallel cross entropy saves for its backward.
-    logits = 2 * s * b * m.hidden_size * e / (tp if sequence_parallel else 1) + 4 * s * b * vocab / tp
+    sp_shards = tp if sequence_parallel else 1
+    logits = 2 * s * b * m.hidden_size * e / sp_shards + 4 * s * b * vocab / tp
     stage_activations = {"first": in_flight * layers * per_layer + working_set,
                          "last": layers * per_layer + working_set + logits}
     if pp == 1:

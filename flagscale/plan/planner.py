@@ -8,7 +8,8 @@ A layout is valid when :func:`flagscale.config.validate` accepts it for the worl
 divisor of 8 (one node's NVLink domain) dividing the heads and query groups, ``pp`` dividing the
 layers, ``dp = gpus / (tp * pp)`` and, for a run config, the global batch split evenly over ``dp``.
 Sequence parallelism is on wherever ``tp > 1``: it divides the activations the TP group would
-otherwise replicate at no extra communication volume. Layouts are ordered by preference: those
+otherwise replicate at no extra communication volume (the configured layout keeps the config's
+``parallel.sequence_parallel`` and ``parallel.vpp``). Layouts are ordered by preference: those
 that fit first, then fewer model-parallel GPUs (``tp * pp``: less communication, larger ``dp``),
 then fewer pipeline stages (smaller bubble), then lower memory.
 """
@@ -83,12 +84,15 @@ class Plan:
                 "layouts": [lay.as_dict() for lay in self.layouts]}
 
 
-def _candidate(cfg: Config, tp: int, pp: int, dp: int, sequence_parallel: bool,
+def _candidate(cfg: Config, tp: int, pp: int, dp: int, configured: bool,
                batch_from_config: bool) -> Config:
+    """``cfg`` at one layout: the configured layout keeps the config's own sequence-parallel and
+    virtual-pipeline settings, the others get SP wherever tp > 1 and no interleaving."""
     candidate = copy.deepcopy(cfg)
-    candidate.parallel = dataclasses.replace(cfg.parallel, tp=tp, pp=pp, dp=None,
-                                             sequence_parallel=sequence_parallel,
-                                             vpp=cfg.parallel.vpp if batch_from_config else None)
+    p = cfg.parallel
+    candidate.parallel = dataclasses.replace(
+        p, tp=tp, pp=pp, dp=None, sequence_parallel=p.sequence_parallel if configured else tp > 1,
+        vpp=p.vpp if configured else None)
     if not batch_from_config:
         # A bare model has no batch: assume enough microbatches to fill the pipeline.
         candidate.train.global_batch_size = candidate.train.micro_batch_size * dp * pp
@@ -117,17 +121,18 @@ def plan_layouts(cfg: Config, gpus: int, device: str = "h100-sxm",
             if m.num_layers % pp or gpus % (tp * pp):
                 continue
             dp = gpus // (tp * pp)
-            candidate = _candidate(cfg, tp, pp, dp, tp > 1, batch_from_config)
+            configured = batch_from_config and (tp, pp) == (cfg.parallel.tp, cfg.parallel.pp)
+            candidate = _candidate(cfg, tp, pp, dp, configured, batch_from_config)
+            sp = candidate.parallel.sequence_parallel
             try:
                 layout = validate(candidate, gpus, check_paths=False)
             except ConfigError as exc:
                 rejected[f"tp={tp} pp={pp} dp={dp}"] = str(exc)
                 continue
-            memory = estimate_memory(candidate, tp, pp, dp, tp > 1, vpp=layout.vpp,
+            memory = estimate_memory(candidate, tp, pp, dp, sp, vpp=layout.vpp,
                                      recompute=recompute, attention=attention,
                                      num_microbatches=layout.num_microbatches)
-            configured = batch_from_config and (tp, pp) == (cfg.parallel.tp, cfg.parallel.pp)
-            layouts.append(LayoutPlan(tp, pp, dp, tp > 1, memory, memory.total_gib <= budget,
+            layouts.append(LayoutPlan(tp, pp, dp, sp, memory, memory.total_gib <= budget,
                                       configured))
     if not layouts:
         reasons = "; ".join(f"{k}: {v}" for k, v in list(rejected.items())[:3])
@@ -158,7 +163,8 @@ def format_plan(plan: Plan, limit: Optional[int] = None) -> str:
         mem = lay.memory
         gib = [v / GIB for v in (mem.params, mem.grads, mem.optimizer, mem.activations, mem.total)]
         mark = "  <- config" if lay.configured else ""
-        lines.append(f"{lay.tp:>3} {lay.pp:>4} {lay.dp:>5} {'on' if lay.sequence_parallel else '-':>3} "
+        sp = "on" if lay.sequence_parallel else "-"
+        lines.append(f"{lay.tp:>3} {lay.pp:>4} {lay.dp:>5} {sp:>3} "
                      + " ".join(f"{v:>8.1f}" for v in gib)
                      + f"           {mem.stage:<6}{'yes' if lay.fits else 'no'}{mark}")
     if len(shown) < len(plan.layouts):
