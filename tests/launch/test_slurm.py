@@ -26,7 +26,8 @@ def test_aquila2_34b_64_node_script(tmp_path, monkeypatch):
     job = launch_slurm(AQUILA, [], SlurmOptions(nodes=64, partition="gpu", time="2-00:00:00"),
                        dry_run=True)
     assert job.world_size == 512
-    assert job.script == tmp_path / "runs/aquila2_34b_h100_64nodes/slurm" / f"{job.job_name}.sbatch"
+    assert job.script.parent == tmp_path / "runs/aquila2_34b_h100_64nodes/slurm"
+    assert job.script.name.startswith(job.job_name + "-") and job.script.suffix == ".sbatch"
     text = job.script.read_text()
     # The node count is written once, as the directive; everything else reads SLURM_NNODES.
     assert len(re.findall(r"\b64\b", text.replace("64nodes", ""))) == 1
@@ -51,7 +52,12 @@ def test_overrides_are_frozen_into_the_job_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     job = launch_slurm(AQUILA, ["train.iterations=100", "run.dir=out/short"],
                        SlurmOptions(nodes=64, job_name="short"), dry_run=True)
-    assert job.script == tmp_path / "out/short/slurm/short.sbatch"
+    assert job.script.parent == tmp_path / "out/short/slurm" and job.job_name == "short"
+    assert load_config(job.config).train.iterations == 100
+    # A second launch (the first may still wait in the queue) writes new files beside it.
+    again = launch_slurm(AQUILA, ["train.iterations=200", "run.dir=out/short"],
+                         SlurmOptions(nodes=64, job_name="short"), dry_run=True)
+    assert again.script != job.script and again.config != job.config
     assert load_config(job.config).train.iterations == 100
 
 
