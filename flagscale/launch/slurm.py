@@ -6,11 +6,10 @@
     job.command         # ['sbatch', '<that path>']
 
 The config is validated for ``nodes * gpus_per_node`` processes before anything is written (data
-paths are not checked: they live on the cluster). Then two files are written under
-``run.dir/slurm/`` (``<job>-<date>-<time>``, never overwriting an earlier launch): ``.yaml``, the
-resolved config with the overrides applied (a job that
-waits in the queue trains exactly what was validated, whatever happens to the source file later),
-and ``.sbatch``. The script:
+paths are not checked: they live on the cluster). Then two files named ``<job>-<date>-<time>`` are
+written under ``run.dir/slurm/``, never overwriting an earlier launch: ``.yaml``, the resolved
+config with the overrides applied (a job waiting in the queue trains exactly what was validated,
+whatever happens to the source file meanwhile), and ``.sbatch``, the script, which:
 
 - asks for the nodes in one place (``#SBATCH --nodes``); everything else reads ``$SLURM_NNODES``,
   so ``sbatch --nodes=...`` on the command line cannot leave a second, stale count behind (the
