@@ -72,7 +72,7 @@ from flagscale.metrics.flops import count_params
 GIB = 2 ** 30
 
 DEVICE_MEMORY_GIB: dict[str, float] = {
-    # NVIDIA datasheets; HBM is sized in binary units (an "80GB" H100 shows ~79.6 GiB to CUDA).
+    # NVIDIA datasheets; HBM is sized in binary units (an "80GB" H100 reports just under 80 GiB).
     "h100-sxm": 80.0,
     "h100-pcie": 80.0,
     "h100-nvl": 94.0,
