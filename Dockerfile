@@ -1,3 +1,4 @@
+# syntax=docker/dockerfile:1
 # flagscale on NVIDIA's NGC PyTorch container: CUDA, cuDNN, NCCL and a CUDA build of PyTorch,
 # plus Transformer Engine and NVIDIA apex, built and tested together by NVIDIA.
 #
@@ -37,17 +38,14 @@ COPY . .
 # (transformer-engine from PyPI) is deliberately not installed: the image's build is used.
 RUN pip install -e ".[dev]" \
  && python - <<'PY'
-import importlib.util, sys
+import sys
 import torch
 want = open("/opt/ngc-torch-version").read().strip()
 if torch.__version__ != want:
     sys.exit(f"pip replaced the image's torch {want} with {torch.__version__}")
-for name in ("transformer_engine", "apex", "megatron.core"):
-    found = importlib.util.find_spec(name.split(".")[0]) is not None
-    print(f"{name}: {'present' if found else 'MISSING'}")
-import megatron.core, transformer_engine
+import apex, megatron.core, transformer_engine  # fail the build if the image lacks them
 print(f"torch {torch.__version__}, megatron-core {megatron.core.__version__}, "
-      f"transformer-engine {transformer_engine.__version__}")
+      f"transformer-engine {transformer_engine.__version__}, apex {apex.__file__}")
 PY
 
 CMD ["bash"]
