@@ -18,7 +18,11 @@ def fix_fully_reshardable_load_keyerror_step() -> None:
     torch's Adam keeps a per-parameter ``step`` tensor; ``_set_main_param_and_optimizer_states``
     copies every key of the destination state from a source dict holding only ``param``,
     ``exp_avg`` and ``exp_avg_sq``. The step itself is restored from the param groups by
-    ``load_state_dict``, so copying only the keys the source provides is exactly right.
+    ``load_state_dict``, so copying every destination key but ``step`` is exactly right (a
+    ``dp_reshardable`` source also carries a stale placeholder ``step`` and a ``padding`` flag,
+    which must not be copied either). The copy runs under ``no_grad``: with fp32 parameters the
+    main parameter is a view of a leaf that requires grad, and the ``dp_reshardable`` load path,
+    unlike the ``fully_reshardable`` one, is not wrapped in ``no_grad``.
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -32,8 +36,9 @@ def fix_fully_reshardable_load_keyerror_step() -> None:
         group_index, group_order = self.model_param_group_index_map[model_param]
         main_param = self.optimizer.param_groups[group_index]["params"][group_order]
         destination = {"param": main_param, **self.optimizer.state[main_param]}
-        for key, value in tensors.items():
-            destination[key].copy_(value)
+        with torch.no_grad():
+            for key in destination.keys() - {"step"}:
+                destination[key].copy_(tensors[key])
 
     _set_main_param_and_optimizer_states._flagscale_fix = True
     DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states

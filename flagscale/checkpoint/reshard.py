@@ -1,0 +1,283 @@
+"""Rewrite a training checkpoint for another TP/PP/DP layout, Adam moments and fp32 master
+weights included, and make checkpoints whose optimizer state cannot reshard loadable anywhere.
+
+    from flagscale.checkpoint.reshard import reshard
+    reshard("runs/a/checkpoints", "ckpt/a_tp2", tp=2)      # then: checkpoint.load=ckpt/a_tp2
+
+Why processes and not an offline rewrite: megatron-core alone knows how a layout's DDP buckets and
+distributed-optimizer shards map onto parameters, so each step runs the real engine on CPU worker
+processes (``flagscale.launch.local``), building model, DDP and optimizer exactly as training does:
+
+1. A checkpoint whose distributed-optimizer state is not ``fully_reshardable`` (megatron-core's
+   ``dp_reshardable``: flat bucket-space buffers that only reload at the same TP/PP) is loaded at
+   its own layout and saved ``fully_reshardable`` (every optimizer state in its parameter's global
+   shape).
+2. The ``fully_reshardable`` state is loaded at the target layout and saved again, so the output
+   has provably loaded there, and records the target layout in its config.
+
+The output is one checkpoint directory (pass it as ``checkpoint.load``), written beside itself
+under a temporary name and renamed when complete; the input is only read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from flagscale.checkpoint.paths import complete_checkpoints, resolve_checkpoint
+from flagscale.checkpoint.state import load_checkpoint, read_run_state, save_checkpoint
+from flagscale.config import Config, Layout, config_to_dict, load_config, validate
+from flagscale.errors import CheckpointError, ConfigError
+
+RESHARDABLE = "fully_reshardable"
+# Sharding types a same-layout load understands (megatron-core 0.16.1 DistributedOptimizer).
+LOADABLE_SHARDINGS = ("fully_reshardable", "dp_reshardable", "fully_sharded_model_space",
+                      "dp_zero_gather_scatter")
+_EMBEDDING = "embedding.word_embeddings.weight"
+
+
+@dataclass(frozen=True)
+class LayoutSpec:
+    """A TP/PP/DP(/VPP) layout, as recorded in a checkpoint's ``flagscale.layout``."""
+
+    tp: int
+    pp: int
+    dp: int
+    vpp: Optional[int] = None
+
+    @property
+    def world_size(self) -> int:
+        """Processes the layout needs."""
+        return self.tp * self.pp * self.dp
+
+    def describe(self) -> str:
+        """``tp=2 pp=1 dp=1`` (with ``vpp=N`` when interleaved)."""
+        vpp = f" vpp={self.vpp}" if self.vpp else ""
+        return f"tp={self.tp} pp={self.pp} dp={self.dp}{vpp}"
+
+    def worker_args(self) -> list[str]:
+        """The ``flagscale reshard`` options that select this layout."""
+        return ["--tp", str(self.tp), "--pp", str(self.pp), "--dp", str(self.dp),
+                "--vpp", str(self.vpp or 0)]
+
+
+@dataclass
+class ReshardResult:
+    """What :func:`reshard` wrote."""
+
+    source: Path
+    output: Path
+    source_layout: LayoutSpec
+    target_layout: LayoutSpec
+    source_sharding: str
+    iteration: int
+    model_tensors: int
+    optimizer_tensors: int
+    seconds: float
+
+    def summary(self) -> str:
+        """The one line the CLI prints at the end."""
+        return (f"resharded {self.source} (iteration {self.iteration}) -> {self.output}: "
+                f"{self.source_layout.describe()} ({self.source_sharding}) -> "
+                f"{self.target_layout.describe()} ({RESHARDABLE}); {self.model_tensors} model "
+                f"tensors, {self.optimizer_tensors} optimizer state tensors, in "
+                f"{self.seconds:.1f}s")
+
+
+def checkpoint_layout(common: dict, path: Path) -> LayoutSpec:
+    """The layout a flagscale checkpoint was saved at (its common state's ``flagscale.layout``)."""
+    layout = (common.get("flagscale") or {}).get("layout")
+    if not isinstance(layout, dict) or not all(isinstance(layout.get(k), int)
+                                               for k in ("tp", "pp", "dp")):
+        raise CheckpointError(f"{path} records no flagscale layout (common state 'flagscale."
+                              f"layout' is {layout!r}). flagscale reshard handles checkpoints "
+                              f"written by flagscale train.")
+    return LayoutSpec(layout["tp"], layout["pp"], layout["dp"], layout.get("vpp") or None)
+
+
+def optimizer_sharding(common: dict) -> str:
+    """The distributed-optimizer sharding type a checkpoint was saved with."""
+    from megatron.core import dist_checkpointing
+
+    content = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
+    return content.get("distrib_optim_sharding_type", RESHARDABLE)
+
+
+def layout_config(cfg: Config, layout: LayoutSpec) -> Config:
+    """``cfg`` with its parallel section set to ``layout`` (sequence parallelism kept only where
+    TP > 1 allows it)."""
+    parallel = dataclasses.replace(cfg.parallel, tp=layout.tp, pp=layout.pp, dp=layout.dp,
+                                   vpp=layout.vpp,
+                                   sequence_parallel=cfg.parallel.sequence_parallel and
+                                   layout.tp > 1)
+    return dataclasses.replace(cfg, parallel=parallel)
+
+
+def check_layout(cfg: Config, layout: LayoutSpec, what: str) -> Layout:
+    """Validate ``layout`` for the checkpoint's model and batch; ConfigError naming the
+    arithmetic otherwise."""
+    try:
+        return validate(layout_config(cfg, layout), layout.world_size, check_paths=False)
+    except ConfigError as exc:
+        raise ConfigError(f"{what} layout {layout.describe()} (world {layout.world_size}) does "
+                          f"not fit this checkpoint's model and batch: {exc}") from None
+
+
+def target_layout(source: LayoutSpec, tp: Optional[int], pp: Optional[int], dp: Optional[int],
+                  vpp: Optional[int]) -> LayoutSpec:
+    """The requested layout: unset TP/PP keep the source's; unset DP keeps the source's world
+    size where it divides (else 1); unset VPP keeps the source's while PP is unchanged."""
+    tp = source.tp if tp is None else tp
+    pp = source.pp if pp is None else pp
+    for name, value in (("--tp", tp), ("--pp", pp), ("--dp", dp)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}.")
+    if dp is None:
+        dp = max(source.world_size // (tp * pp), 1) if source.world_size % (tp * pp) == 0 else 1
+    if vpp is None:
+        vpp = source.vpp if pp == source.pp else None
+    return LayoutSpec(tp, pp, dp, vpp if vpp and vpp > 1 else None)
+
+
+def _check_paths_apart(source: Path, output: Path) -> None:
+    src, out = source.resolve(), output.resolve()
+    if src == out or out in src.parents or src in out.parents:
+        raise CheckpointError(f"--output {output} overlaps --input {source}: the input is never "
+                              f"modified. Write the resharded checkpoint to a separate directory.")
+
+
+def _check_vocab(source: Path, cfg: Config, target: Layout, layout: LayoutSpec) -> None:
+    """A TP change may change the vocabulary padding (a multiple of make_vocab_size_divisible_by
+    * tp rows); stored rows then no longer match the target's embedding, so refuse up front."""
+    from flagscale.convert.reader import CheckpointReader
+
+    reader = CheckpointReader(source)
+    if _EMBEDDING not in reader.tensors:
+        return
+    rows = reader.shape(_EMBEDDING)[0]
+    if rows != target.padded_vocab_size:
+        raise CheckpointError(
+            f"{source} stores a vocabulary padded to {rows} rows ({_EMBEDDING}); at "
+            f"{layout.describe()} the model pads vocab {cfg.model.vocab_size} to "
+            f"{target.padded_vocab_size} (a multiple of model.make_vocab_size_divisible_by "
+            f"{cfg.model.make_vocab_size_divisible_by} * tp {layout.tp}). Choose a tp whose "
+            f"padding is also {rows} rows, or resume at the source's tp.")
+
+
+def _run_workers(layout: LayoutSpec, load: Path, checkpoints: Path, platform: str) -> Path:
+    """Load ``load`` at ``layout`` on that many local processes and save it fully reshardable
+    under ``checkpoints``; returns the saved iteration directory."""
+    from flagscale.launch.local import run_local
+
+    code = run_local(layout.world_size, ["reshard", "--worker", "--input", str(load),
+                                         "--output", str(checkpoints), "--platform", platform,
+                                         *layout.worker_args()])
+    saved = complete_checkpoints(checkpoints)
+    if code != 0 or len(saved) != 1:
+        raise CheckpointError(f"The {layout.world_size} resharding worker process(es) at "
+                              f"{layout.describe()} failed (exit code {code}) loading {load}; "
+                              f"their messages are above. Nothing was written to --output.")
+    return saved[0]
+
+
+def _count_tensors(path: Path) -> tuple[int, int]:
+    from flagscale.convert.reader import CheckpointReader
+
+    keys = CheckpointReader(path).tensors
+    optimizer = sum(1 for key in keys if key.startswith("optimizer."))
+    return len(keys) - optimizer, optimizer
+
+
+def reshard(input: str | os.PathLike, output: str | os.PathLike, tp: Optional[int] = None,
+            pp: Optional[int] = None, dp: Optional[int] = None, vpp: Optional[int] = None,
+            overwrite: bool = False, platform: Optional[str] = None,
+            log: Callable[[str], None] = print) -> ReshardResult:
+    """Write ``input`` (a flagscale training checkpoint at any layout and optimizer sharding) to
+    ``output`` as a ``fully_reshardable`` checkpoint proven to load at the target layout.
+
+    Every check (checkpoint readable, optimizer state present, target layout valid for the model
+    and batch, output free) runs before any process starts. ``platform`` (default: the
+    checkpoint config's) is the workers' platform: ``cpu`` runs gloo processes, ``cuda`` needs one
+    GPU per process of the larger layout.
+    """
+    from flagscale.convert.common import atomic_output_dir
+
+    start = time.perf_counter()
+    source, output = resolve_checkpoint(input), Path(output)
+    _check_paths_apart(source, output)
+    common = read_run_state(source)
+    raw = (common.get("flagscale") or {}).get("config")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{source} holds no flagscale config in its common state, so its "
+                              f"model and layout are unknown. flagscale reshard handles "
+                              f"checkpoints written by flagscale train.")
+    if not (common.get("flagscale") or {}).get("has_optimizer", "optimizer" in common):
+        raise CheckpointError(f"{source} holds model weights only (no optimizer state): torch_dist "
+                              f"weights already load at any TP/PP/DP, so there is nothing to "
+                              f"reshard. Pass it as checkpoint.load directly.")
+    cfg = load_config(base=raw)
+    src_layout = checkpoint_layout(common, source)
+    sharding = optimizer_sharding(common)
+    if sharding not in LOADABLE_SHARDINGS:
+        raise CheckpointError(f"{source}: distributed-optimizer sharding '{sharding}' is not one "
+                              f"flagscale reshard can load (expected one of "
+                              f"{', '.join(LOADABLE_SHARDINGS)}).")
+    dst_layout = target_layout(src_layout, tp, pp, dp, vpp)
+    platform = platform or cfg.platform
+    if sharding != RESHARDABLE:
+        check_layout(cfg, src_layout, "Source")
+    derived = check_layout(cfg, dst_layout, "Target")
+    _check_vocab(source, cfg, derived, dst_layout)
+
+    with atomic_output_dir(output, overwrite) as tmp:
+        load = source
+        if sharding != RESHARDABLE:
+            log(f"flagscale reshard: {source} has '{sharding}' optimizer state (reloads only at "
+                f"{src_layout.describe()}): loading it there, saving it {RESHARDABLE}")
+            load = _run_workers(src_layout, source, tmp / ".source", platform)
+        if load == source or dst_layout != src_layout:
+            log(f"flagscale reshard: loading at {dst_layout.describe()} and saving")
+            load = _run_workers(dst_layout, load, tmp / ".target", platform)
+        for item in load.iterdir():
+            os.replace(item, tmp / item.name)
+        for stage in (".source", ".target"):
+            shutil.rmtree(tmp / stage, ignore_errors=True)
+        model_tensors, optimizer_tensors = _count_tensors(tmp)
+    result = ReshardResult(source, output, src_layout, dst_layout, sharding,
+                           int(common.get("iteration", 0)), model_tensors, optimizer_tensors,
+                           time.perf_counter() - start)
+    log(result.summary())
+    return result
+
+
+def resave(source: str | os.PathLike, checkpoints: str | os.PathLike, layout: LayoutSpec,
+           sharding: str = RESHARDABLE, platform: Optional[str] = None) -> Path:
+    """Collective, one rank of a ``layout.world_size`` world: build model, DDP and distributed
+    optimizer at ``layout`` exactly as training does, load ``source`` (with its own optimizer
+    sharding), and save it under ``checkpoints`` with ``sharding``. Returns the saved directory.
+    """
+    from flagscale.models import build_model
+    from flagscale.platform import setup_platform
+    from flagscale.train.loop import (_build_optimizer, _build_scheduler, _init_model_parallel,
+                                      _init_process_group, _wrap_ddp)
+
+    source = Path(source)
+    common = read_run_state(source)
+    cfg = layout_config(load_config(base=common["flagscale"]["config"]), layout)
+    platform = setup_platform(platform or cfg.platform)
+    _, world_size = _init_process_group(platform)
+    derived = validate(cfg, world_size, check_paths=False)
+    _init_model_parallel(cfg, derived)
+    model = [_wrap_ddp(chunk, cfg, derived, platform, i)
+             for i, chunk in enumerate(build_model(cfg, derived, platform))]
+    optimizer = _build_optimizer(cfg, model)
+    scheduler = _build_scheduler(cfg, optimizer)
+    loaded = load_checkpoint(source, model, optimizer, scheduler, cfg.model, derived)
+    return save_checkpoint(Path(checkpoints), loaded["iteration"], model, optimizer, scheduler,
+                           loaded["consumed_samples"], config_to_dict(cfg), derived,
+                           optimizer_sharding=sharding)

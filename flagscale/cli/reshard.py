@@ -1,0 +1,54 @@
+"""``flagscale reshard --input CKPT --output CKPT [--tp N] [--pp N] [--dp N] [--vpp N]``
+
+Rewrite a training checkpoint for another layout, Adam moments and fp32 master weights included:
+
+    flagscale reshard --input runs/a/checkpoints --output ckpt/a_tp2 --tp 2 --dp 1
+    flagscale train CONFIG parallel.tp=2 checkpoint.load=ckpt/a_tp2     # resumes exactly
+
+The output is saved fully_reshardable (loads at any TP/PP/DP) after loading at the target layout,
+so it is proven to load there. Checkpoints whose distributed-optimizer state only reloads at its
+own TP/PP (megatron-core's dp_reshardable) are first loaded at their own layout. Each step runs
+on tp*pp*dp local worker processes (CPU processes with gloo unless the checkpoint config's platform
+says otherwise). Unset --tp/--pp keep the checkpoint's; unset --dp keeps its world size.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def run_reshard(args) -> int:
+    """CLI wrapper of :func:`flagscale.checkpoint.reshard.reshard` (and of its workers)."""
+    from flagscale.checkpoint.reshard import LayoutSpec, reshard, resave
+
+    if args.worker:
+        resave(args.input, args.output, LayoutSpec(args.tp, args.pp, args.dp, args.vpp or None),
+               platform=args.platform)
+        return 0
+    reshard(args.input, args.output, tp=args.tp, pp=args.pp, dp=args.dp, vpp=args.vpp,
+            overwrite=args.overwrite, platform=args.platform)
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``flagscale reshard``."""
+    p = subparsers.add_parser("reshard", help="rewrite a checkpoint for another TP/PP/DP layout",
+                              description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--input", required=True,
+                   help="checkpoint: an iter_XXXXXXX dir, a checkpoints/ dir (uses 'latest') or a "
+                        "run dir")
+    p.add_argument("--output", required=True,
+                   help="checkpoint directory to write (pass it as checkpoint.load)")
+    p.add_argument("--tp", type=int, default=None, help="target tensor-parallel size")
+    p.add_argument("--pp", type=int, default=None, help="target pipeline-parallel size")
+    p.add_argument("--dp", type=int, default=None, help="target data-parallel size")
+    p.add_argument("--vpp", type=int, default=None,
+                   help="target virtual pipeline stages per rank (default: the checkpoint's while "
+                        "pp is unchanged, else none)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --output (only once the new checkpoint is complete)")
+    p.add_argument("--platform", choices=("auto", "cpu", "cuda"), default=None,
+                   help="worker platform (default: the checkpoint config's)")
+    # Internal: set on the worker processes the command starts itself.
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=run_reshard)
