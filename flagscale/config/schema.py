@@ -158,6 +158,28 @@ class MetricsConfig:
 
 
 @dataclass
+class TraceConfig:
+    """Automatic trace reports: which documents a loss spike or a non-finite loss came from."""
+
+    enabled: bool = True
+    """Watch every step's per-sample losses (one all-reduce of ``global_batch_size`` numbers per
+    step) and write ``run.dir/traces/iter_XXXXXXX.jsonl`` when the loss spikes or is not finite."""
+    spike_factor: float = 1.5
+    """A step whose loss exceeds this factor times the median of the last ``window`` losses is a
+    spike."""
+    window: int = 50
+    """Recent finite losses whose median is the spike reference; no spike is reported before the
+    window is full (after a resume it fills again)."""
+    on_nan: bool = True
+    """Also report steps whose loss is NaN or infinite."""
+    text_chars: int = 200
+    """Decoded text of each document span is cut to this many characters in trace records."""
+    max_reports: int = 10
+    """Reports one training process writes at most (a diverged run would otherwise write one per
+    step)."""
+
+
+@dataclass
 class RunConfig:
     """Where a run writes."""
 
@@ -183,6 +205,8 @@ class Config:
     """Saving and resuming."""
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     """Throughput accounting and loggers."""
+    trace: TraceConfig = field(default_factory=TraceConfig)
+    """Automatic trace reports of loss spikes."""
     run: RunConfig = field(default_factory=RunConfig)
     """Output location."""
     platform: str = "auto"

@@ -28,6 +28,7 @@ from flagscale.data.datasets import (batch_index, build_datasets, check_training
 from flagscale.metrics import build_metric_hooks
 from flagscale.models import build_model, transformer_config
 from flagscale.platform import Platform, setup_platform
+from flagscale.trace import build_trace_hooks
 from flagscale.train.hooks import Hook, StepInfo
 
 
@@ -85,7 +86,8 @@ def train(cfg: Config, hooks: Optional[list[Hook]] = None) -> TrainState:
         cfg, layout, eod=_eod(cfg), cache_dir=run_dir / "data_cache",
         valid_samples=eval_passes * cfg.train.eval_iterations * cfg.train.global_batch_size)
 
-    hooks = build_metric_hooks(cfg, layout, run_dir) + list(hooks or [])
+    hooks = (build_metric_hooks(cfg, layout, run_dir) + build_trace_hooks(cfg, layout, run_dir)
+             + list(hooks or []))
     for hook in hooks:
         hook.on_train_start(state)
     forward_backward = _forward_backward_func()

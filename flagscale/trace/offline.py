@@ -1,0 +1,113 @@
+"""Tracing a run's iterations in one process, without torch.distributed, from its config alone.
+
+    for record in trace_iterations(load_config("runs/x/config.yaml"), 7):
+        print(record["source"], record["line"], record["text"])
+
+The train dataset is rebuilt with megatron-core's builder from the same config; its index arrays
+are deterministic given seed, split, sequence length and sample count, and are read from the run's
+``data_cache`` when it exists, so the records name exactly what the run read. Only the labels
+(microbatch, dp_rank, row) depend on the data-parallel size: the samples of an iteration do not.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+from flagscale.config import Config, Layout, validate
+from flagscale.errors import CheckpointError, ConfigError
+from flagscale.trace.records import Tracer
+from flagscale.trace.reports import recorded_losses
+
+
+def resolve_dp(cfg: Config, run_dir: Path, dp: Optional[int] = None) -> int:
+    """The data-parallel size the run used: ``dp`` if given, else ``parallel.dp``, else the layout
+    recorded in the run's latest checkpoint; ConfigError when none of them says."""
+    if dp is not None:
+        return dp
+    if cfg.parallel.dp is not None:
+        return cfg.parallel.dp
+    from flagscale.checkpoint import latest_checkpoint, read_run_state
+
+    try:
+        checkpoint = latest_checkpoint(Path(run_dir) / "checkpoints")
+    except CheckpointError:
+        checkpoint = None
+    if checkpoint is not None:
+        return int(read_run_state(checkpoint)["flagscale"]["layout"]["dp"])
+    raise ConfigError(f"parallel.dp is not set in the config and {run_dir}/checkpoints has no "
+                      f"checkpoint recording the run's layout: the data-parallel size decides "
+                      f"which rank and row read each sample. Pass --dp N (or --nproc N, the "
+                      f"run's process count).")
+
+
+def trace_layout(cfg: Config, run_dir: Path, dp: Optional[int] = None) -> Layout:
+    """The run's layout, for labelling rows (see :func:`resolve_dp`)."""
+    world = cfg.parallel.tp * cfg.parallel.pp * resolve_dp(cfg, run_dir, dp)
+    return validate(cfg, world, check_paths=False)
+
+
+@contextmanager
+def open_tracer(cfg: Config, run_dir: Optional[Path] = None,
+                dp: Optional[int] = None) -> Iterator[Tracer]:
+    """A :class:`Tracer` over the run's train dataset, built in this process.
+
+    Uses ``run_dir/data_cache`` (the run's index cache) when it exists, else a temporary cache,
+    so tracing never writes into a run directory.
+    """
+    from flagscale.data.datasets import build_datasets, check_training_data
+    from flagscale.data.tokenizer import load_tokenizer
+
+    run_dir = Path(run_dir or cfg.run.dir)
+    layout = trace_layout(cfg, run_dir, dp)
+    check_training_data(cfg)
+    tokenizer = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    # eod only shapes megatron's document masks, which do not touch the index arrays.
+    eod = tokenizer.eod if tokenizer else 0
+    cache = run_dir / "data_cache"
+    with tempfile.TemporaryDirectory(prefix="flagscale-trace-") as scratch:
+        with _world_of_one():
+            train, _ = build_datasets(cfg, layout, eod, cache if cache.is_dir() else Path(scratch))
+        yield Tracer(cfg, layout, train, tokenizer)
+
+
+@contextmanager
+def _world_of_one():
+    """An in-memory one-process group while megatron builds datasets: BlendedDataset asks
+    torch.distributed for the rank when its index is not cached yet."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def trace_iterations(cfg: Config, first: int, last: Optional[int] = None,
+                     run_dir: Optional[str | Path] = None,
+                     dp: Optional[int] = None) -> Iterator[dict]:
+    """Trace records of 1-based iterations ``first``..``last`` (inclusive; ``last`` defaults to
+    ``first``): one per (row, document) of every microbatch of every data-parallel rank.
+
+    ``run_dir`` (default ``run.dir``) supplies the index cache, the layout when ``parallel.dp`` is
+    unset, and the per-sample losses of trace reports written during training.
+    """
+    last = first if last is None else last
+    if not 1 <= first <= last <= cfg.train.iterations:
+        raise ConfigError(f"Iterations {first}..{last} are outside the run: it has "
+                          f"train.iterations={cfg.train.iterations} (1-based), so trace within "
+                          f"1..{cfg.train.iterations} with --iteration N [--to M], M >= N.")
+    run_dir = Path(run_dir or cfg.run.dir)
+    with open_tracer(cfg, run_dir, dp) as tracer:
+        for iteration in range(first, last + 1):
+            losses = recorded_losses(run_dir, iteration)
+            samples = {g for *_, g in tracer.rows(iteration)}
+            # A report of another batch (written before data.skip_iterations moved this
+            # iteration) says nothing about these samples.
+            yield from tracer.records(iteration, losses if samples == set(losses) else None)

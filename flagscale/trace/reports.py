@@ -1,0 +1,69 @@
+"""Trace report files: ``run.dir/traces/iter_XXXXXXX.jsonl``, one trace record per line.
+
+Written by the training-time spike watcher (:mod:`flagscale.trace.spikes`) with each row's loss;
+read back by ``flagscale trace`` to attach those losses to the records it recomputes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Iterable
+
+from flagscale.errors import DataError
+
+
+def report_path(run_dir: Path, iteration: int) -> Path:
+    """Where the report of 1-based ``iteration`` lives."""
+    return Path(run_dir) / "traces" / f"iter_{iteration:07d}.jsonl"
+
+
+def write_report(path: Path, records: Iterable[dict]) -> Path:
+    """Write ``records`` as JSON lines to ``path`` atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def recorded_losses(run_dir: Path, iteration: int) -> dict[int, float]:
+    """``{global_sample: loss}`` from the report of ``iteration``, or {} when there is none.
+
+    A non-finite loss comes back as ``nan``/``inf``. The caller checks the samples match: a report
+    written before ``data.skip_iterations`` moved the iteration to another batch names other ones.
+    """
+    path = report_path(run_dir, iteration)
+    if not path.is_file():
+        return {}
+    losses = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise DataError(f"{path}:{number} is not a JSON trace record. Delete the file "
+                                f"to trace without its losses.") from None
+            if "loss_nonfinite" in record:
+                losses[record["global_sample"]] = float(record["loss_nonfinite"])
+            elif record.get("loss") is not None:
+                losses[record["global_sample"]] = float(record["loss"])
+    return losses
+
+
+def top_rows(records: list[dict], count: int = 3) -> list[list[dict]]:
+    """The ``count`` rows with the highest loss (non-finite first), each as its records."""
+    rows: dict[int, list[dict]] = {}
+    for record in records:
+        rows.setdefault(record["global_sample"], []).append(record)
+
+    def badness(row: list[dict]) -> float:
+        first = row[0]
+        return math.inf if "loss_nonfinite" in first else (first.get("loss") or -math.inf)
+
+    return sorted(rows.values(), key=badness, reverse=True)[:count]
