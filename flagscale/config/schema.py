@@ -171,9 +171,10 @@ class TraceConfig:
     """Recent finite losses whose median is the spike reference; no spike is reported before the
     window is full (after a resume it fills again)."""
     on_nan: bool = True
-    """Also report steps whose loss is NaN or infinite."""
+    """Also report steps whose loss or gradient norm is NaN or infinite."""
     text_chars: int = 200
-    """Decoded text of each document span is cut to this many characters in trace records."""
+    """Decoded text of each document span is cut to this many characters in trace records; 0
+    leaves the text out (fastest)."""
     max_reports: int = 10
     """Reports one training process writes at most (a diverged run would otherwise write one per
     step)."""

@@ -139,11 +139,16 @@ class Tracer:
         return record
 
     def _text(self, span: Span) -> Optional[str]:
-        if self.tokenizer is None:
-            return None
-        text = self.tokenizer.decode([int(t) for t in self.span_tokens(span)])
         limit = self.cfg.trace.text_chars
-        return text if len(text) <= limit else text[:limit] + "…"
+        if self.tokenizer is None or limit == 0:
+            return None
+        tokens = self.span_tokens(span)
+        # A token decodes to at least a quarter of a character (a UTF-8 byte), so this many
+        # tokens cover the limit; decoding whole long documents would dominate a report's time.
+        ids = [int(t) for t in tokens[:4 * limit + 4]]
+        text = self.tokenizer.decode(ids)
+        cut = len(text) > limit or len(ids) < len(tokens)
+        return text[:limit] + "…" if cut else text
 
     def _provenance_of(self, part: int):
         if part not in self._provenance:

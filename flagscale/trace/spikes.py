@@ -98,7 +98,15 @@ class TraceReporter(Hook):
         dist.all_reduce(losses)
         values = losses.tolist()
         # Rows hold equal token counts in pretraining, so their mean is the step's loss.
-        reason = self.detector.check(sum(values) / len(values))
+        loss = sum(values) / len(values)
+        reason = self.detector.check(loss)
+        grad_norm = None if step.grad_norm is None else float(step.grad_norm)
+        if reason is None and self.cfg.trace.on_nan and grad_norm is not None \
+                and not math.isfinite(grad_norm):
+            # A finite loss whose backward overflowed: this batch broke the weights, and the
+            # next step's loss is non-finite whatever its data. grad_norm is global, so every
+            # rank agrees.
+            reason = f"gradient norm is {grad_norm} (loss {loss:.4f})"
         if reason is None or self.reports_left <= 0:
             return
         self.reports_left -= 1

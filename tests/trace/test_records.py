@@ -93,6 +93,12 @@ def test_records_rebuild_every_fed_row_and_point_at_the_source_line(tmp_path, ti
         # the span's edge (decoded as U+FFFD).
         assert r["text"].strip().strip("\ufffd").strip() in text
 
+    short = list(trace_iterations(_config(f"[{tiny_corpus}]", tiny_tokenizer, tmp_path / "run",
+                                          "trace.text_chars=20"), 2, 3))
+    assert any(s["text"].endswith("…") for s in short)
+    for s, r in zip(short, records):
+        assert s["text"] == (r["text"] if len(r["text"]) <= 20 else r["text"][:20] + "…")
+
 
 @pytest.fixture(scope="module")
 def beta_corpus(tmp_path_factory, tiny_tokenizer):
