@@ -78,7 +78,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("trace", help="name the documents of training iterations",
                               description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("config", help="the run's YAML config (RUN_DIR/config.yaml is the resolved one)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides the run was started with")
+    p.add_argument("overrides", nargs="*", default=[],
+                   help="dotted overrides the run was started with")
     p.add_argument("--iteration", type=int, required=True, help="first iteration (1-based)")
     p.add_argument("--to", type=int, default=None, help="last iteration (default: --iteration)")
     p.add_argument("--format", choices=("jsonl", "text"), default="jsonl", dest="fmt",

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from flagscale.data.datasets import global_sample_index
-from flagscale.errors import ConfigError
+from flagscale.errors import ConfigError, FlagScaleError
 from flagscale.train.hooks import Hook, StepInfo
 from flagscale.trace.records import Tracer
 from flagscale.trace.reports import report_path, top_rows, write_report
@@ -110,10 +110,18 @@ class TraceReporter(Hook):
         if reason is None or self.reports_left <= 0:
             return
         self.reports_left -= 1
-        if state.is_writer:
-            self._report(state, step.iteration, values, reason)
+        if not state.is_writer:
+            return
+        try:
+            self._report(step.iteration, values, reason)
+        except (OSError, FlagScaleError) as exc:
+            # A diagnostic must not end the run (the other ranks would hang in the next
+            # collective): say what failed and train on.
+            print(f"flagscale trace: iteration {step.iteration}: {reason}, but its trace report "
+                  f"could not be written ({exc}). Trace it later with `flagscale trace "
+                  f"{self.run_dir / 'config.yaml'} --iteration {step.iteration}`.", flush=True)
 
-    def _report(self, state, iteration: int, values: list[float], reason: str) -> None:
+    def _report(self, iteration: int, values: list[float], reason: str) -> None:
         from flagscale.checkpoint import latest_checkpoint
 
         first = min(g for *_, g in self.tracer.rows(iteration))
