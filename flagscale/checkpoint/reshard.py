@@ -22,10 +22,12 @@ under a temporary name and renamed when complete; the input is only read.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import time
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -38,6 +40,8 @@ RESHARDABLE = "fully_reshardable"
 # Sharding types a same-layout load understands (megatron-core 0.16.1 DistributedOptimizer).
 LOADABLE_SHARDINGS = ("fully_reshardable", "dp_reshardable", "fully_sharded_model_space",
                       "dp_zero_gather_scatter")
+# Bucket-space formats: the flat buffers follow one TP/PP/VPP layout's DDP buckets.
+DP_ONLY_SHARDINGS = ("dp_reshardable", "dp_zero_gather_scatter")
 _EMBEDDING = "embedding.word_embeddings.weight"
 
 
@@ -59,11 +63,6 @@ class LayoutSpec:
         """``tp=2 pp=1 dp=1`` (with ``vpp=N`` when interleaved)."""
         vpp = f" vpp={self.vpp}" if self.vpp else ""
         return f"tp={self.tp} pp={self.pp} dp={self.dp}{vpp}"
-
-    def worker_args(self) -> list[str]:
-        """The ``flagscale reshard`` options that select this layout."""
-        return ["--tp", str(self.tp), "--pp", str(self.pp), "--dp", str(self.dp),
-                "--vpp", str(self.vpp or 0)]
 
 
 @dataclass
@@ -106,6 +105,25 @@ def optimizer_sharding(common: dict) -> str:
 
     content = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
     return content.get("distrib_optim_sharding_type", RESHARDABLE)
+
+
+def check_resumable(path: Path, common: dict, layout) -> None:
+    """Refuse up front, before any tensor is read, to resume ``path`` at ``layout`` (a Layout or
+    LayoutSpec) when its optimizer state only reloads at the TP/PP/VPP it was saved at."""
+    meta = common.get("flagscale") or {}
+    if not meta.get("has_optimizer", "optimizer" in common) or "layout" not in meta:
+        return
+    sharding = optimizer_sharding(common)
+    saved = checkpoint_layout(common, path)
+    if sharding not in DP_ONLY_SHARDINGS or (saved.tp, saved.pp, saved.vpp) == (
+            layout.tp, layout.pp, layout.vpp or None):
+        return
+    raise CheckpointError(
+        f"{path} holds '{sharding}' distributed-optimizer state, which megatron-core reloads "
+        f"only at the TP/PP it was saved at ({saved.describe()}); this run is tp={layout.tp} "
+        f"pp={layout.pp}{f' vpp={layout.vpp}' if layout.vpp else ''}. Convert it once: "
+        f"flagscale reshard --input {path} --output NEW_DIR --tp {layout.tp} --pp {layout.pp}, "
+        f"then set checkpoint.load=NEW_DIR.")
 
 
 def layout_config(cfg: Config, layout: LayoutSpec) -> Config:
@@ -169,20 +187,51 @@ def _check_vocab(source: Path, cfg: Config, target: Layout, layout: LayoutSpec) 
             f"padding is also {rows} rows, or resume at the source's tp.")
 
 
-def _run_workers(layout: LayoutSpec, load: Path, checkpoints: Path, platform: str) -> Path:
-    """Load ``load`` at ``layout`` on that many local processes and save it fully reshardable
-    under ``checkpoints``; returns the saved iteration directory."""
+def _stages(sharding: str, source: LayoutSpec, target: LayoutSpec, work: Path) -> list[dict]:
+    """What to load and save, in order: each stage loads the previous one's output (the first:
+    the input) at its layout and saves it fully reshardable under its ``checkpoints``."""
+    stages = []
+    if sharding != RESHARDABLE:
+        stages.append({"layout": dataclasses.asdict(source), "checkpoints": str(work / "source")})
+    if not stages or target != source:
+        stages.append({"layout": dataclasses.asdict(target), "checkpoints": str(work / "target")})
+    return stages
+
+
+def _run_stages(stages: list[dict], load: Path, work: Path, platform: str,
+                log: Callable[[str], None]) -> Path:
+    """Run the stages on local worker processes, consecutive stages of one world size in one
+    launch (megatron-core's parallel state is rebuilt between them); returns the last saved
+    iteration directory."""
     from flagscale.launch.local import run_local
 
-    code = run_local(layout.world_size, ["reshard", "--worker", "--input", str(load),
-                                         "--output", str(checkpoints), "--platform", platform,
-                                         *layout.worker_args()])
-    saved = complete_checkpoints(checkpoints)
-    if code != 0 or len(saved) != 1:
-        raise CheckpointError(f"The {layout.world_size} resharding worker process(es) at "
-                              f"{layout.describe()} failed (exit code {code}) loading {load}; "
-                              f"their messages are above. Nothing was written to --output.")
-    return saved[0]
+    by_world = groupby(stages, key=lambda stage: LayoutSpec(**stage["layout"]).world_size)
+    for index, (world, group) in enumerate(by_world):
+        group = list(group)
+        layouts = [LayoutSpec(**stage["layout"]) for stage in group]
+        log(f"flagscale reshard: {world} worker process(es): "
+            f"{'; then '.join(f'load at {lay.describe()}, save {RESHARDABLE}' for lay in layouts)}")
+        plan = work / f"plan{index}.json"
+        plan.write_text(json.dumps({"platform": platform, "stages": group}))
+        code = run_local(world, ["reshard", "--input", str(load), "--output",
+                                 str(work), "--worker", str(plan)])
+        for stage, layout in zip(group, layouts):
+            saved = complete_checkpoints(Path(stage["checkpoints"]))
+            if code != 0 or len(saved) != 1:
+                raise CheckpointError(f"The resharding worker process(es) at {layout.describe()} "
+                                      f"failed (exit code {code}) on {load}; their messages are "
+                                      f"above. Nothing was written to --output.")
+            load = saved[0]
+    return load
+
+
+def run_plan(load: str | os.PathLike, plan: str | os.PathLike) -> Path:
+    """Worker side of :func:`reshard`: run the stages of the JSON ``plan`` on this rank."""
+    spec = json.loads(Path(plan).read_text())
+    for stage in spec["stages"]:
+        load = resave(load, stage["checkpoints"], LayoutSpec(**stage["layout"]),
+                      platform=spec["platform"])
+    return Path(load)
 
 
 def _count_tensors(path: Path) -> tuple[int, int]:
@@ -235,18 +284,16 @@ def reshard(input: str | os.PathLike, output: str | os.PathLike, tp: Optional[in
     _check_vocab(source, cfg, derived, dst_layout)
 
     with atomic_output_dir(output, overwrite) as tmp:
-        load = source
+        work = tmp / ".work"
+        work.mkdir()
         if sharding != RESHARDABLE:
-            log(f"flagscale reshard: {source} has '{sharding}' optimizer state (reloads only at "
-                f"{src_layout.describe()}): loading it there, saving it {RESHARDABLE}")
-            load = _run_workers(src_layout, source, tmp / ".source", platform)
-        if load == source or dst_layout != src_layout:
-            log(f"flagscale reshard: loading at {dst_layout.describe()} and saving")
-            load = _run_workers(dst_layout, load, tmp / ".target", platform)
-        for item in load.iterdir():
+            log(f"flagscale reshard: {source} has '{sharding}' optimizer state, which reloads "
+                f"only at its own {src_layout.describe()}")
+        final = _run_stages(_stages(sharding, src_layout, dst_layout, work), source, work,
+                            platform, log)
+        for item in final.iterdir():
             os.replace(item, tmp / item.name)
-        for stage in (".source", ".target"):
-            shutil.rmtree(tmp / stage, ignore_errors=True)
+        shutil.rmtree(work)
         model_tensors, optimizer_tensors = _count_tensors(tmp)
     result = ReshardResult(source, output, src_layout, dst_layout, sharding,
                            int(common.get("iteration", 0)), model_tensors, optimizer_tensors,

@@ -140,7 +140,8 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler, model_config
                     layout) -> dict:
     """Collective: load ``path`` into this rank's model chunks, optimizer and scheduler.
 
-    Returns ``{"iteration", "consumed_samples", "has_optimizer"}``. A model-only checkpoint (e.g.
+    Returns ``{"iteration", "consumed_samples", "has_optimizer", "config"}`` (the saved run's
+    resolved config). A model-only checkpoint (e.g.
     imported from Hugging Face) loads the weights and leaves optimizer and schedule fresh.
     """
     from megatron.core import dist_checkpointing
@@ -148,6 +149,9 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler, model_config
     megatron_fixes.apply_all()
     common = read_run_state(path)
     check_compatible(path, common, model_config)
+    from flagscale.checkpoint.reshard import check_resumable  # it imports this module
+
+    check_resumable(path, common, layout)
     meta = common.get("flagscale") or {}
     has_optimizer = bool(meta.get("has_optimizer", "optimizer" in common))
     sharded = model_sharded_state(model_chunks)
@@ -171,7 +175,7 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler, model_config
         _restore_rng(state["rng_state"])
     return {"iteration": int(common.get("iteration", 0)) if has_optimizer else 0,
             "consumed_samples": int(common.get("consumed_samples", 0)) if has_optimizer else 0,
-            "has_optimizer": has_optimizer}
+            "has_optimizer": has_optimizer, "config": meta.get("config") or {}}
 
 
 def _materialize_optimizer_state(optimizer) -> None:

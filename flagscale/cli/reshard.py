@@ -19,11 +19,10 @@ import argparse
 
 def run_reshard(args) -> int:
     """CLI wrapper of :func:`flagscale.checkpoint.reshard.reshard` (and of its workers)."""
-    from flagscale.checkpoint.reshard import LayoutSpec, reshard, resave
+    from flagscale.checkpoint.reshard import reshard, run_plan
 
     if args.worker:
-        resave(args.input, args.output, LayoutSpec(args.tp, args.pp, args.dp, args.vpp or None),
-               platform=args.platform)
+        run_plan(args.input, args.worker)
         return 0
     reshard(args.input, args.output, tp=args.tp, pp=args.pp, dp=args.dp, vpp=args.vpp,
             overwrite=args.overwrite, platform=args.platform)
@@ -50,5 +49,5 @@ def register(subparsers) -> None:
     p.add_argument("--platform", choices=("auto", "cpu", "cuda"), default=None,
                    help="worker platform (default: the checkpoint config's)")
     # Internal: set on the worker processes the command starts itself.
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker", metavar="PLAN", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run_reshard)
