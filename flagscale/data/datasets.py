@@ -106,9 +106,9 @@ def build_datasets(cfg: Config, layout: Layout, eod: int, cache_dir: Path,
     def is_built_on_rank() -> bool:
         return True
 
-    sizes = [train_samples, valid_samples or None, None]
-    if valid_samples == 0 and len(paths) > 1:
-        sizes[1] = None
+    # 0, not None, for splits the run does not read: megatron-core refuses None sizes for a
+    # weighted blend ("size_is_none => weights_are_none").
+    sizes = [train_samples, valid_samples, 0]
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank, gpt_config)
     train, valid, _ = builder.build()
     if train is None or len(train) < train_samples:

@@ -67,7 +67,6 @@ class TraceReporter(Hook):
         import torch
         from megatron.core import parallel_state
 
-        from flagscale.data.datasets import build_datasets
         from flagscale.data.tokenizer import load_tokenizer
 
         t = self.cfg.train
@@ -79,13 +78,10 @@ class TraceReporter(Hook):
                                  t.global_batch_size)
              for m in range(self.layout.num_microbatches) for j in range(t.micro_batch_size)],
             device=state.platform.device)
-        tokenizer = load_tokenizer(self.cfg.data.tokenizer) if self.cfg.data.tokenizer else None
-        # Collective (megatron's builder barriers), so every rank builds; the loop's build left
-        # the index cache in place, so this only maps it. The writer keeps its copy for reports.
-        train, _ = build_datasets(self.cfg, self.layout, tokenizer.eod if tokenizer else 0,
-                                  self.run_dir / "data_cache")
         if state.is_writer:
-            self.tracer = Tracer(self.cfg, self.layout, train, tokenizer)
+            tokenizer = (load_tokenizer(self.cfg.data.tokenizer) if self.cfg.data.tokenizer
+                         else None)
+            self.tracer = Tracer(self.cfg, self.layout, state.train_dataset, tokenizer)
 
     def on_step_end(self, state, step: StepInfo) -> None:
         import torch

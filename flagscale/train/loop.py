@@ -11,8 +11,10 @@ Everything parallel is megatron-core's: DDP and the distributed optimizer, the p
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
@@ -46,6 +48,8 @@ class TrainState:
     consumed_samples: int = 0
     history: list = field(default_factory=list)
     """Logged records of this process, in order (the loss curve, for callers and tests)."""
+    train_dataset: object = None
+    """The training dataset (megatron-core GPT or blended dataset) the loop reads."""
 
 
 def train(cfg: Config, hooks: Optional[list[Hook]] = None) -> TrainState:
@@ -53,6 +57,9 @@ def train(cfg: Config, hooks: Optional[list[Hook]] = None) -> TrainState:
     platform = setup_platform(cfg.platform)
     rank, world_size = _init_process_group(platform)
     layout = validate(cfg, world_size)
+    # The resolved config records the layout this run really has (dp, vpp), not "whatever fits".
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, dp=layout.dp,
+                                                                vpp=layout.vpp))
     check_training_data(cfg)
     _init_model_parallel(cfg, layout)
     from megatron.core import parallel_state
@@ -75,6 +82,7 @@ def train(cfg: Config, hooks: Optional[list[Hook]] = None) -> TrainState:
         loaded = load_checkpoint(checkpoint, model, optimizer, scheduler, cfg.model, layout)
         state.start_iteration = state.iteration = loaded["iteration"]
         state.consumed_samples = loaded["consumed_samples"]
+        _warn_if_data_order_changed(cfg, loaded["config"], checkpoint)
         if state.is_writer:
             what = "resuming at iteration" if loaded["has_optimizer"] else (
                 "weights only (no optimizer state in it); starting at iteration")
@@ -85,6 +93,7 @@ def train(cfg: Config, hooks: Optional[list[Hook]] = None) -> TrainState:
     train_ds, valid_ds = build_datasets(
         cfg, layout, eod=_eod(cfg), cache_dir=run_dir / "data_cache",
         valid_samples=eval_passes * cfg.train.eval_iterations * cfg.train.global_batch_size)
+    state.train_dataset = train_ds
 
     hooks = (build_metric_hooks(cfg, layout, run_dir) + build_trace_hooks(cfg, layout, run_dir)
              + list(hooks or []))
@@ -237,6 +246,24 @@ def _checkpoint_to_load(cfg: Config, run_dir: Path) -> Optional[Path]:
     if load == "auto":
         return latest_checkpoint(run_dir / "checkpoints")
     return resolve_checkpoint(load)
+
+
+def _warn_if_data_order_changed(cfg: Config, saved: dict, checkpoint: Path) -> None:
+    """megatron-core's GPT dataset shuffles over the run's total sample count: a resume that
+    changes it (more iterations, other skips, batch, sequence, seed, data) reads a different order
+    from the one the checkpoint's run planned, so samples may repeat or be missed."""
+    if not saved:
+        return
+    keys = [("train", k) for k in ("iterations", "global_batch_size", "seq_length", "seed")] + \
+        [("data", k) for k in ("paths", "split", "skip_iterations")]
+    changed = [f"{a}.{b}: {saved.get(a, {}).get(b)!r} -> {getattr(getattr(cfg, a), b)!r}"
+               for a, b in keys if a in saved and b in saved[a]
+               and saved[a][b] != getattr(getattr(cfg, a), b)]
+    if changed:
+        warnings.warn(f"Resuming from {checkpoint} with {'; '.join(changed)}: the data order after "
+                      f"the resume differs from the one the checkpoint's run would have read "
+                      f"(megatron-core shuffles over the total sample count), so some samples may "
+                      f"repeat or be skipped.", stacklevel=2)
 
 
 def _eod(cfg: Config) -> int:

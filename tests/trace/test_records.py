@@ -158,9 +158,6 @@ def test_blended_datasets_name_each_prefix_and_its_source(tmp_path, tiny_corpus,
     assert all(r["source"].endswith("corpus.jsonl.gz") for r in by_dataset[tiny_corpus])
 
 
-@pytest.mark.xfail(strict=True, reason="build_datasets passes None valid/test sizes with a "
-                   "weighted blend; megatron-core 0.16.1 asserts 'size_is_none => "
-                   "weights_are_none'. Drop this mark when it passes 0 instead.")
 def test_weighted_blend_traces_end_to_end(tmp_path, tiny_corpus, tiny_tokenizer, beta_corpus):
     cfg = _config(f"[0.5, {tiny_corpus}, 0.5, {beta_corpus[0]}]", tiny_tokenizer,
                   tmp_path / "run")

@@ -83,7 +83,8 @@ def test_nan_with_the_loss_on_another_rank_than_the_writer(tmp_path, tiny_corpus
                                                            tiny_tokenizer, capsys):
     # pp=2: the loss lives on rank 1, the writer is rank 0. lr 1e30 makes iteration 2's
     # backward overflow (non-finite gradient norm) and iteration 3's loss NaN. parallel.dp is
-    # left out (the world size decides it), so tracing reads it from the final checkpoint.
+    # left out of the config (the world size decides it): tracing with that config reads it from
+    # the final checkpoint, while the run's config.yaml records the resolved dp.
     run_dir, stdout, metrics = _run(tmp_path, tiny_corpus, tiny_tokenizer, {"pp": 2},
                                     {"lr": 1e30, "iterations": 3}, {"spike_factor": 100.0},
                                     save_interval=3)
@@ -95,9 +96,11 @@ def test_nan_with_the_loss_on_another_rank_than_the_writer(tmp_path, tiny_corpus
     assert {r["loss_nonfinite"] for r in nan} == {"nan"} and all(r["loss"] is None for r in nan)
     assert sorted(_row_losses(nan)) == list(range(16, 24))
     assert "iteration 3: loss is nan" in stdout
-    assert load_config(run_dir / "config.yaml").parallel.dp is None
-    assert main(["trace", str(run_dir / "config.yaml"), "--iteration", "3"]) == 0
-    assert [json.loads(x) for x in capsys.readouterr().out.splitlines()] == nan
+    assert load_config(run_dir / "config.yaml").parallel.dp == 1
+    assert load_config(tmp_path / "config.yaml").parallel.dp is None
+    for config in (tmp_path / "config.yaml", run_dir / "config.yaml"):
+        assert main(["trace", str(config), "--iteration", "3"]) == 0
+        assert [json.loads(x) for x in capsys.readouterr().out.splitlines()] == nan
 
 
 def test_spike_detector_waits_for_a_full_window_and_uses_its_median():
