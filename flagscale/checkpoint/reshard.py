@@ -5,8 +5,9 @@ weights included, and make checkpoints whose optimizer state cannot reshard load
     reshard("runs/a/checkpoints", "ckpt/a_tp2", tp=2)      # then: checkpoint.load=ckpt/a_tp2
 
 Why processes and not an offline rewrite: megatron-core alone knows how a layout's DDP buckets and
-distributed-optimizer shards map onto parameters, so each step runs the real engine on CPU worker
-processes (``flagscale.launch.local``), building model, DDP and optimizer exactly as training does:
+distributed-optimizer shards map onto parameters, so each step runs the real engine on local worker
+processes (``flagscale.launch.local``; gloo CPU processes on a machine without GPUs), building
+model, DDP and optimizer exactly as training does:
 
 1. A checkpoint whose distributed-optimizer state is not ``fully_reshardable`` (megatron-core's
    ``dp_reshardable``: flat bucket-space buffers that only reload at the same TP/PP) is loaded at

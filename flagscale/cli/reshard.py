@@ -8,8 +8,9 @@ Rewrite a training checkpoint for another layout, Adam moments and fp32 master w
 The output is saved fully_reshardable (loads at any TP/PP/DP) after loading at the target layout,
 so it is proven to load there. Checkpoints whose distributed-optimizer state only reloads at its
 own TP/PP (megatron-core's dp_reshardable) are first loaded at their own layout. Each step runs
-on tp*pp*dp local worker processes (CPU processes with gloo unless the checkpoint config's platform
-says otherwise). Unset --tp/--pp keep the checkpoint's; unset --dp keeps its world size.
+on tp*pp*dp local worker processes on the checkpoint config's platform (auto: one GPU each where
+GPUs exist, else CPU processes with gloo) unless --platform says otherwise. Unset --tp/--pp keep
+the checkpoint's; unset --dp keeps its world size.
 """
 
 from __future__ import annotations

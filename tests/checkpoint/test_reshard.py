@@ -31,7 +31,7 @@ def _config(tmp: Path, corpus: str, tokenizer: str) -> Path:
                      "iterations": LAST, "lr": 2e-3, "min_lr": 2e-4, "warmup_iterations": 1,
                      "log_interval": 1, "seed": 7},
            "data": {"paths": [corpus], "tokenizer": tokenizer},
-           "checkpoint": {"save_interval": SAVED},
+           "checkpoint": {"save_interval": SAVED, "save_final": False},
            "run": {"dir": str(tmp / "source")}}
     path = tmp / "source.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -150,9 +150,9 @@ def test_failed_reshard_leaves_no_partial_output(source):
     out = source["tmp"] / "good"
     out.mkdir()
     (out / "keep.txt").write_text("previous good output")
-    proc = run_cli("reshard", "--input", broken, "--output", out, "--tp", "2", "--overwrite",
+    proc = run_cli("reshard", "--input", broken, "--output", out, "--dp", "1", "--overwrite",
                    check=False)
     assert proc.returncode == 1
-    assert "resharding worker process(es) at tp=2 pp=1 dp=1 failed" in proc.stderr
+    assert "resharding worker process(es) at tp=1 pp=1 dp=1 failed" in proc.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".good.")]
