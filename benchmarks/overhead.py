@@ -56,11 +56,11 @@ def baseline_step_times(cfg) -> list[float]:
     from flagscale.data.datasets import build_datasets, microbatches
     from flagscale.models import build_model
     from flagscale.platform import setup_platform
-    from flagscale.train.loop import _init_model_parallel
+    from flagscale.train.setup import init_model_parallel
 
     platform = setup_platform(cfg.platform)
     layout = validate(cfg, dist.get_world_size())
-    _init_model_parallel(cfg, layout)
+    init_model_parallel(cfg, layout)
     chunk = build_model(cfg, layout, platform)[0]
     model = DistributedDataParallel(chunk.config, DistributedDataParallelConfig(
         use_distributed_optimizer=True), chunk)
@@ -119,9 +119,9 @@ def worker(iterations: int) -> None:
     import torch.distributed as dist
 
     from flagscale.platform import setup_platform
-    from flagscale.train.loop import _init_process_group
+    from flagscale.train.setup import init_process_group
 
-    _init_process_group(setup_platform("auto"))
+    init_process_group(setup_platform("auto"))
     rank = dist.get_rank()
     with tempfile.TemporaryDirectory() as scratch:
         shared = os.environ.get("FS_BENCH_DIR", scratch)

@@ -309,23 +309,18 @@ def resave(source: str | os.PathLike, checkpoints: str | os.PathLike, layout: La
     optimizer at ``layout`` exactly as training does, load ``source`` (with its own optimizer
     sharding), and save it under ``checkpoints`` with ``sharding``. Returns the saved directory.
     """
-    from flagscale.models import build_model
     from flagscale.platform import setup_platform
-    from flagscale.train.loop import (_build_optimizer, _build_scheduler, _init_model_parallel,
-                                      _init_process_group, _wrap_ddp)
+    from flagscale.train.setup import build_training, init_model_parallel, init_process_group
 
     source = Path(source)
     common = read_run_state(source)
     cfg = layout_config(load_config(base=common["flagscale"]["config"]), layout)
     platform = setup_platform(platform or cfg.platform)
-    _, world_size = _init_process_group(platform)
+    _, world_size = init_process_group(platform)
     derived = validate(cfg, world_size, check_paths=False)
-    _init_model_parallel(cfg, derived)
-    model = [_wrap_ddp(chunk, cfg, derived, platform, i)
-             for i, chunk in enumerate(build_model(cfg, derived, platform))]
-    optimizer = _build_optimizer(cfg, model)
-    scheduler = _build_scheduler(cfg, optimizer)
-    loaded = load_checkpoint(source, model, optimizer, scheduler, cfg.model, derived)
-    return save_checkpoint(Path(checkpoints), loaded["iteration"], model, optimizer, scheduler,
-                           loaded["consumed_samples"], config_to_dict(cfg), derived,
+    init_model_parallel(cfg, derived)
+    t = build_training(cfg, derived, platform)
+    loaded = load_checkpoint(source, t.model, t.optimizer, t.scheduler, cfg.model, derived)
+    return save_checkpoint(Path(checkpoints), loaded["iteration"], t.model, t.optimizer,
+                           t.scheduler, loaded["consumed_samples"], config_to_dict(cfg), derived,
                            optimizer_sharding=sharding)

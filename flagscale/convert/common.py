@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import os
 import shutil
 import tempfile
@@ -78,35 +77,20 @@ def single_process_megatron() -> Iterator[object]:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from flagscale.platform import setup_platform
+    from flagscale.platform import setup_platform, world_of_one
 
     platform = setup_platform("auto")
-    created_group = not dist.is_initialized()
-    if created_group:
-        store_file = tempfile.NamedTemporaryFile(prefix="flagscale-convert-store-", delete=False)
-        store_file.close()
-        dist.init_process_group(platform.backend, store=dist.FileStore(store_file.name, 1),
-                                rank=0, world_size=1)
-    elif dist.get_world_size() != 1:
+    if dist.is_initialized() and dist.get_world_size() != 1:
         raise ConversionError("flagscale convert runs in a single process; it was started inside "
                               f"a {dist.get_world_size()}-process group. Run it without torchrun.")
-    # On CPU the "CUDA" RNG megatron forks is the CPU RNG, so every module construction logs a
-    # spurious "CPU RNG state changed within GPU RNG context"; conversion draws no random weights.
-    rng_log = logging.getLogger("megatron.core.tensor_parallel.random")
-    rng_level = rng_log.level
-    if platform.kind == "cpu":
-        rng_log.setLevel(logging.ERROR)
-    created_parallel = not parallel_state.model_parallel_is_initialized()
-    if created_parallel:
-        parallel_state.initialize_model_parallel(1, 1)
-        # Module construction draws from megatron's model-parallel RNG (weights are replaced after).
-        model_parallel_cuda_manual_seed(0)
-    try:
-        yield platform
-    finally:
-        rng_log.setLevel(rng_level)
+    with world_of_one(platform):
+        created_parallel = not parallel_state.model_parallel_is_initialized()
         if created_parallel:
-            parallel_state.destroy_model_parallel()
-        if created_group:
-            dist.destroy_process_group()
-            os.unlink(store_file.name)
+            parallel_state.initialize_model_parallel(1, 1)
+            # Module construction draws from megatron's model-parallel RNG (weights are replaced).
+            model_parallel_cuda_manual_seed(0)
+        try:
+            yield platform
+        finally:
+            if created_parallel:
+                parallel_state.destroy_model_parallel()

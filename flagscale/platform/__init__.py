@@ -7,6 +7,7 @@ Project code takes its device from the returned :class:`Platform`, never from ``
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -72,3 +73,21 @@ def setup_platform(name: str = "auto") -> Platform:
 def active_platform() -> Platform:
     """The platform set up in this process (sets up ``auto`` when none was)."""
     return _ACTIVE or setup_platform("auto")
+
+
+@contextlib.contextmanager
+def world_of_one(platform: Platform | None = None):
+    """A one-process torch.distributed group for single-process tools (conversion, tracing)
+    that call into megatron-core code asking for ranks; reuses a group that already exists."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    platform = platform or active_platform()
+    dist.init_process_group(platform.backend, store=dist.HashStore(), rank=0, world_size=1,
+                            **({"device_id": platform.device} if platform.kind == "cuda" else {}))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

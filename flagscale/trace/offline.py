@@ -18,6 +18,7 @@ from typing import Iterator, Optional
 
 from flagscale.config import Config, Layout, validate
 from flagscale.errors import CheckpointError, ConfigError
+from flagscale.platform import world_of_one
 from flagscale.trace.records import Tracer
 from flagscale.trace.reports import recorded_losses
 
@@ -68,25 +69,9 @@ def open_tracer(cfg: Config, run_dir: Optional[Path] = None,
     eod = tokenizer.eod if tokenizer else 0
     cache = run_dir / "data_cache"
     with tempfile.TemporaryDirectory(prefix="flagscale-trace-") as scratch:
-        with _world_of_one():
+        with world_of_one():
             train, _ = build_datasets(cfg, layout, eod, cache if cache.is_dir() else Path(scratch))
         yield Tracer(cfg, layout, train, tokenizer)
-
-
-@contextmanager
-def _world_of_one():
-    """An in-memory one-process group while megatron builds datasets: BlendedDataset asks
-    torch.distributed for the rank when its index is not cached yet."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def trace_iterations(cfg: Config, first: int, last: Optional[int] = None,

@@ -12,11 +12,9 @@ Everything parallel is megatron-core's: DDP and the distributed optimizer, the p
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -28,10 +26,10 @@ from flagscale.config import Config, Layout, config_to_dict, dump_config, valida
 from flagscale.data.datasets import (batch_index, build_datasets, check_training_data,
                                      microbatches)
 from flagscale.metrics import build_metric_hooks
-from flagscale.models import build_model, transformer_config
 from flagscale.platform import Platform, setup_platform
 from flagscale.trace import build_trace_hooks
 from flagscale.train.hooks import Hook, StepInfo
+from flagscale.train.setup import build_training, init_model_parallel, init_process_group
 
 
 @dataclass
@@ -55,13 +53,13 @@ class TrainState:
 def train(cfg: Config, hooks: Optional[list[Hook]] = None) -> TrainState:
     """Train ``cfg`` in this process, one rank of a torchrun world (or a world of one)."""
     platform = setup_platform(cfg.platform)
-    rank, world_size = _init_process_group(platform)
+    rank, world_size = init_process_group(platform)
     layout = validate(cfg, world_size)
     # The resolved config records the layout this run really has (dp, vpp), not "whatever fits".
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, dp=layout.dp,
                                                                 vpp=layout.vpp))
     check_training_data(cfg)
-    _init_model_parallel(cfg, layout)
+    init_model_parallel(cfg, layout)
     from megatron.core import parallel_state
 
     run_dir = Path(cfg.run.dir)
@@ -71,11 +69,8 @@ def train(cfg: Config, hooks: Optional[list[Hook]] = None) -> TrainState:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         print(f"flagscale: {platform.describe()}; {layout.describe()}", flush=True)
 
-    model = [_wrap_ddp(chunk, cfg, layout, platform, i) for i, chunk in
-             enumerate(build_model(cfg, layout, platform))]
-    optimizer = _build_optimizer(cfg, model)
-    scheduler = _build_scheduler(cfg, optimizer)
-    _configure_schedule(model, optimizer)
+    built = build_training(cfg, layout, platform)
+    model, optimizer, scheduler = built.model, built.optimizer, built.scheduler
 
     checkpoint = _checkpoint_to_load(cfg, run_dir)
     if checkpoint is not None:
@@ -166,78 +161,6 @@ def train(cfg: Config, hooks: Optional[list[Hook]] = None) -> TrainState:
 
 
 # ---- set-up -------------------------------------------------------------------------------------
-
-def _init_process_group(platform: Platform) -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            # A world of one without a launcher (notebooks, single-process tests).
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 20000))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group(backend=platform.backend, timeout=timedelta(minutes=30),
-                                **({"device_id": platform.device}
-                                   if platform.kind == "cuda" else {}))
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _init_model_parallel(cfg: Config, layout: Layout) -> None:
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp)
-    model_parallel_cuda_manual_seed(cfg.train.seed)
-
-
-def _wrap_ddp(chunk, cfg: Config, layout: Layout, platform: Platform, index: int):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=cfg.model.params_dtype == "bf16",
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-    )
-    # Only the first chunk's buckets are split; later chunks hold one bucket (Megatron's choice).
-    return DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
-                                   disable_bucketing=index > 0)
-
-
-def _build_optimizer(cfg: Config, model):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-    t, bf16 = cfg.train, cfg.model.params_dtype == "bf16"
-    return get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
-        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
-        clip_grad=t.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=cfg.parallel.distributed_optimizer), model)
-
-
-def _build_scheduler(cfg: Config, optimizer):
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    t = cfg.train
-    decay = t.lr_decay_iterations or t.iterations
-    return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
-        lr_warmup_steps=t.warmup_iterations, lr_decay_steps=max(decay, t.warmup_iterations + 1),
-        lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
-        wd_incr_steps=decay, wd_incr_style="constant")
-
-
-def _configure_schedule(model, optimizer) -> None:
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.utils import get_model_config
-
-    config = get_model_config(model[0])
-    config.grad_scale_func = optimizer.scale_loss
-    config.finalize_model_grads_func = finalize_model_grads
-
 
 def _checkpoint_to_load(cfg: Config, run_dir: Path) -> Optional[Path]:
     load = cfg.checkpoint.load

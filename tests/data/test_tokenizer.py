@@ -10,8 +10,7 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from flagscale.config.presets import MODEL_PRESETS
-from flagscale.data import (check_dataset, default_corpus_path, default_tokenizer_path,
-                            load_tokenizer, preprocess)
+from flagscale.data import check_dataset, default_corpus_path, load_tokenizer, preprocess
 from flagscale.errors import DataError
 
 SAMPLES = ["Hello, world.", "白日依山尽，黄河入海流。", "emoji 😀🚀 ok",

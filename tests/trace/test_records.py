@@ -122,7 +122,7 @@ def _weighted_blend(cfg, layout, cache_dir):
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     from flagscale.config import data_prefixes
-    from flagscale.trace.offline import _world_of_one
+    from flagscale.platform import world_of_one
 
     prefixes = data_prefixes(cfg)
     config = GPTDatasetConfig(
@@ -133,7 +133,7 @@ def _weighted_blend(cfg, layout, cache_dir):
                                   unique_identifiers={}),
         eod_mask_loss=False, create_attention_mask=False, mid_level_dataset_surplus=0.005)
     samples = cfg.train.iterations * cfg.train.global_batch_size
-    with _world_of_one():
+    with world_of_one():
         train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [samples, 0, 0], lambda: True,
                                                     config).build()
     return train
