@@ -20,6 +20,7 @@ import yaml
 from flagscale.checkpoint import megatron_fixes
 from flagscale.checkpoint.paths import (complete_checkpoints, iteration_dir, partial_dir,
                                         write_latest)
+from flagscale.config import padded_vocab_size
 from flagscale.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -122,9 +123,11 @@ def read_run_state(path: Path) -> dict:
                               f"a megatron-core torch_dist checkpoint?") from None
 
 
-def check_compatible(path: Path, common: dict, model_config) -> None:
-    """Refuse, before any tensor is read, a checkpoint of another architecture."""
-    saved = (common.get("flagscale") or {}).get("config", {}).get("model", {})
+def check_compatible(path: Path, common: dict, model_config, layout) -> None:
+    """Refuse, before any tensor is read, a checkpoint of another architecture or whose
+    embedding is padded to another size than this layout's."""
+    saved_config = (common.get("flagscale") or {}).get("config", {})
+    saved = saved_config.get("model", {})
     diffs = [f"model.{k}: checkpoint {saved.get(k)}, this run {getattr(model_config, k)}"
              for k in ARCHITECTURE_KEYS
              if k in saved and saved.get(k) != getattr(model_config, k)
@@ -134,6 +137,17 @@ def check_compatible(path: Path, common: dict, model_config) -> None:
         raise CheckpointError(f"{path} holds a different architecture: {'; '.join(diffs)}. Load it "
                               f"with the model config it was trained with (its "
                               f"flagscale_config.yaml).")
+    saved_tp = saved_config.get("parallel", {}).get("tp")
+    if saved_tp and "vocab_size" in saved:
+        rows = padded_vocab_size(saved["vocab_size"],
+                                 saved.get("make_vocab_size_divisible_by", 128), saved_tp)
+        if rows != layout.padded_vocab_size:
+            raise CheckpointError(
+                f"{path} stores its embedding padded to {rows} rows (vocab {saved['vocab_size']} "
+                f"at tp={saved_tp}); this run at tp={layout.tp} pads to "
+                f"{layout.padded_vocab_size} (a multiple of model.make_vocab_size_divisible_by "
+                f"{model_config.make_vocab_size_divisible_by} * tp, Megatron's convention). Choose a "
+                f"tp whose padding gives {rows} rows (tp={saved_tp} does).")
 
 
 def load_checkpoint(path: Path, model_chunks, optimizer, scheduler, model_config,
@@ -148,7 +162,7 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler, model_config
 
     megatron_fixes.apply_all()
     common = read_run_state(path)
-    check_compatible(path, common, model_config)
+    check_compatible(path, common, model_config, layout)
     from flagscale.checkpoint.reshard import check_resumable  # it imports this module
 
     check_resumable(path, common, layout)

@@ -106,3 +106,4 @@ def test_tokenizer_larger_than_the_model_vocabulary_is_refused_before_launch(
                             "data": {"paths": [tiny_corpus], "tokenizer": tiny_tokenizer}})
     assert main(["train", cfg, "--nproc", "1"]) == 1
     assert "has 4096 tokens but model.vocab_size is 1000" in capsys.readouterr().err
+
