@@ -1,12 +1,13 @@
 """Export throughput and peak memory of ``flagscale convert mcore-to-hf`` on a ~1.1B model.
 
-    python benchmarks/convert.py [--workdir /tmp] [--keep]
+    python benchmarks/convert.py [--workdir /tmp] [--keep] [--rounds 3]
 
 Writes a synthetic torch_dist checkpoint of TinyLlama-1.1B's shape (22 layers, hidden 2048, GQA
 32/4, ffn 5632, vocab 32000; bf16, per-layer shards as megatron-core saves them) in a child
-process, then in this process times (1) a plain copy of the checkpoint's files and (2) the export
-to bf16 safetensors (validation skipped: it would build two fp32 copies of the model), sampling
-this process's resident memory. Goals: export time <= 2x the copy; peak memory growth about one
+process, then in this process times, alternately for ``--rounds`` rounds, (1) a plain copy of the
+checkpoint's files and (2) the export to bf16 safetensors (validation skipped: it would build two
+fp32 copies of the model), sampling this process's resident memory. Medians are compared: on a
+shared disk a single pair of timings swings by 2x. Goals: export time <= 2x the copy; peak memory growth about one
 layer, not the model. Everything is deleted afterwards unless --keep.
 """
 
@@ -18,6 +19,7 @@ import multiprocessing as mp
 import os
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -98,6 +100,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default=None, help="scratch directory (default: system temp)")
     parser.add_argument("--keep", action="store_true", help="keep the files for inspection")
+    parser.add_argument("--rounds", type=int, default=3, help="copy/export pairs to time")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="flagscale-bench-convert-", dir=args.workdir))
     try:
@@ -117,16 +120,6 @@ def main(argv=None) -> int:
         ckpt_bytes = _dir_bytes(ckpt)
         print(f"synthetic checkpoint: {ckpt_bytes / 1e9:.2f} GB in {time.perf_counter() - t0:.1f}s")
 
-        # Both timings start with no dirty pages and end once their bytes are on disk: otherwise
-        # whichever runs second pays for the first one's writeback.
-        os.sync()
-        t0 = time.perf_counter()
-        shutil.copytree(ckpt, work / "copy")
-        os.sync()
-        copy_s = time.perf_counter() - t0
-        shutil.rmtree(work / "copy")
-        os.sync()
-
         shape = M.LlamaShape(**{k: SHAPE[k] for k in ("num_layers", "hidden_size",
                                                       "num_attention_heads", "ffn_hidden_size",
                                                       "vocab_size", "num_query_groups")})
@@ -134,20 +127,35 @@ def main(argv=None) -> int:
         vocab_bytes = 2 * SHAPE["vocab_size"] * SHAPE["hidden_size"]
         checkpoint_config(ckpt)  # import megatron-core before the baseline memory is taken
         rss_before = psutil.Process().memory_info().rss
+        copies, exports = [], []
         with RssSampler() as rss:
-            t0 = time.perf_counter()
-            result = mcore_to_hf(ckpt, work / "hf", dtype="bf16", validate=False,
-                                 log=lambda *_: None)
-            os.sync()
-            export_s = time.perf_counter() - t0
+            for _ in range(args.rounds):
+                # Each timing starts with no dirty pages and ends once its bytes are on disk:
+                # otherwise whichever runs second pays for the first one's writeback.
+                os.sync()
+                t0 = time.perf_counter()
+                shutil.copytree(ckpt, work / "copy")
+                os.sync()
+                copies.append(time.perf_counter() - t0)
+                shutil.rmtree(work / "copy")
+                os.sync()
+                t0 = time.perf_counter()
+                result = mcore_to_hf(ckpt, work / "hf", dtype="bf16", validate=False,
+                                     log=lambda *_: None)
+                os.sync()
+                exports.append(time.perf_counter() - t0)
+                shutil.rmtree(work / "hf")
+        copy_s, export_s = statistics.median(copies), statistics.median(exports)
         maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         growth = rss.peak - rss_before
         print(f"model: {result.params / 1e9:.3f}B params, export wrote "
               f"{result.bytes_written / 1e9:.2f} GB "
               f"(checkpoint {ckpt_bytes / 1e9:.2f} GB)")
-        print(f"time (each to durable disk, sync included): export {export_s:.2f}s vs plain copy "
-              f"{copy_s:.2f}s -> "
-              f"{export_s / copy_s:.2f}x (goal <= 2x)")
+        print(f"time (each to durable disk, sync included; median of {args.rounds} alternating "
+              f"rounds): export {export_s:.2f}s vs plain copy {copy_s:.2f}s -> "
+              f"{export_s / copy_s:.2f}x (goal <= 2x); rounds: export "
+              f"{', '.join(f'{t:.2f}' for t in exports)}s, copy "
+              f"{', '.join(f'{t:.2f}' for t in copies)}s")
         print(f"memory: peak RSS {rss.peak / 1e9:.2f} GB (ru_maxrss {maxrss / 1e9:.2f} GB), growth "
               f"during export {growth / 1e9:.3f} GB; largest layer {layer_bytes / 1e9:.3f} GB, "
               f"embedding {vocab_bytes / 1e9:.3f} GB, model {result.bytes_written / 1e9:.2f} GB "
