@@ -246,7 +246,9 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> Layout:
                               f"llama3_8b) or give model.{name} explicitly.")
     for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("train.micro_batch_size",
                        t.micro_batch_size), ("train.global_batch_size", t.global_batch_size),
-                       ("train.seq_length", t.seq_length), ("train.iterations", t.iterations)):
+                       ("train.seq_length", t.seq_length), ("train.iterations", t.iterations),
+                       ("train.log_interval", t.log_interval),
+                       ("train.eval_iterations", t.eval_iterations)):
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}.")
     groups = m.num_query_groups or m.num_attention_heads
@@ -301,6 +303,10 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> Layout:
                           f"{t.global_batch_size} / (micro_batch_size {t.micro_batch_size} * dp "
                           f"{dp})) must be a multiple of parallel.pp ({p.pp}) for the interleaved "
                           f"schedule.")
+    for key, value in (("train.eval_interval", t.eval_interval),
+                       ("checkpoint.save_interval", cfg.checkpoint.save_interval)):
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0 (0 disables it), got {value}.")
     if t.warmup_iterations < 0 or (t.lr_decay_iterations is not None and t.lr_decay_iterations < 1):
         raise ConfigError("train.warmup_iterations must be >= 0 and train.lr_decay_iterations >= 1.")
     if check_paths:
