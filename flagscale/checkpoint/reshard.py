@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from flagscale.checkpoint.paths import complete_checkpoints, resolve_checkpoint
-from flagscale.checkpoint.state import load_checkpoint, read_run_state, save_checkpoint
+from flagscale.checkpoint.state import (check_compatible, load_checkpoint, read_run_state,
+                                        save_checkpoint)
 from flagscale.config import Config, Layout, config_to_dict, load_config, validate
 from flagscale.errors import CheckpointError, ConfigError
 
@@ -43,7 +44,6 @@ LOADABLE_SHARDINGS = ("fully_reshardable", "dp_reshardable", "fully_sharded_mode
                       "dp_zero_gather_scatter")
 # Bucket-space formats: the flat buffers follow one TP/PP/VPP layout's DDP buckets.
 DP_ONLY_SHARDINGS = ("dp_reshardable", "dp_zero_gather_scatter")
-_EMBEDDING = "embedding.word_embeddings.weight"
 
 
 @dataclass(frozen=True)
@@ -170,24 +170,6 @@ def _check_paths_apart(source: Path, output: Path) -> None:
                               f"modified. Write the resharded checkpoint to a separate directory.")
 
 
-def _check_vocab(source: Path, cfg: Config, target: Layout, layout: LayoutSpec) -> None:
-    """A TP change may change the vocabulary padding (a multiple of make_vocab_size_divisible_by
-    * tp rows); stored rows then no longer match the target's embedding, so refuse up front."""
-    from flagscale.convert.reader import CheckpointReader
-
-    reader = CheckpointReader(source)
-    if _EMBEDDING not in reader.tensors:
-        return
-    rows = reader.shape(_EMBEDDING)[0]
-    if rows != target.padded_vocab_size:
-        raise CheckpointError(
-            f"{source} stores a vocabulary padded to {rows} rows ({_EMBEDDING}); at "
-            f"{layout.describe()} the model pads vocab {cfg.model.vocab_size} to "
-            f"{target.padded_vocab_size} (a multiple of model.make_vocab_size_divisible_by "
-            f"{cfg.model.make_vocab_size_divisible_by} * tp {layout.tp}). Choose a tp whose "
-            f"padding is also {rows} rows, or resume at the source's tp.")
-
-
 def _stages(sharding: str, source: LayoutSpec, target: LayoutSpec, work: Path) -> list[dict]:
     """What to load and save, in order: each stage loads the previous one's output (the first:
     the input) at its layout and saves it fully reshardable under its ``checkpoints``."""
@@ -282,7 +264,7 @@ def reshard(input: str | os.PathLike, output: str | os.PathLike, tp: Optional[in
     if sharding != RESHARDABLE:
         check_layout(cfg, src_layout, "Source")
     derived = check_layout(cfg, dst_layout, "Target")
-    _check_vocab(source, cfg, derived, dst_layout)
+    check_compatible(source, common, cfg.model, derived)
 
     with atomic_output_dir(output, overwrite) as tmp:
         work = tmp / ".work"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from flagscale.cli import examples_epilog
 from flagscale.data.inspection import inspect_dataset
 
 
@@ -58,8 +59,7 @@ def register(subparsers) -> None:
     inspect = commands.add_parser(
         "inspect", help="counts, length histogram and one document with its provenance",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n" + "\n".join(line for line in __doc__.splitlines()
-                                         if line.startswith("    flagscale")))
+        epilog=examples_epilog(__doc__))
     inspect.add_argument("prefix", help="dataset prefix (PREFIX.bin/.idx)")
     inspect.add_argument("--document", type=int, default=0, help="document id to show (default 0)")
     inspect.add_argument("--tokenizer", help="decode with this tokenizer instead of the one the "

@@ -17,24 +17,12 @@ import argparse
 import json
 from typing import Optional
 
-from flagscale.config import ModelConfig, load_config
+from flagscale.cli import examples_epilog
+from flagscale.config import ModelConfig, default_seq_length, load_config
 from flagscale.errors import ConfigError
 from flagscale.metrics.devices import PEAK_TFLOPS, canonical_device, resolve_peak
 from flagscale.metrics.flops import CONVENTIONS, count_params, flops_per_token, preset_model
 from flagscale.metrics.throughput import ThroughputMeter
-
-
-# Llama-3.1's rope scaling stretches an 8192-token pretraining context (the original context
-# length megatron-core's RotaryEmbedding assumes for rope_scaling) to 131072.
-_ROPE_SCALING_ORIGINAL_CONTEXT = 8192
-
-
-def default_seq_length(model: ModelConfig) -> int:
-    """The context a preset was pretrained at: ``max_position_embeddings``, or the original
-    8192-token context of long-context variants (Llama-3.1, rope scaling)."""
-    if model.rope_scaling_factor:
-        return min(model.max_position_embeddings, _ROPE_SCALING_ORIGINAL_CONTEXT)
-    return model.max_position_embeddings
 
 
 def flops_report(model: ModelConfig, seq_length: int, tp: int = 1, convention: str = "megatron",
@@ -145,8 +133,7 @@ def register(subparsers) -> None:
         "flops", help="parameters, FLOPs per token and MFU of a model",
         description="Parameters and training FLOPs per token of a model, and the MFU of a run.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n" + "\n".join(line for line in __doc__.splitlines()
-                                         if line.startswith("    flagscale")))
+        epilog=examples_epilog(__doc__))
     parser.add_argument("config", nargs="?", help="run config YAML")
     parser.add_argument("--model", help="model preset instead of a config (e.g. llama3_8b)")
     parser.add_argument("--seq-len", type=int, help="sequence length (default: the config's, or "

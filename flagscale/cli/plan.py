@@ -19,8 +19,8 @@ import argparse
 import json
 from typing import Optional
 
-from flagscale.cli.flops import default_seq_length
-from flagscale.config import Config, load_config
+from flagscale.cli import examples_epilog
+from flagscale.config import Config, default_seq_length, load_config
 from flagscale.errors import ConfigError
 from flagscale.plan import DEVICE_MEMORY_GIB, Plan, format_plan, plan_layouts
 
@@ -65,8 +65,7 @@ def register(subparsers) -> None:
         description="Enumerate tensor/pipeline/data-parallel layouts of a model on N GPUs and "
                     "estimate weights, gradients, optimizer state and activations per GPU.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n" + "\n".join(line for line in __doc__.splitlines()
-                                         if line.startswith("    flagscale")))
+        epilog=examples_epilog(__doc__))
     parser.add_argument("config", nargs="?", help="run config YAML")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.recompute=full")
     parser.add_argument("--model", help="model preset instead of a config (e.g. aquila2_34b)")

@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 
+from flagscale.cli import examples_epilog
 from flagscale.data.preprocess import PreprocessResult, preprocess
 from flagscale.data.tokenizer import load_tokenizer
 
@@ -56,8 +57,7 @@ def register(subparsers) -> None:
         description="Tokenize JSONL / text files into megatron-core .bin/.idx with a provenance "
                     "sidecar and a file of rejected lines.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n" + "\n".join(line for line in __doc__.splitlines()
-                                         if line.startswith("    flagscale")))
+        epilog=examples_epilog(__doc__))
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE",
                         help="input files (*.jsonl, *.txt, optionally .gz), in document order")
     parser.add_argument("--output-prefix", required=True, metavar="PREFIX",

@@ -7,6 +7,11 @@ minute, yet with GQA, SwiGLU and RoPE so every code path of the large models run
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flagscale.config.schema import ModelConfig
+
 MODEL_PRESETS: dict[str, dict] = {
     "tiny": dict(num_layers=4, hidden_size=128, num_attention_heads=4, num_query_groups=2,
                  ffn_hidden_size=352, vocab_size=4096, max_position_embeddings=256,
@@ -52,3 +57,16 @@ MODEL_PRESETS: dict[str, dict] = {
                        ffn_hidden_size=14336, vocab_size=32000, max_position_embeddings=4096,
                        rope_theta=10000.0),
 }
+
+
+# Llama-3.1's rope scaling stretches an 8192-token pretraining context (the original context
+# length megatron-core's RotaryEmbedding assumes for rope_scaling) to 131072.
+_ROPE_SCALING_ORIGINAL_CONTEXT = 8192
+
+
+def default_seq_length(model: ModelConfig) -> int:
+    """The context a preset was pretrained at: ``max_position_embeddings``, or the original
+    8192-token context of long-context variants (Llama-3.1, rope scaling)."""
+    if model.rope_scaling_factor:
+        return min(model.max_position_embeddings, _ROPE_SCALING_ORIGINAL_CONTEXT)
+    return model.max_position_embeddings

@@ -7,13 +7,13 @@ writes files checks ``state.is_writer`` itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
 @dataclass
 class StepInfo:
-    """What one finished optimizer step reports. Tensors stay on device until a log interval."""
+    """What one finished optimizer step reports; tensors stay on the device."""
 
     iteration: int
     """1-based iteration just completed."""
@@ -23,15 +23,13 @@ class StepInfo:
     """Samples consumed by the whole run after this step."""
     lr: float
     """Learning rate used by this step."""
-    loss: Any = None
-    """Mean loss of the step as a 0-dim device tensor (None on ranks without the loss)."""
     grad_norm: Any = None
     """Global gradient norm (float), None when not computed."""
     skipped: bool = False
     """The optimizer skipped the step (non-finite gradients)."""
     sample_losses: Any = None
-    """Per-sample losses of this rank's rows (device tensor) for tracing, when recorded."""
-    extra: dict = field(default_factory=dict)
+    """Per-row losses of this rank's microbatches, in order, as a device tensor; None on ranks
+    that do not compute the loss (not the last pipeline stage, or TP rank > 0)."""
 
 
 class Hook:

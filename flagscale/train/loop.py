@@ -119,17 +119,14 @@ def train(cfg: Config, hooks: Optional[list[Hook]] = None) -> TrainState:
         updated, grad_norm, _ = optimizer.step()
         if updated:
             scheduler.step(increment=1)
-        step_loss = _sum_losses(reduced, platform.device) if holds_loss else None
-        if step_loss is not None:
-            interval += step_loss
+        if holds_loss:
+            interval += _sum_losses(reduced, platform.device)
         state.iteration = it + 1
         state.consumed_samples += cfg.train.global_batch_size
         if grad_norm is not None:
             grad_norms.append(float(grad_norm))
         step = StepInfo(iteration=state.iteration, step_time_s=time.perf_counter() - start,
-                        consumed_samples=state.consumed_samples, lr=lr,
-                        loss=None if step_loss is None else step_loss[0] / step_loss[1],
-                        grad_norm=grad_norm, skipped=not updated,
+                        consumed_samples=state.consumed_samples, lr=lr, grad_norm=grad_norm, skipped=not updated,
                         sample_losses=_sample_losses(reduced) if holds_loss else None)
         for hook in hooks:
             hook.on_step_end(state, step)
