@@ -51,8 +51,8 @@ class Trainer:
         check_training_data(cfg)
         init_model_parallel(cfg, self.layout)
         self.run_dir = Path(cfg.run.dir)
+        # The one place that decides which rank writes the run's files and prints its progress.
         self.is_writer = rank == 0
-        """This rank writes the run's files and prints its progress; the one place that says so."""
         if self.is_writer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -170,15 +170,16 @@ class Trainer:
         it, then let them write it."""
         import torch.distributed as dist
 
-        ratios = [name for name, (reduce, _) in self._metrics.items() if reduce == "ratio"]
-        totals = (torch.stack([self._metrics[name][1] for name in ratios]) if ratios else None)
-        if totals is not None:
+        ratios = {name: value for name, (reduce, value) in self._metrics.items()
+                  if reduce == "ratio"}
+        if ratios:
+            totals = torch.stack(list(ratios.values()))
             dist.all_reduce(totals)
-            reduced_ratios = dict(zip(ratios, totals.tolist()))
+            ratios = dict(zip(ratios, totals.tolist()))
         metrics = {"iteration": self.iteration}
         for name, (reduce, value) in self._metrics.items():
             if reduce == "ratio":
-                numerator, denominator = reduced_ratios[name]
+                numerator, denominator = ratios[name]
                 value = numerator / denominator if denominator else float("nan")
             elif reduce == "mean":
                 value = sum(value) / len(value) if value else None

@@ -5,7 +5,6 @@ import json
 import struct
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
