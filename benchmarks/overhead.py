@@ -4,8 +4,8 @@
 
 Both loops train the same tiny model (examples/tiny/config.yaml, same weights, same global
 samples read from the same indexed dataset) on the same processes, alternating
-baseline / flagscale twice, in one run. A flagscale step is timed from one ``on_step_end`` to the
-next, so it includes everything the loop does per iteration (metrics hooks, console and
+baseline / flagscale twice, in one run. A flagscale step is timed from one ``post_step`` to the
+next, so it includes everything the loop does per iteration (callbacks, console and
 metrics.jsonl logging); the baseline step is zero-grad, forward/backward, optimizer step and
 one loss all-reduce. Printed: median step times and their ratio (goal: at most 1.03), with
 metrics logged every iteration and every 10.
@@ -101,17 +101,19 @@ def baseline_step_times(cfg) -> list[float]:
 
 
 def flagscale_step_times(cfg) -> list[float]:
-    """flagscale's loop with its metrics hooks; one step = one on_step_end to the next."""
-    from flagscale.train.hooks import Hook
-    from flagscale.train.loop import train
+    """flagscale's loop with its callbacks; one step = one post_step to the next."""
+    from flagscale.train.callbacks import Callback
+    from flagscale.train.trainer import Trainer
 
     stamps: list[float] = []
 
-    class Stamp(Hook):
-        def on_step_end(self, state, step):
+    class Stamp(Callback):
+        priority = -1000  # after every other post_step, so a step holds all of their work
+
+        def post_step(self, step):
             stamps.append(time.perf_counter())
 
-    train(cfg, hooks=[Stamp()])
+    Trainer(cfg, callbacks=[Stamp()]).fit()
     return [b - a for a, b in zip(stamps, stamps[1:])][WARMUP - 1:]
 
 

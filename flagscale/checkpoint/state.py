@@ -65,8 +65,12 @@ def _rng_object(layout):
 def save_checkpoint(checkpoints: Path, iteration: int, model_chunks, optimizer, scheduler,
                     consumed_samples: int, config: dict, layout,
                     keep_last: Optional[int] = None,
-                    optimizer_sharding: str = "fully_reshardable") -> Path:
+                    optimizer_sharding: str = "fully_reshardable",
+                    callbacks: Optional[dict] = None) -> Path:
     """Collective: every rank calls it. Returns the final directory once it is complete.
+
+    ``callbacks`` is the training loop's callback state (picklable, rank 0's copy is saved);
+    :func:`load_checkpoint` returns it.
 
     ``optimizer_sharding`` is megatron-core's distributed-optimizer sharding type; anything but
     the default ``fully_reshardable`` (e.g. ``dp_reshardable``) only reloads at the same TP/PP.
@@ -90,6 +94,7 @@ def save_checkpoint(checkpoints: Path, iteration: int, model_chunks, optimizer, 
     sharded["iteration"] = iteration
     sharded["consumed_samples"] = consumed_samples
     sharded["scheduler"] = scheduler.state_dict()
+    sharded["callbacks"] = callbacks or {}
     sharded["flagscale"] = {"format": FORMAT_VERSION, "config": config,
                             "layout": _layout_tuple(layout), "has_optimizer": True}
     dist_checkpointing.save(sharded, str(partial), content_metadata=sharding)
@@ -154,9 +159,10 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler, model_config
                     layout) -> dict:
     """Collective: load ``path`` into this rank's model chunks, optimizer and scheduler.
 
-    Returns ``{"iteration", "consumed_samples", "has_optimizer", "config"}`` (the saved run's
-    resolved config). A model-only checkpoint (e.g.
-    imported from Hugging Face) loads the weights and leaves optimizer and schedule fresh.
+    Returns ``{"iteration", "consumed_samples", "has_optimizer", "config", "callbacks"}`` (the
+    saved run's resolved config and its callback state, {} when it has none). A model-only
+    checkpoint (e.g. imported from Hugging Face) loads the weights and leaves optimizer and
+    schedule fresh.
     """
     from megatron.core import dist_checkpointing
 
@@ -189,7 +195,8 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler, model_config
         _restore_rng(state["rng_state"])
     return {"iteration": int(common.get("iteration", 0)) if has_optimizer else 0,
             "consumed_samples": int(common.get("consumed_samples", 0)) if has_optimizer else 0,
-            "has_optimizer": has_optimizer, "config": meta.get("config") or {}}
+            "has_optimizer": has_optimizer, "config": meta.get("config") or {},
+            "callbacks": common.get("callbacks") or {}}
 
 
 def _materialize_optimizer_state(optimizer) -> None:

@@ -22,7 +22,7 @@ def run_train(config: str, overrides: list[str], nproc: int | None = None,
     """Validate ``config`` + ``overrides``, then train (as a worker) or launch local workers."""
     cfg = load_config(config, overrides)
     if "RANK" in os.environ:
-        from flagscale.train.loop import train
+        from flagscale.train.trainer import train
 
         train(cfg)
         return 0

@@ -1,7 +1,8 @@
 """FLOPs, throughput and MFU accounting, and the metrics loggers.
 
-The training loop calls :func:`build_metric_hooks` once and runs the returned hooks in order: the
-:class:`ThroughputMeter` fills each record's throughput keys, then the writers write it.
+The training loop builds a :class:`ThroughputMeter` (:func:`build_throughput_meter`) and the
+loggers of its config (:func:`build_loggers`) on the writer rank; its callbacks feed the meter step
+times and hand every finished record to each logger.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from flagscale.metrics.loggers import (ConsoleLogger, JsonlLogger, TensorBoardLo
 from flagscale.metrics.throughput import ThroughputMeter, memory_usage
 
 __all__ = ["CONVENTIONS", "PEAK_TFLOPS", "ConsoleLogger", "FlopsEstimate", "JsonlLogger",
-           "ParamCount", "TensorBoardLogger", "ThroughputMeter", "WandbLogger",
-           "build_metric_hooks",
+           "ParamCount", "TensorBoardLogger", "ThroughputMeter", "WandbLogger", "build_loggers",
            "build_throughput_meter", "canonical_device", "count_params", "flops_for_config",
            "flops_per_token", "memory_usage", "padded_vocab", "peak_tflops", "preset_model",
            "resolve_peak"]
@@ -33,18 +33,18 @@ def build_throughput_meter(cfg, layout) -> ThroughputMeter:
                            peak_tflops=peak, device=device, peak_missing_reason=why)
 
 
-def build_metric_hooks(cfg, layout, run_dir: Path) -> list:
-    """The hooks that turn step reports into metrics records and write them, in order.
+def build_loggers(cfg, run_dir: Path) -> list:
+    """The loggers a run's config asks for: console and ``metrics.jsonl`` always, then wandb and
+    TensorBoard when enabled.
 
-    Raises :class:`~flagscale.errors.ConfigError` up front for a configured device without a known
-    peak or TensorBoard requested but not installed.
+    Raises :class:`~flagscale.errors.ConfigError` up front for TensorBoard requested but not
+    installed.
     """
     run_dir = Path(run_dir)
-    hooks = [build_throughput_meter(cfg, layout), ConsoleLogger(),
-             JsonlLogger(run_dir / "metrics.jsonl")]
+    loggers = [ConsoleLogger(cfg.train.iterations), JsonlLogger(run_dir / "metrics.jsonl")]
     if cfg.metrics.wandb:
-        hooks.append(WandbLogger(cfg.metrics.wandb_project, run_name(run_dir, cfg.run.name),
-                                 config_to_dict(cfg), run_dir))
+        loggers.append(WandbLogger(cfg.metrics.wandb_project, run_name(run_dir, cfg.run.name),
+                                   config_to_dict(cfg), run_dir))
     if cfg.metrics.tensorboard:
-        hooks.append(TensorBoardLogger(run_dir / "tensorboard"))
-    return hooks
+        loggers.append(TensorBoardLogger(run_dir / "tensorboard"))
+    return loggers

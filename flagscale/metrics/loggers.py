@@ -1,8 +1,11 @@
 """Writers of the per-interval metrics record: console, ``metrics.jsonl``, wandb, TensorBoard.
 
-All writers receive the same record (a flat dict) through the training-loop hook ``on_log``, after
-the loop and :class:`~flagscale.metrics.throughput.ThroughputMeter` have filled it, and only the
-writer rank writes.
+Every logger has the same three methods: ``open(start_iteration)`` once before training,
+``write(record)`` for each record (a flat dict whose ``iteration`` key says which step it ends),
+and ``close(failed)`` once at the end, also after a crash. The training loop builds them with
+:func:`flagscale.metrics.build_loggers` on the writer rank only and drives them from a callback;
+nothing here knows about the loop. Adding a logger is one class here plus one line in
+``build_loggers``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from pathlib import Path
 from typing import Optional
 
 from flagscale.errors import ConfigError
-from flagscale.train.hooks import Hook
 
 
 def _fmt(value, spec: str) -> str:
@@ -30,31 +32,40 @@ def scalars(record: dict) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
-class ConsoleLogger(Hook):
-    """One line per log interval on the writer rank."""
+class ConsoleLogger:
+    """One line per record on stdout."""
 
-    def on_log(self, state, record: dict) -> None:
-        if not state.is_writer:
-            return
-        parts = [f"iter {record['iteration']:>6d}/{state.cfg.train.iterations}",
-                 f"loss {_fmt(record.get('loss'), '.4f')}",
-                 f"lr {_fmt(record.get('lr'), '.3e')}",
-                 f"grad_norm {_fmt(record.get('grad_norm'), '.3f')}",
-                 f"step {_fmt(record.get('step_time_s'), '.3f')}s",
-                 f"tok/s/gpu {_fmt(record.get('tokens_per_sec_per_gpu'), ',.0f')}",
-                 f"TFLOP/s/gpu {_fmt(record.get('tflops_per_gpu'), '.4g')}"]
+    def __init__(self, iterations: int):
+        self.iterations = iterations
+
+    def open(self, start_iteration: int) -> None:
+        pass
+
+    def write(self, record: dict) -> None:
+        parts = [f"iter {record['iteration']:>6d}/{self.iterations}",
+                 f"loss {_fmt(record.get('loss'), '.4f')}"]
+        if "valid_loss" in record:
+            parts.append(f"valid_loss {_fmt(record['valid_loss'], '.4f')}")
+        parts += [f"lr {_fmt(record.get('lr'), '.3e')}",
+                  f"grad_norm {_fmt(record.get('grad_norm'), '.3f')}",
+                  f"step {_fmt(record.get('step_time_s'), '.3f')}s",
+                  f"tok/s/gpu {_fmt(record.get('tokens_per_sec_per_gpu'), ',.0f')}",
+                  f"TFLOP/s/gpu {_fmt(record.get('tflops_per_gpu'), '.4g')}"]
         if record.get("mfu") is not None:
             parts.append(f"MFU {100 * record['mfu']:.3g}%")
         if record.get("memory_gib") is not None:
             parts.append(f"mem {record['memory_gib']:.2f}GiB")
         print(" | ".join(parts), file=sys.stdout, flush=True)
 
+    def close(self, failed: bool = False) -> None:
+        pass
 
-class JsonlLogger(Hook):
+
+class JsonlLogger:
     """Appends one JSON object per log interval to ``run.dir/metrics.jsonl``.
 
     Lines are flushed as they are written, so a crashed run keeps every interval it logged. At
-    start, records past the iteration the run starts from are dropped (they belong to work after
+    open, records past the iteration the run starts from are dropped (they belong to work after
     the checkpoint that is about to be redone), so the file always holds one history.
     """
 
@@ -62,36 +73,35 @@ class JsonlLogger(Hook):
         self.path = Path(path)
         self._file = None
 
-    def on_train_start(self, state) -> None:
-        if not state.is_writer:
-            return
+    def open(self, start_iteration: int) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("iteration", 0) <= state.start_iteration]
+                    if line.strip() and json.loads(line).get("iteration", 0) <= start_iteration]
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)
         self._file = open(self.path, "a", buffering=1)
 
-    def on_log(self, state, record: dict) -> None:
+    def write(self, record: dict) -> None:
         if self._file is not None:
             clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                      for k, v in record.items()}
             self._file.write(json.dumps(clean) + "\n")
 
-    def on_train_end(self, state) -> None:
+    def close(self, failed: bool = False) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
 
 
-class WandbLogger(Hook):
+class WandbLogger:
     """Logs every record to Weights & Biases, keyed by iteration.
 
     Offline (files under ``run.dir/wandb``, upload later with ``wandb sync``) unless
     ``WANDB_API_KEY`` is set or ``WANDB_MODE`` says otherwise. The run id is kept in
-    ``run.dir/wandb/run_id`` so a resumed run continues the same W&B run.
+    ``run.dir/wandb/run_id`` so a resumed run continues the same W&B run. A crashed run is
+    finished with exit code 1, so W&B marks it failed instead of leaving it running.
     """
 
     def __init__(self, project: str, name: str, config: dict, run_dir: Path):
@@ -101,9 +111,7 @@ class WandbLogger(Hook):
         self.run_dir = Path(run_dir)
         self.run = None
 
-    def on_train_start(self, state) -> None:
-        if not state.is_writer:
-            return
+    def open(self, start_iteration: int) -> None:
         import wandb
 
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY")
@@ -122,15 +130,15 @@ class WandbLogger(Hook):
                               config=self.config, dir=str(self.run_dir), mode=mode,
                               settings=settings)
 
-    def on_log(self, state, record: dict) -> None:
+    def write(self, record: dict) -> None:
         if self.run is not None:
             values = scalars(record)
             step = int(values.pop("iteration"))
             self.run.log(values, step=step)
 
-    def on_train_end(self, state) -> None:
+    def close(self, failed: bool = False) -> None:
         if self.run is not None:
-            self.run.finish()
+            self.run.finish(exit_code=1 if failed else 0)
             self.run = None
 
 
@@ -145,7 +153,7 @@ def tensorboard_writer_class():
     return SummaryWriter
 
 
-class TensorBoardLogger(Hook):
+class TensorBoardLogger:
     """Writes every numeric entry of the record as a scalar under ``run.dir/tensorboard``."""
 
     def __init__(self, log_dir: Path):
@@ -153,11 +161,10 @@ class TensorBoardLogger(Hook):
         self._writer_class = tensorboard_writer_class()
         self._writer = None
 
-    def on_train_start(self, state) -> None:
-        if state.is_writer:
-            self._writer = self._writer_class(log_dir=str(self.log_dir))
+    def open(self, start_iteration: int) -> None:
+        self._writer = self._writer_class(log_dir=str(self.log_dir))
 
-    def on_log(self, state, record: dict) -> None:
+    def write(self, record: dict) -> None:
         if self._writer is not None:
             values = scalars(record)
             step = int(values.pop("iteration"))
@@ -165,7 +172,7 @@ class TensorBoardLogger(Hook):
                 self._writer.add_scalar(key, value, step)
             self._writer.flush()
 
-    def on_train_end(self, state) -> None:
+    def close(self, failed: bool = False) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -2,11 +2,13 @@
 
 Definitions (REFERENCE section 3):
 
-- ``step_time_s``: mean wall time of the optimizer steps of the interval, as reported by the loop.
-  The first ``warmup_steps`` (default 1) steps after the run starts or resumes are left out of every
-  average: they include allocator warm-up, kernel autotuning and first-touch data loading, and a
-  single one of them can be several times a normal step. An interval holding only such steps reports
-  ``null`` throughput; ``timed_steps`` says how many steps each average covers.
+- ``step_time_s``: mean wall time of the steps of the interval, as measured by whoever feeds
+  :meth:`ThroughputMeter.add_step` (the training loop's throughput callback says what a step's
+  wall time covers). The first ``warmup_steps`` (default 1) steps after the run starts or resumes
+  are left out of every average: they include allocator warm-up, kernel autotuning and first-touch
+  data loading, and a single one of them can be several times a normal step. An interval holding
+  only such steps reports ``null`` throughput; ``timed_steps`` says how many steps each average
+  covers.
 - ``tokens_per_sec_per_gpu`` = global_batch * seq_length / (step_time_s * world_size): every rank of
   the world (TP*PP*CP*DP) is a GPU, so figures compare across layouts and with published numbers.
 - ``tflops_per_gpu`` = model FLOPs per token (Megatron convention, no recomputation) *
@@ -28,7 +30,6 @@ from typing import Optional
 import torch
 
 from flagscale.metrics.flops import FlopsEstimate
-from flagscale.train.hooks import Hook, StepInfo
 
 _GIB = float(1 << 30)
 
@@ -43,8 +44,9 @@ def memory_usage() -> dict[str, float]:
     return {"memory_gib": psutil.Process().memory_info().rss / _GIB}
 
 
-class ThroughputMeter(Hook):
-    """Adds step time, throughput, FLOP rates, MFU/HFU and memory to each metrics record."""
+class ThroughputMeter:
+    """Turns the step times of each log interval into step time, throughput, FLOP rates, MFU/HFU
+    and memory."""
 
     def __init__(self, tokens_per_step: int, world_size: int, flops: FlopsEstimate,
                  peak_tflops: Optional[float], device: Optional[str] = None,
@@ -59,20 +61,23 @@ class ThroughputMeter(Hook):
         self._first_timed = 1 + warmup_steps
         self._times: list[float] = []
 
-    def on_train_start(self, state) -> None:
-        self._first_timed = state.start_iteration + 1 + self.warmup_steps
+    def start(self, start_iteration: int) -> None:
+        """A run starts (or resumes) after ``start_iteration``: its first steps are warm-up.
+        Warns once when MFU cannot be reported."""
+        self._first_timed = start_iteration + 1 + self.warmup_steps
         self._times = []
-        if self.peak_tflops is None and state.is_writer:
+        if self.peak_tflops is None:
             warnings.warn(f"MFU will not be reported: {self.peak_missing_reason}.", stacklevel=2)
 
-    def on_step_end(self, state, step: StepInfo) -> None:
-        if step.iteration >= self._first_timed:
-            self._times.append(step.step_time_s)
+    def add_step(self, iteration: int, step_time_s: float) -> None:
+        """The wall time of 1-based ``iteration`` (ignored while warming up)."""
+        if iteration >= self._first_timed:
+            self._times.append(step_time_s)
 
-    def on_log(self, state, record: dict) -> None:
+    def end_interval(self) -> dict:
+        """The throughput and memory keys of the interval since the last call; starts the next."""
         times, self._times = self._times, []
-        record.update(self.interval_metrics(times))
-        record.update(memory_usage())
+        return {**self.interval_metrics(times), **memory_usage()}
 
     def interval_metrics(self, step_times: list[float]) -> dict:
         """The throughput keys of a record for an interval whose timed steps took ``step_times``."""

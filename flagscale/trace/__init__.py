@@ -3,14 +3,14 @@ iteration was made of, offline (``flagscale trace``) and automatically at loss s
 
     for record in trace_iterations(load_config("runs/x/config.yaml"), 7):
         ...
-    hooks = build_trace_hooks(cfg, layout, run_dir)    # the training loop's spike watcher
+    detector = SpikeDetector(factor, window, on_nan)   # the training loop's spike callback uses it
 """
 
 from flagscale.trace.offline import open_tracer, resolve_dp, trace_iterations
 from flagscale.trace.records import Span, Tracer
-from flagscale.trace.reports import recorded_losses, report_path, write_report
-from flagscale.trace.spikes import SpikeDetector, TraceReporter, build_trace_hooks
+from flagscale.trace.reports import recorded_losses, report_path, write_report, write_spike_report
+from flagscale.trace.spikes import SpikeDetector, check_trace_config
 
-__all__ = ["Span", "SpikeDetector", "TraceReporter", "Tracer", "build_trace_hooks",
-           "open_tracer", "recorded_losses", "report_path", "resolve_dp", "trace_iterations",
-           "write_report"]
+__all__ = ["Span", "SpikeDetector", "Tracer", "check_trace_config", "open_tracer",
+           "recorded_losses", "report_path", "resolve_dp", "trace_iterations", "write_report",
+           "write_spike_report"]

@@ -1,7 +1,8 @@
 """Trace report files: ``run.dir/traces/iter_XXXXXXX.jsonl``, one trace record per line.
 
-Written by the training-time spike watcher (:mod:`flagscale.trace.spikes`) with each row's loss;
-read back by ``flagscale trace`` to attach those losses to the records it recomputes.
+Written at a loss spike (:func:`write_spike_report`, called by the training loop's spike callback)
+with each row's loss; read back by ``flagscale trace`` to attach those losses to the records it
+recomputes.
 """
 
 from __future__ import annotations
@@ -67,3 +68,21 @@ def top_rows(records: list[dict], count: int = 3) -> list[list[dict]]:
         return math.inf if "loss_nonfinite" in first else (first.get("loss") or -math.inf)
 
     return sorted(rows.values(), key=badness, reverse=True)[:count]
+
+
+def write_spike_report(tracer, run_dir: Path, iteration: int,
+                       losses: list[float]) -> tuple[Path, str]:
+    """Write the trace report of ``iteration``, whose global batch's rows had ``losses`` (in
+    global-sample order). Returns its path and a description of its highest-loss rows."""
+    first = min(g for *_, g in tracer.rows(iteration))
+    records = tracer.records(iteration, {first + i: v for i, v in enumerate(losses)})
+    path = write_report(report_path(run_dir, iteration), records)
+    return path, "; ".join(_describe_row(row) for row in top_rows(records))
+
+
+def _describe_row(row: list[dict]) -> str:
+    first = row[0]
+    loss = first.get("loss_nonfinite") or f"{first.get('loss'):.4f}"
+    where = ", ".join(f"{r['source']}:{r['line']}" if r["source"] else
+                      f"{r['dataset']} document {r['document']}" for r in row)
+    return f"sample {first['global_sample']} (loss {loss}): {where}"

@@ -1,1 +1,3 @@
-"""The training loop, learning-rate schedule, hooks and checkpoint orchestration."""
+"""The training loop (:mod:`flagscale.train.trainer`), its callbacks
+(:mod:`flagscale.train.callbacks`), and the set-up shared with resharding
+(:mod:`flagscale.train.setup`)."""

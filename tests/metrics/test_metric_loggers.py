@@ -1,45 +1,42 @@
-"""The writers: metrics.jsonl and a real offline wandb run hold what the hooks logged."""
+"""The loggers: metrics.jsonl, the console, a real offline wandb run and TensorBoard event files
+hold what was logged."""
 
 import json
 import struct
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from flagscale.config import load_config, validate
-from flagscale.metrics import build_metric_hooks
-from flagscale.train.hooks import StepInfo
+from flagscale.metrics import build_loggers, build_throughput_meter
 
 CONTRACT_KEYS = {"iteration", "loss", "lr", "grad_norm", "step_time_s", "tokens_per_sec_per_gpu",
                  "tflops_per_gpu", "mfu", "consumed_samples"}
 
 
-def _train_like_the_loop(run_dir: Path, overrides=(), iterations=6, log_every=2) -> list[dict]:
-    """Call every metric hook in the order the loop does, with records the loop would pre-fill."""
+def _train_like_the_loop(run_dir: Path, overrides=(), iterations=6, log_every=2,
+                         failed=False) -> list[dict]:
+    """Drive a run's meter and loggers as the training loop's callbacks do, with records the loop
+    would pre-fill."""
     cfg = load_config(None, ["model.preset=tiny", f"run.dir={run_dir}", "metrics.peak_tflops=100",
                              f"train.iterations={iterations}", *overrides])
     layout = validate(cfg, 2, check_paths=False)
-    hooks = build_metric_hooks(cfg, layout, run_dir)
-    state = SimpleNamespace(cfg=cfg, layout=layout, is_writer=True, run_dir=run_dir,
-                            start_iteration=0)
-    for hook in hooks:
-        hook.on_train_start(state)
+    meter, loggers = build_throughput_meter(cfg, layout), build_loggers(cfg, run_dir)
+    meter.start(0)
+    for logger in loggers:
+        logger.open(0)
     records = []
     for it in range(1, iterations + 1):
-        step = StepInfo(iteration=it, step_time_s=2.0 if it == 1 else 0.5,
-                        consumed_samples=8 * it, lr=1e-3)
-        for hook in hooks:
-            hook.on_step_end(state, step)
+        meter.add_step(it, 2.0 if it == 1 else 0.5)
         if it % log_every == 0:
             record = {"iteration": it, "loss": 5.0 - 0.1 * it, "lr": 1e-3, "grad_norm": 0.75,
-                      "consumed_samples": 8 * it}
-            for hook in hooks:
-                hook.on_log(state, record)
+                      "consumed_samples": 8 * it, **meter.end_interval()}
+            for logger in loggers:
+                logger.write(record)
             records.append(record)
-    for hook in hooks:
-        hook.on_train_end(state)
+    for logger in loggers:
+        logger.close(failed=failed)
     return records
 
 
@@ -80,12 +77,14 @@ def _wandb_records(path: Path) -> list:
     return records
 
 
-def test_wandb_offline_run_holds_logged_metrics(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failed", [False, True], ids=["finished", "crashed"])
+def test_wandb_offline_run_holds_logged_metrics(tmp_path, monkeypatch, failed):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     run_dir = tmp_path / "tiny_run"
     records = _train_like_the_loop(run_dir, ["metrics.wandb=true",
-                                             "metrics.wandb_project=flagscale-test"])
+                                             "metrics.wandb_project=flagscale-test"],
+                                   failed=failed)
     run_files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(run_files) == 1
     # wandb-core closes the log just after finish() returns to the training process.
@@ -96,6 +95,9 @@ def test_wandb_offline_run_holds_logged_metrics(tmp_path, monkeypatch):
                 time.monotonic() > deadline:
             break
         time.sleep(0.2)
+    # A crashed run is finished too, marked failed (exit code 1) instead of left running.
+    exit_record = next(r.exit for r in decoded if r.WhichOneof("record_type") == "exit")
+    assert exit_record.exit_code == (1 if failed else 0)
     run = next(r.run for r in decoded if r.WhichOneof("record_type") == "run")
     assert run.project == "flagscale-test" and run.display_name == "tiny_run"
     assert run.run_id == (run_dir / "wandb" / "run_id").read_text().strip()

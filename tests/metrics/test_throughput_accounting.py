@@ -1,46 +1,37 @@
-"""Per-interval throughput, MFU and device peaks, fed through the hooks as the loop calls them."""
+"""Per-interval throughput, MFU and device peaks, fed to the meter as the loop's throughput
+callback does."""
 
 import importlib.util
-import warnings
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from flagscale.config import load_config, validate
 from flagscale.errors import ConfigError
-from flagscale.metrics import (build_metric_hooks, build_throughput_meter, canonical_device,
+from flagscale.metrics import (build_loggers, build_throughput_meter, canonical_device,
                                flops_for_config, peak_tflops, resolve_peak)
-from flagscale.train.hooks import StepInfo
 
 
-def _setup(overrides=(), world_size=2, start_iteration=0):
+def _setup(overrides=(), world_size=2):
     cfg = load_config(None, ["model.preset=tiny", "train.global_batch_size=8",
                              "train.seq_length=128", *overrides])
-    layout = validate(cfg, world_size, check_paths=False)
-    state = SimpleNamespace(cfg=cfg, layout=layout, is_writer=True, run_dir=Path("."),
-                            start_iteration=start_iteration)
-    return cfg, layout, state
+    return cfg, validate(cfg, world_size, check_paths=False)
 
 
-def _run(meter, state, step_times: dict[int, float], log_every: int) -> list[dict]:
-    """Drive ``meter`` like the training loop: on_step_end each step, on_log every interval."""
-    meter.on_train_start(state)
+def _run(meter, step_times: dict[int, float], log_every: int, start_iteration=0) -> list[dict]:
+    """Drive ``meter`` like the throughput callback: each step's time, a record every interval."""
+    meter.start(start_iteration)
     records = []
     for iteration, seconds in step_times.items():
-        meter.on_step_end(state, StepInfo(iteration=iteration, step_time_s=seconds,
-                                          consumed_samples=8 * iteration, lr=1e-3))
+        meter.add_step(iteration, seconds)
         if iteration % log_every == 0:
-            record = {"iteration": iteration, "loss": 5.0}
-            meter.on_log(state, record)
-            records.append(record)
+            records.append({"iteration": iteration, "loss": 5.0, **meter.end_interval()})
     return records
 
 
 def test_record_identities_hold():
-    cfg, layout, state = _setup(["metrics.peak_tflops=50"])
+    cfg, layout = _setup(["metrics.peak_tflops=50"])
     meter = build_throughput_meter(cfg, layout)
-    records = _run(meter, state, {i: 0.25 + 0.01 * i for i in range(1, 9)}, log_every=4)
+    records = _run(meter, {i: 0.25 + 0.01 * i for i in range(1, 9)}, log_every=4)
     flops = flops_for_config(cfg).flops_per_token
     for r in records:
         assert r["tokens_per_sec_per_gpu"] * r["step_time_s"] * layout.world_size == \
@@ -52,18 +43,18 @@ def test_record_identities_hold():
 
 
 def test_first_step_after_start_is_excluded_from_averages():
-    cfg, layout, state = _setup(["metrics.peak_tflops=50"])
+    cfg, layout = _setup(["metrics.peak_tflops=50"])
     meter = build_throughput_meter(cfg, layout)
     # Step 1 (allocator warm-up, first data load) is 10x slower and must not drag the mean.
-    records = _run(meter, state, {1: 3.0, 2: 0.3, 3: 0.5, 4: 0.4}, log_every=2)
+    records = _run(meter, {1: 3.0, 2: 0.3, 3: 0.5, 4: 0.4}, log_every=2)
     assert records[0]["step_time_s"] == pytest.approx(0.3) and records[0]["timed_steps"] == 1
     assert records[1]["step_time_s"] == pytest.approx(0.45) and records[1]["timed_steps"] == 2
 
 
 def test_first_step_after_resume_is_excluded_and_lone_warmup_interval_reports_null():
-    cfg, layout, state = _setup(["metrics.peak_tflops=50"], start_iteration=10)
+    cfg, layout = _setup(["metrics.peak_tflops=50"])
     meter = build_throughput_meter(cfg, layout)
-    records = _run(meter, state, {11: 4.0, 12: 0.2, 13: 0.4}, log_every=1)
+    records = _run(meter, {11: 4.0, 12: 0.2, 13: 0.4}, log_every=1, start_iteration=10)
     first = records[0]
     assert first["timed_steps"] == 0
     assert first["step_time_s"] is None and first["tokens_per_sec_per_gpu"] is None
@@ -72,31 +63,27 @@ def test_first_step_after_resume_is_excluded_and_lone_warmup_interval_reports_nu
 
 
 def test_unknown_device_reports_no_mfu_and_warns_once():
-    cfg, layout, state = _setup()  # CPU: no device, no peak
+    cfg, layout = _setup()  # CPU: no device, no peak
     meter = build_throughput_meter(cfg, layout)
     with pytest.warns(UserWarning, match="MFU will not be reported: no GPU detected") as caught:
-        records = _run(meter, state, {1: 1.0, 2: 1.0, 3: 1.0}, log_every=1)
+        records = _run(meter, {1: 1.0, 2: 1.0, 3: 1.0}, log_every=1)
     assert len([w for w in caught if "MFU" in str(w.message)]) == 1
     assert all(r["mfu"] is None for r in records)
     assert records[-1]["tflops_per_gpu"] is not None
-    # Non-writer ranks stay silent.
-    state.is_writer = False
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        meter.on_train_start(state)
+    # Non-writer ranks have no meter: tests/train/test_callbacks.py.
 
 
 def test_configured_device_uses_table_and_dtype():
-    cfg, layout, state = _setup(["metrics.device=h100-sxm", "model.params_dtype=bf16"])
+    cfg, layout = _setup(["metrics.device=h100-sxm", "model.params_dtype=bf16"])
     meter = build_throughput_meter(cfg, layout)
     assert meter.peak_tflops == 989.0
     # fp32 training has no tabulated peak: no silent fallback to the bf16 figure.
-    cfg, layout, _ = _setup(["metrics.device=h100-sxm", "model.params_dtype=fp32"])
+    cfg, layout = _setup(["metrics.device=h100-sxm", "model.params_dtype=fp32"])
     assert build_throughput_meter(cfg, layout).peak_tflops is None
-    cfg, layout, _ = _setup(["metrics.device=rtx-4090"])
+    cfg, layout = _setup(["metrics.device=rtx-4090"])
     with pytest.raises(ConfigError, match="metrics.device 'rtx-4090' is not in the peak"):
         build_throughput_meter(cfg, layout)
-    cfg, layout, _ = _setup(["metrics.device=rtx-4090", "metrics.peak_tflops=165"])
+    cfg, layout = _setup(["metrics.device=rtx-4090", "metrics.peak_tflops=165"])
     assert build_throughput_meter(cfg, layout).peak_tflops == 165.0
 
 
@@ -121,6 +108,6 @@ def test_fp8_peak_and_missing_precision():
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None,
                     reason="tensorboard is installed here")
 def test_tensorboard_without_package_is_a_config_error(tmp_path):
-    cfg, layout, _ = _setup(["metrics.tensorboard=true"])
+    cfg, _ = _setup(["metrics.tensorboard=true"])
     with pytest.raises(ConfigError, match="pip install tensorboard"):
-        build_metric_hooks(cfg, layout, tmp_path)
+        build_loggers(cfg, tmp_path)

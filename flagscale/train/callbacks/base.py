@@ -1,0 +1,74 @@
+"""The one interface through which optional behaviours plug into the training loop.
+
+A callback overrides any of the no-op methods below. :meth:`Trainer.fit
+<flagscale.train.trainer.Trainer.fit>` calls each method on every callback in descending
+``priority`` (ties keep the order the callbacks were given in), on every rank where the callback
+exists. A callback decides itself when to act (``should_run``); the trainer only says which
+iteration it is. ``self.trainer`` is set by the trainer before any method runs.
+
+Per iteration the order is: ``pre_step`` -> the optimizer step -> ``post_step`` -> (when a record
+is due) ``pre_log_metrics`` on every callback, then ``log_metrics`` on every callback. After the
+loop, or after an exception anywhere in it, ``on_error`` (only after an exception) and then
+``close`` run on every callback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+
+@dataclass
+class StepInfo:
+    """What one finished optimizer step reports; tensors stay on the device."""
+
+    iteration: int
+    """1-based iteration just completed."""
+    grad_norm: Optional[float]
+    """Global gradient norm, None when the optimizer computed none."""
+    sample_losses: Any
+    """Per-row losses of this rank's microbatches, in order, as a device tensor; None on ranks
+    that do not compute the loss (not the last pipeline stage, or TP rank > 0)."""
+
+
+class Callback:
+    """Base class with no-op methods; override what you need."""
+
+    priority: int = 0
+    """Higher runs first, in every method."""
+
+    trainer = None
+    """The :class:`~flagscale.train.trainer.Trainer` running this callback."""
+
+    def pre_train(self) -> None:
+        """Once, after set-up (and after :meth:`load_state_dict` on a resume), before the first
+        step."""
+
+    def pre_step(self, iteration: int) -> None:
+        """Before the optimizer step of 1-based ``iteration``."""
+
+    def post_step(self, step: StepInfo) -> None:
+        """After the optimizer step; record metrics here with ``trainer.record_metric``."""
+
+    def pre_log_metrics(self, iteration: int, metrics: dict) -> None:
+        """A record is about to be written: add or change entries of ``metrics`` in place."""
+
+    def log_metrics(self, iteration: int, metrics: dict) -> None:
+        """Write the finished record (``metrics`` holds ``iteration`` too); do not change it."""
+
+    def post_checkpoint_saved(self, path) -> None:
+        """A complete checkpoint now exists at ``path``."""
+
+    def on_error(self, exc: BaseException) -> None:
+        """The run failed with ``exc``; :meth:`close` follows."""
+
+    def close(self) -> None:
+        """Release files, runs and threads; called once, whether the run ended or failed."""
+
+    def state_dict(self) -> dict:
+        """State to keep in every checkpoint (picklable; identical on every rank, since rank 0's
+        copy is the one saved); empty when there is none."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned, on a resume."""

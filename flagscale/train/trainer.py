@@ -1,0 +1,333 @@
+"""The Trainer: set-up in the constructor, the training loop in :meth:`Trainer.fit`, one
+optimizer step in :meth:`Trainer.train_step`.
+
+    Trainer(cfg)     platform and process groups -> model, DDP, optimizer, LR schedule
+                     -> callbacks -> resume from a checkpoint -> datasets
+    .fit()           for each iteration: pre_step -> train_step -> post_step
+                     -> (when a record is due) pre_log_metrics, log_metrics
+
+Everything parallel is megatron-core's: DDP and the distributed optimizer, the pipeline schedules
+(no pipeline, 1F1B, interleaved), tensor and sequence parallelism. Evaluation, checkpointing,
+throughput, the loggers and trace reports are :class:`~flagscale.train.callbacks.Callback`
+objects, each deciding itself when it acts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from functools import partial
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from flagscale.checkpoint import (latest_checkpoint, load_checkpoint, resolve_checkpoint,
+                                  save_checkpoint)
+from flagscale.config import Config, config_to_dict, dump_config, validate
+from flagscale.data.datasets import batch_index, build_datasets, check_training_data, microbatches
+from flagscale.platform import setup_platform
+from flagscale.train.callbacks import Callback, StepInfo, build_callbacks
+from flagscale.train.setup import build_training, init_model_parallel, init_process_group
+
+
+def train(cfg: Config) -> None:
+    """Train ``cfg`` in this process, one rank of a torchrun world (or a world of one)."""
+    Trainer(cfg).fit()
+
+
+class Trainer:
+    """One rank of a training run: its model, optimizer, data, callbacks and progress."""
+
+    def __init__(self, cfg: Config, callbacks: Sequence[Callback] = ()):
+        """Set up the run (collective); ``callbacks`` join the ones ``cfg`` asks for."""
+        self.platform = setup_platform(cfg.platform)
+        rank, world_size = init_process_group(self.platform)
+        self.layout = validate(cfg, world_size)
+        # The resolved config records the layout this run really has (dp, vpp), not "whatever
+        # fits".
+        self.cfg = cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(
+            cfg.parallel, dp=self.layout.dp, vpp=self.layout.vpp))
+        check_training_data(cfg)
+        init_model_parallel(cfg, self.layout)
+        self.run_dir = Path(cfg.run.dir)
+        # The one place that decides which rank writes the run's files and prints its progress.
+        self.is_writer = rank == 0
+        if self.is_writer:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            print(f"flagscale: {self.platform.describe()}; {self.layout.describe()}", flush=True)
+
+        built = build_training(cfg, self.layout, self.platform)
+        self.model, self.optimizer, self.scheduler = built.model, built.optimizer, built.scheduler
+        self.callbacks = sorted([*build_callbacks(cfg, self.layout, self.run_dir, self.is_writer),
+                                 *callbacks], key=lambda c: -c.priority)
+        for callback in self.callbacks:
+            callback.trainer = self
+
+        self.start_iteration = self.iteration = self.consumed_samples = 0
+        self.end_iteration = min(cfg.train.iterations, cfg.train.stop_iteration or
+                                 cfg.train.iterations)
+        self._resume()
+
+        eval_passes = (cfg.train.iterations // cfg.train.eval_interval
+                       if cfg.train.eval_interval else 0)
+        self.train_dataset, self.valid_dataset = build_datasets(
+            cfg, self.layout, eod=_eod(cfg), cache_dir=self.run_dir / "data_cache",
+            valid_samples=eval_passes * cfg.train.eval_iterations * cfg.train.global_batch_size)
+
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self._forward_backward = get_forward_backward_func()
+        self._dp_rank = parallel_state.get_data_parallel_rank()
+        self._holds_loss = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+                            and parallel_state.get_tensor_model_parallel_rank() == 0)
+        self._metrics: dict[str, tuple[str, object]] = {}
+        self._log_now = False
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        """Train from the start (or resumed) iteration to ``end_iteration``. After an exception
+        every callback gets ``on_error``; every callback is closed however the loop ends."""
+        try:
+            self._call("pre_train")
+            while self.iteration < self.end_iteration:
+                self._call("pre_step", self.iteration + 1)
+                step = self.train_step()
+                self._call("post_step", step)
+                if self._record_due():
+                    self._log_metrics()
+        except BaseException as exc:
+            self._call("on_error", exc)
+            raise
+        finally:
+            self._call("close")
+
+    def train_step(self) -> StepInfo:
+        """One optimizer step on the global batch of iteration ``self.iteration + 1``."""
+        cfg, device = self.cfg, self.platform.device
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        lr = self.optimizer.param_groups[0]["lr"]
+        reduced = self._forward_backward(
+            forward_step_func=_forward_step,
+            data_iterator=self._data_iterators(self.train_dataset,
+                                               batch_index(cfg, self.iteration)),
+            model=self.model, num_microbatches=self.layout.num_microbatches,
+            seq_length=cfg.train.seq_length, micro_batch_size=cfg.train.micro_batch_size,
+            forward_only=False)
+        updated, grad_norm, _ = self.optimizer.step()
+        if updated:
+            self.scheduler.step(increment=1)
+        self.iteration += 1
+        self.consumed_samples += cfg.train.global_batch_size
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        self.record_metric("loss", _sum_losses(reduced if self._holds_loss else [], device),
+                           reduce="ratio")
+        self.record_metric("lr", lr)
+        self.record_metric("grad_norm", grad_norm, reduce="mean")
+        self.record_metric("consumed_samples", self.consumed_samples)
+        return StepInfo(self.iteration, grad_norm,
+                        _sample_losses(reduced) if self._holds_loss else None)
+
+    # ---- metrics -------------------------------------------------------------------------------
+
+    def record_metric(self, name: str, value, reduce: str = "last", log_now: bool = False) -> None:
+        """Add ``value`` to metric ``name`` of the record the next log writes.
+
+        ``reduce`` says how the values recorded since the last record combine:
+        ``"last"`` keeps the latest; ``"mean"`` averages those that are not None (None when all
+        are); ``"ratio"`` takes a device tensor (numerator, denominator), sums it over the steps
+        and, when the record is made, over all ranks in one all-reduce shared by every ratio
+        metric, and logs numerator / denominator (nan for a zero denominator): every rank records
+        the same ratio metrics, with zeros where it holds none.
+
+        ``log_now`` makes a record at this iteration even when it is not a log iteration; every
+        rank must pass it alike (the record's all-reduce is collective).
+        """
+        if reduce not in ("last", "mean", "ratio"):
+            raise ValueError(f"record_metric({name!r}): reduce must be 'last', 'mean' or "
+                             f"'ratio', not {reduce!r}")
+        _, previous = self._metrics.get(name, (reduce, None))
+        if reduce == "mean":
+            value = [*(previous or []), *([] if value is None else [value])]
+        elif reduce == "ratio":
+            value = value.detach().clone() if previous is None else previous + value
+        self._metrics[name] = (reduce, value)
+        self._log_now = self._log_now or log_now
+
+    def _record_due(self) -> bool:
+        """A record ends every ``train.log_interval`` iterations, at the last iteration, and where
+        a callback asked for one (evaluation: each validation loss is logged at its iteration)."""
+        return (self.iteration % self.cfg.train.log_interval == 0
+                or self.iteration == self.end_iteration or self._log_now)
+
+    def _log_metrics(self) -> None:
+        """Reduce the recorded metrics into one record (one all-reduce), let callbacks complete
+        it, then let them write it."""
+        import torch.distributed as dist
+
+        ratios = {name: value for name, (reduce, value) in self._metrics.items()
+                  if reduce == "ratio"}
+        if ratios:
+            totals = torch.stack(list(ratios.values()))
+            dist.all_reduce(totals)
+            ratios = dict(zip(ratios, totals.tolist()))
+        metrics = {"iteration": self.iteration}
+        for name, (reduce, value) in self._metrics.items():
+            if reduce == "ratio":
+                numerator, denominator = ratios[name]
+                value = numerator / denominator if denominator else float("nan")
+            elif reduce == "mean":
+                value = sum(value) / len(value) if value else None
+            metrics[name] = value
+        self._metrics.clear()
+        self._log_now = False
+        self._call("pre_log_metrics", self.iteration, metrics)
+        self._call("log_metrics", self.iteration, metrics)
+
+    # ---- evaluation and checkpoints (for callbacks) --------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, pass_index: int) -> float:
+        """Collective: the global mean loss of validation pass ``pass_index`` (its
+        ``train.eval_iterations`` batches, forward only)."""
+        import torch.distributed as dist
+
+        cfg, device = self.cfg, self.platform.device
+        for chunk in self.model:
+            chunk.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=device)
+        for i in range(cfg.train.eval_iterations):
+            reduced = self._forward_backward(
+                forward_step_func=_forward_step,
+                data_iterator=self._data_iterators(self.valid_dataset,
+                                                   pass_index * cfg.train.eval_iterations + i),
+                model=self.model, num_microbatches=self.layout.num_microbatches,
+                seq_length=cfg.train.seq_length, micro_batch_size=cfg.train.micro_batch_size,
+                forward_only=True)
+            if self._holds_loss:
+                totals += _sum_losses(reduced, device)
+        for chunk in self.model:
+            chunk.train()
+        dist.all_reduce(totals)
+        loss_sum, tokens = totals.tolist()
+        return loss_sum / tokens if tokens else float("nan")
+
+    def save_checkpoint(self) -> Path:
+        """Collective: save the run at this iteration, with every callback's state; returns the
+        checkpoint directory once it is complete."""
+        states = {type(c).__name__: state for c in self.callbacks if (state := c.state_dict())}
+        path = save_checkpoint(self.run_dir / "checkpoints", self.iteration, self.model,
+                               self.optimizer, self.scheduler, self.consumed_samples,
+                               config_to_dict(self.cfg), self.layout,
+                               keep_last=self.cfg.checkpoint.keep_last, callbacks=states)
+        self._call("post_checkpoint_saved", path)
+        return path
+
+    # ---- set-up helpers ------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        checkpoint = _checkpoint_to_load(self.cfg, self.run_dir)
+        if checkpoint is None:
+            return
+        loaded = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler,
+                                 self.cfg.model, self.layout)
+        self.start_iteration = self.iteration = loaded["iteration"]
+        self.consumed_samples = loaded["consumed_samples"]
+        # Callback state is keyed by class name: one stateful callback of each class per run.
+        for callback in self.callbacks:
+            if type(callback).__name__ in loaded["callbacks"]:
+                callback.load_state_dict(loaded["callbacks"][type(callback).__name__])
+        _warn_if_data_order_changed(self.cfg, loaded["config"], checkpoint)
+        if self.is_writer:
+            what = "resuming at iteration" if loaded["has_optimizer"] else (
+                "weights only (no optimizer state in it); starting at iteration")
+            print(f"flagscale: loaded {checkpoint}: {what} {self.iteration}", flush=True)
+
+    def _call(self, method: str, *args) -> None:
+        for callback in self.callbacks:
+            getattr(callback, method)(*args)
+
+    def _data_iterators(self, dataset, batch: int):
+        """One iterator per model chunk; chunks that neither embed nor compute the loss get
+        None."""
+        iters = [microbatches(dataset, self.cfg, self.layout, self._dp_rank, batch,
+                              self.platform.device)
+                 if (c.module.pre_process or c.module.post_process) else None for c in self.model]
+        return iters if len(iters) > 1 else iters[0]
+
+
+def _checkpoint_to_load(cfg: Config, run_dir: Path) -> Optional[Path]:
+    load = cfg.checkpoint.load
+    if not load:
+        return None
+    if load == "auto":
+        return latest_checkpoint(run_dir / "checkpoints")
+    return resolve_checkpoint(load)
+
+
+def _warn_if_data_order_changed(cfg: Config, saved: dict, checkpoint: Path) -> None:
+    """megatron-core's GPT dataset shuffles over the run's total sample count: a resume that
+    changes it (more iterations, other skips, batch, sequence, seed, data) reads a different order
+    from the one the checkpoint's run planned, so samples may repeat or be missed."""
+    if not saved:
+        return
+    keys = [("train", k) for k in ("iterations", "global_batch_size", "seq_length", "seed")] + \
+        [("data", k) for k in ("paths", "split", "skip_iterations")]
+    changed = [f"{a}.{b}: {saved.get(a, {}).get(b)!r} -> {getattr(getattr(cfg, a), b)!r}"
+               for a, b in keys if a in saved and b in saved[a]
+               and saved[a][b] != getattr(getattr(cfg, a), b)]
+    if changed:
+        warnings.warn(f"Resuming from {checkpoint} with {'; '.join(changed)}: the data order after "
+                      f"the resume differs from the one the checkpoint's run would have read "
+                      f"(megatron-core shuffles over the total sample count), so some samples may "
+                      f"repeat or be skipped.", stacklevel=2)
+
+
+def _eod(cfg: Config) -> int:
+    if not cfg.data.tokenizer:
+        return 0  # only used for document masks, which pretraining here does not reset
+    from flagscale.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(cfg.data.tokenizer).eod
+
+
+# ---- the loss -----------------------------------------------------------------------------------
+
+def _forward_step(data_iterator, model):
+    chunk = model.module
+    batch = next(data_iterator) if data_iterator is not None else None
+    output = model(
+        batch["tokens"] if batch and chunk.pre_process else None,
+        batch["position_ids"] if batch and chunk.pre_process else None,
+        None,
+        labels=batch["labels"] if batch and chunk.post_process else None)
+    return output, partial(_loss, batch["loss_mask"] if batch else None)
+
+
+def _loss(loss_mask, per_token_loss):
+    """Token-summed loss and token count; megatron-core divides by the global token count."""
+    mask = loss_mask.float()
+    per_token = per_token_loss.float()
+    loss_sum = (per_token * mask).sum()
+    tokens = mask.sum()
+    per_sample = (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    return loss_sum, tokens.to(torch.int), {
+        "loss": torch.stack([loss_sum.detach(), tokens]).double(),
+        "sample_losses": per_sample.detach()}
+
+
+def _sum_losses(reduced: list[dict], device) -> torch.Tensor:
+    """(loss sum, token count) over ``reduced``, megatron-core's per-microbatch outputs."""
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for item in reduced:
+        total += item["loss"]
+    return total
+
+
+def _sample_losses(reduced: list[dict]) -> Optional[torch.Tensor]:
+    return torch.cat([item["sample_losses"] for item in reduced]) if reduced else None
