@@ -6,10 +6,11 @@
 
 The family's spec says which matrix multiplies the model has and which parameters sit outside
 them (norms, q/k/v biases, a tied output layer); this module turns those into the conventions
-below. Every figure counts one training step per token: forward plus backward (the backward pass does two
-matrix multiplies per forward one, hence x3) at 2 FLOPs per multiply-add, so each term below is
-``6 * multiply-adds per token``. Only matrix multiplies are counted (norms, RoPE, softmax and the
-loss are memory-bound and negligible), which is what model FLOPs utilisation (MFU) is defined on.
+below. Every figure counts one training step per token: forward plus backward (the backward pass
+does two matrix multiplies per forward one, hence x3) at 2 FLOPs per multiply-add, so each term
+below is ``6 * multiply-adds per token``. Only matrix multiplies are counted (norms, biases, RoPE,
+softmax and the loss are memory-bound and negligible), which is what model FLOPs utilisation (MFU)
+is defined on.
 
 Three conventions, labelled wherever a figure is reported because they differ by up to ~15%:
 

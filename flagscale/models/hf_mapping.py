@@ -22,11 +22,13 @@ Entries are pure: they take and return tensors and never touch files.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from flagscale.errors import ConversionError
 from flagscale.models.spec import ModelDims
+
+if TYPE_CHECKING:  # entries are declared at import; torch is needed only to convert
+    import torch
 
 Shape = tuple[int, ...]
 
@@ -119,6 +121,8 @@ class Vocab(Entry):
                                   f"{dims.vocab_rows}.")
         if extra == 0:
             return weight
+        import torch
+
         return torch.cat([weight, weight.new_zeros(extra, *weight.shape[1:])])
 
 
@@ -148,6 +152,8 @@ class QKV(Entry):
         return tuple(t.reshape(-1, *cols).contiguous() for t in (q, k, v))
 
     def from_hf(self, tensors, dims):
+        import torch
+
         q, k, v = tensors
         d, g, hpg = dims.head_dim, dims.num_query_groups, dims.heads_per_group
         cols = q.shape[1:]
@@ -178,4 +184,6 @@ class GatedMLP(Entry):
         return tuple(t.contiguous() for t in tensor.chunk(2, dim=0))
 
     def from_hf(self, tensors, dims):
+        import torch
+
         return torch.cat(tensors)

@@ -25,7 +25,8 @@ ATTENTION = [
 QKV_BIAS = QKV(_ATTN + "linear_qkv.bias", _L + "self_attn.q_proj.bias",
                _L + "self_attn.k_proj.bias", _L + "self_attn.v_proj.bias")
 OUT_AND_MLP = [
-    Direct(_ATTN + "linear_proj.weight", _L + "self_attn.o_proj.weight", ("hidden_size", "q_width")),
+    Direct(_ATTN + "linear_proj.weight", _L + "self_attn.o_proj.weight",
+           ("hidden_size", "q_width")),
     Direct(_MLP + "linear_fc1.layer_norm_weight", _L + "post_attention_layernorm.weight", HIDDEN),
     GatedMLP(_MLP + "linear_fc1.weight", _L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"),
     Direct(_MLP + "linear_fc2.weight", _L + "mlp.down_proj.weight",

@@ -19,14 +19,13 @@ registers one instance with :func:`register`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING, Any, Optional
 
 from flagscale.config import Config, Layout, ModelConfig
 from flagscale.errors import ConfigError, ConversionError
-from flagscale.platform import Platform
+
+if TYPE_CHECKING:  # torch (through the platform) is imported only where a model is built
+    from flagscale.platform import Platform
 
 # What megatron-core 0.16.1 RotaryEmbedding._apply_scaling hard-codes: only the llama3 scaling
 # factor is configurable, the low/high frequency factors and the original context are fixed.
@@ -121,6 +120,8 @@ class ModelSpec:
 
     def transformer_config(self, cfg: Config, layout: Layout, platform: Platform):
         """Translate the flagscale config into megatron-core's ``TransformerConfig``."""
+        import torch
+        import torch.nn.functional as F
         from megatron.core.transformer import TransformerConfig
 
         m, p, t = cfg.model, cfg.parallel, cfg.train

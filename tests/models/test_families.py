@@ -110,3 +110,15 @@ def test_qwen2_published_sizes():
     assert count_params(preset_model("qwen2_7b")).total == 7_615_616_512      # "7.62B"
     tied = count_params(preset_model("qwen2_0_5b"))
     assert tied.output == 0 and tied.non_embedding == tied.total - 151936 * 896
+
+
+def test_memory_plan_holds_a_tied_matrix_once_on_a_single_stage():
+    from flagscale.metrics import padded_vocab
+    from flagscale.plan import estimate_memory
+
+    cfg = load_config(None, ["model.preset=qwen2_0_5b", "model.params_dtype=bf16",
+                             "train.seq_length=4096"])
+    counts = count_params(cfg.model, vocab_size=padded_vocab(cfg.model))
+    assert counts.output == 0
+    est = estimate_memory(cfg, tp=1, pp=1, dp=1, sequence_parallel=False)
+    assert est.params == 2 * counts.total
