@@ -48,20 +48,20 @@ def write_checkpoint(path: str) -> None:
     Path(path).mkdir(parents=True)
     cfg = Config(model=ModelConfig(**SHAPE))
     cfg.data.tokenizer = str(TOKENIZER)
-    shape = M.LlamaShape.from_model_config(cfg.model)
+    wm = M.WeightMap.of(cfg.model)
     gen = torch.Generator().manual_seed(0)
 
     def rand(*dims):
         return torch.randn(*dims, generator=gen).to(torch.bfloat16)
 
-    h, v, layers = shape.hidden_size, 32000, shape.num_layers
-    model = {key: ShardedTensor.from_rank_offsets(key, rand(v, h), replica_id=0)
-             for key in (M.EMBEDDING, M.OUTPUT)}
-    model[M.FINAL_NORM] = ShardedTensor.from_rank_offsets(M.FINAL_NORM, rand(h), replica_id=0)
+    layers = wm.dims.num_layers
+    model = {e.mcore: ShardedTensor.from_rank_offsets(e.mcore, rand(*e.mcore_shape(wm.dims)),
+                                                      replica_id=0) for e in wm.head + wm.tail}
     for layer in range(layers):
-        for key, dims in shape.mcore_layer_shapes().items():
-            model[f"{key}.{layer}"] = ShardedTensor.from_rank_offsets(
-                key, rand(*dims), (0, layer, layers), replica_id=0, prepend_axis_num=1)
+        for e in wm.layer:
+            model[f"{e.mcore}.{layer}"] = ShardedTensor.from_rank_offsets(
+                e.mcore, rand(*e.mcore_shape(wm.dims)), (0, layer, layers), replica_id=0,
+                prepend_axis_num=1)
     with single_process_megatron():
         dist_checkpointing.save({"model": model, "flagscale": {
             "config": config_to_dict(cfg), "has_optimizer": False}}, path)
@@ -106,6 +106,7 @@ def main(argv=None) -> int:
     try:
         import psutil
 
+        from flagscale.config import ModelConfig
         from flagscale.convert import mapping as M, mcore_to_hf
         from flagscale.convert.export import checkpoint_config
 
@@ -120,10 +121,8 @@ def main(argv=None) -> int:
         ckpt_bytes = _dir_bytes(ckpt)
         print(f"synthetic checkpoint: {ckpt_bytes / 1e9:.2f} GB in {time.perf_counter() - t0:.1f}s")
 
-        shape = M.LlamaShape(**{k: SHAPE[k] for k in ("num_layers", "hidden_size",
-                                                      "num_attention_heads", "ffn_hidden_size",
-                                                      "vocab_size", "num_query_groups")})
-        layer_bytes = 2 * sum(math.prod(s) for s in shape.mcore_layer_shapes().values())
+        wm = M.WeightMap.of(ModelConfig(**SHAPE))
+        layer_bytes = 2 * sum(math.prod(e.mcore_shape(wm.dims)) for e in wm.layer)
         vocab_bytes = 2 * SHAPE["vocab_size"] * SHAPE["hidden_size"]
         checkpoint_config(ckpt)  # import megatron-core before the baseline memory is taken
         rss_before = psutil.Process().memory_info().rss

@@ -22,12 +22,10 @@ from flagscale.checkpoint.paths import (complete_checkpoints, iteration_dir, par
                                         write_latest)
 from flagscale.config import padded_vocab_size
 from flagscale.errors import CheckpointError
+from flagscale.models import architecture_keys
 
 FORMAT_VERSION = 1
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
-# Fields that make two checkpoints the same network; anything else (layout, lr...) may change.
-ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                     "ffn_hidden_size", "vocab_size")
 
 
 def _unwrap(chunk):
@@ -134,7 +132,7 @@ def check_compatible(path: Path, common: dict, model_config, layout) -> None:
     saved_config = (common.get("flagscale") or {}).get("config", {})
     saved = saved_config.get("model", {})
     diffs = [f"model.{k}: checkpoint {saved.get(k)}, this run {getattr(model_config, k)}"
-             for k in ARCHITECTURE_KEYS
+             for k in architecture_keys(model_config)
              if k in saved and saved.get(k) != getattr(model_config, k)
              and not (k == "num_query_groups" and (saved.get(k) or saved.get("num_attention_heads"))
                       == (model_config.num_query_groups or model_config.num_attention_heads))]

@@ -14,10 +14,13 @@ from typing import Optional
 
 @dataclass
 class ModelConfig:
-    """Architecture of a dense Llama-family decoder."""
+    """Architecture of a dense RMSNorm/SwiGLU/RoPE decoder of one model family."""
 
     preset: Optional[str] = None
     """Named architecture (see ``flagscale.config.presets``); explicit fields below override it."""
+    family: str = "llama"
+    """Model family (``llama``, ``mistral``, ``qwen2``; see ``flagscale.models``): which Hugging
+    Face architecture it converts to and which of the options below it allows."""
     num_layers: int = 0
     """Number of transformer layers."""
     hidden_size: int = 0
@@ -38,6 +41,11 @@ class ModelConfig:
     """Llama-3.1 (``rope_type: llama3``) frequency scaling factor; ``None`` disables scaling."""
     norm_epsilon: float = 1e-5
     """RMSNorm epsilon."""
+    qkv_bias: bool = False
+    """Add a bias to the query, key and value projections (Qwen2; the other projections never
+    have one)."""
+    tie_word_embeddings: bool = False
+    """Share one matrix between the input embedding and the output layer (Qwen2's small sizes)."""
     init_method_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
     params_dtype: str = "fp32"

@@ -1,4 +1,5 @@
-"""Hugging Face <-> megatron-core conversion for the Llama family (Aquila2, Llama 2/3/3.1).
+"""Hugging Face <-> megatron-core conversion for every model family in ``flagscale.models``
+(Llama 2/3/3.1, Aquila2, Mistral, Qwen2).
 
     from flagscale.convert import mcore_to_hf, hf_to_mcore
     mcore_to_hf("runs/tiny/checkpoints", "hf/tiny", dtype="bf16")   # validated by default

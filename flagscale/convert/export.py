@@ -1,10 +1,13 @@
-"""megatron-core torch_dist checkpoint -> Hugging Face ``LlamaForCausalLM`` directory.
+"""megatron-core torch_dist checkpoint -> Hugging Face directory of the model's family
+(``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``).
 
     from flagscale.convert import mcore_to_hf
     result = mcore_to_hf("runs/tiny/checkpoints", "hf/tiny", dtype="bf16")
 
 Reads in one process whatever TP/PP/VPP layout wrote the checkpoint, one transformer layer at a
-time, and streams tensors into sharded safetensors (peak memory: about one layer). The output is
+time, and streams tensors into sharded safetensors (peak memory: about one layer); names, order
+and shapes come from the family's weight mapping (``flagscale.convert.mapping``). A model with tied
+embeddings is written without ``lm_head.weight``, as transformers saves it. The output is
 written to a temporary sibling directory, validated against flagscale's own megatron-core model
 (unless ``validate=False``) and only then renamed into place.
 """
@@ -69,21 +72,16 @@ def checkpoint_config(path: Path) -> Config:
     return load_config(base=raw)
 
 
-def _hf_groups(reader: CheckpointReader, prefix: str, shape: M.LlamaShape,
+def _hf_groups(reader: CheckpointReader, prefix: str, wm: M.WeightMap,
                dtype: torch.dtype) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """HF tensors in file order, in groups read together: the embedding, each layer, the head."""
+    """HF tensors in file order, in groups read together: the head, each layer, the tail."""
     where = str(reader.path)
-    yield [(M.HF_EMBEDDING, M.vocab_to_hf(M.EMBEDDING, reader.read_full(prefix + M.EMBEDDING),
-                                          shape, where).to(dtype))]
-    for layer in range(shape.num_layers):
-        raw = reader.read_layer([prefix + k for k in M.LAYER_KEYS], layer)
-        hf = M.layer_to_hf({k: raw.pop(prefix + k) for k in M.LAYER_KEYS}, layer, shape, where)
-        yield [(name, hf.pop(name).to(dtype)) for name in M.hf_layer_names(layer).values()]
-    final = reader.read_full(prefix + M.FINAL_NORM)
-    M.check_shape(M.FINAL_NORM, final, (shape.hidden_size,), where)
-    yield [(M.HF_FINAL_NORM, final.to(dtype)),
-           (M.HF_OUTPUT, M.vocab_to_hf(M.OUTPUT, reader.read_full(prefix + M.OUTPUT), shape,
-                                       where).to(dtype))]
+    for layer, entries in wm.groups():
+        keys = [prefix + e.mcore for e in entries]
+        raw = ({k: reader.read_full(k) for k in keys} if layer is None
+               else reader.read_layer(keys, layer))
+        tensors = {e.mcore: raw.pop(prefix + e.mcore) for e in entries}
+        yield [(name, t.to(dtype)) for name, t in wm.to_hf(tensors, entries, layer, where)]
 
 
 def _prefetched(groups: Iterator[list]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -116,14 +114,6 @@ def _prefetched(groups: Iterator[list]) -> Iterator[tuple[str, torch.Tensor]]:
     thread.join()
 
 
-def _hf_shapes(shape: M.LlamaShape) -> list[tuple[str, tuple[int, ...]]]:
-    entries = [(M.HF_EMBEDDING, (shape.vocab_size, shape.hidden_size))]
-    for layer in range(shape.num_layers):
-        entries += list(shape.hf_layer_shapes(layer).items())
-    return entries + [(M.HF_FINAL_NORM, (shape.hidden_size,)),
-                      (M.HF_OUTPUT, (shape.vocab_size, shape.hidden_size))]
-
-
 def open_checkpoint(path: str | Path) -> tuple[Path, Config, CheckpointReader, str]:
     """Resolve ``path`` (iter_ dir, checkpoints dir or run dir) and check it holds the model its
     config describes. Returns (iter dir, config, reader, key prefix)."""
@@ -154,13 +144,13 @@ def mcore_to_hf(input: str | Path, output: str | Path, dtype: str = "bf16",
         raise ConversionError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
     start = time.perf_counter()
     ckpt, cfg, reader, prefix = open_checkpoint(input)
-    shape = M.LlamaShape.from_model_config(cfg.model)
+    wm = M.WeightMap.of(cfg.model, padded_vocab_size=reader.shape(prefix + M.EMBEDDING)[0])
     tok_spec = tokenizer or cfg.data.tokenizer
     if not tok_spec:
         raise ConversionError(f"{ckpt}: the saved config has no data.tokenizer; pass --tokenizer "
                               f"(a sentencepiece .model or a Hugging Face tokenizer).")
     torch_dtype = DTYPES[dtype]
-    shards = plan_shards(_hf_shapes(shape), torch_dtype, max_shard_bytes)
+    shards = plan_shards(wm.hf_file_order(), torch_dtype, max_shard_bytes)
     output = Path(output)
     with atomic_output_dir(output, overwrite) as tmp:
         try:
@@ -168,8 +158,9 @@ def mcore_to_hf(input: str | Path, output: str | Path, dtype: str = "bf16",
         except DataError as exc:
             raise ConversionError(f"Tokenizer of {ckpt}: {exc} (pass --tokenizer to point at it)."
                                   ) from None
-        log(f"exporting {ckpt} ({shape.num_layers} layers) to {output} as {dtype}")
-        tensors = _prefetched(_hf_groups(reader, prefix, shape, torch_dtype))
+        log(f"exporting {ckpt} ({cfg.model.family}, {cfg.model.num_layers} layers) to {output} "
+            f"as {dtype}")
+        tensors = _prefetched(_hf_groups(reader, prefix, wm, torch_dtype))
         written = write_sharded(tmp, shards, torch_dtype, tensors)
         config = hf_config_dict(cfg.model, DTYPE_NAMES[dtype], ids["bos"], ids["eos"], ids["pad"])
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -179,8 +170,7 @@ def mcore_to_hf(input: str | Path, output: str | Path, dtype: str = "bf16",
         if validate:
             from flagscale.convert.validate import compare_with_megatron
 
-            diff, tol = compare_with_megatron(ckpt, cfg, reader.shape(prefix + M.EMBEDDING)[0],
-                                              tmp, dtype, log=log)
-    params = sum(math.prod(s) for _, s in _hf_shapes(shape))
+            diff, tol = compare_with_megatron(ckpt, cfg, wm.dims.vocab_rows, tmp, dtype, log=log)
+    params = sum(math.prod(s) for _, s in wm.hf_file_order())
     return ExportResult(output, ckpt, params, written, time.perf_counter() - start, diff, tol)
 

@@ -1,4 +1,5 @@
-"""Hugging Face ``LlamaForCausalLM`` directory -> megatron-core torch_dist checkpoint.
+"""Hugging Face directory of a supported family (``LlamaForCausalLM``, ``AquilaForCausalLM``,
+``MistralForCausalLM``, ``Qwen2ForCausalLM``) -> megatron-core torch_dist checkpoint.
 
     from flagscale.convert import hf_to_mcore
     hf_to_mcore("hf/llama3_8b", "ckpt/llama3_8b", tp=8, pp=4)
@@ -64,14 +65,14 @@ class HFWeights:
             raise ConversionError(f"Tensor '{name}' is missing from {self.where}.")
         return self._files[self._owner[name]].get_tensor(name)
 
-    def dtype(self) -> torch.dtype:
+    def dtype(self, wm: M.WeightMap) -> torch.dtype:
         """dtype of the weights (that of the embedding)."""
-        return self.get(M.HF_EMBEDDING).dtype
+        return self.get(wm.entry(M.EMBEDDING).hf_names()[0]).dtype
 
 
-def _target_config(hf_dir: Path, output: Path, tp: int, pp: int, params_dtype: str) -> Config:
+def _target_config(hf_dir: Path, output: Path, tp: int, pp: int) -> Config:
     fields = model_fields_from_hf(load_config_json(hf_dir), str(hf_dir / "config.json"))
-    cfg = Config(model=ModelConfig(**fields, params_dtype=params_dtype))
+    cfg = Config(model=ModelConfig(**fields))
     cfg.parallel.tp, cfg.parallel.pp = tp, pp
     if any((hf_dir / n).is_file() for n in _TOKENIZER_FILES):
         cfg.data.tokenizer = str((output / "tokenizer").resolve())
@@ -79,9 +80,11 @@ def _target_config(hf_dir: Path, output: Path, tp: int, pp: int, params_dtype: s
 
 
 @torch.no_grad()
-def _fill_model(model, weights: HFWeights, shape: M.LlamaShape) -> None:
+def _fill_model(model, weights: HFWeights, wm: M.WeightMap) -> None:
     """Copy the HF weights into a TP=PP=1 model through its sharded state dict, so every global
-    megatron-core key (whatever the layer spec names the module) gets its mapped tensor."""
+    megatron-core key (whatever the layer spec names the module) gets its mapped tensor. A tied
+    output layer is the embedding itself here; a checkpoint stores it once and megatron-core
+    loads it into the last stage's copy under the embedding's key."""
     sharded = model.sharded_state_dict()
     by_layer: dict[Optional[int], dict[str, torch.Tensor]] = {}
     for local_name, item in sharded.items():
@@ -89,19 +92,15 @@ def _fill_model(model, weights: HFWeights, shape: M.LlamaShape) -> None:
             continue  # _extra_state objects: saved as they are
         match = _LAYER.match(local_name)
         by_layer.setdefault(int(match.group(1)) if match else None, {})[item.key] = item.data
-    padded = model.embedding.word_embeddings.weight.shape[0]
-    top = by_layer.pop(None)
-    top[M.EMBEDDING].copy_(M.vocab_from_hf(M.HF_EMBEDDING, weights.get(M.HF_EMBEDDING), shape,
-                                           padded, weights.where))
-    final = weights.get(M.HF_FINAL_NORM)
-    M.check_shape(M.HF_FINAL_NORM, final, (shape.hidden_size,), weights.where)
-    top[M.FINAL_NORM].copy_(final)
-    top[M.OUTPUT].copy_(M.vocab_from_hf(M.HF_OUTPUT, weights.get(M.HF_OUTPUT), shape, padded,
-                                        weights.where))
-    for layer in range(shape.num_layers):
-        hf = {name: weights.get(name) for name in M.hf_layer_names(layer).values()}
-        for key, tensor in M.layer_from_hf(hf, layer, shape, weights.where).items():
-            by_layer[layer][key].copy_(tensor)
+    for layer, entries in wm.groups():
+        targets = by_layer[layer]
+        hf = {name: weights.get(name) for e in entries for name in e.hf_names(layer)}
+        for key, tensor in wm.from_hf(hf, entries, layer, weights.where).items():
+            targets.pop(key).copy_(tensor)
+    unfilled = sorted({key for targets in by_layer.values() for key in targets})
+    if unfilled:
+        raise ConversionError(f"The model has tensors its family's weight mapping does not fill: "
+                              f"{', '.join(unfilled)}.")
 
 
 def hf_to_mcore(input: str | Path, output: str | Path, tp: int = 1, pp: int = 1,
@@ -119,16 +118,17 @@ def hf_to_mcore(input: str | Path, output: str | Path, tp: int = 1, pp: int = 1,
         raise ConversionError(f"--input {hf_dir} is not a directory; give a Hugging Face model "
                               f"directory (config.json + safetensors).")
     weights = HFWeights(hf_dir)
-    params_dtype = "bf16" if weights.dtype() == torch.bfloat16 else "fp32"
-    cfg = _target_config(hf_dir, output, tp, pp, params_dtype)
+    cfg = _target_config(hf_dir, output, tp, pp)
     padded = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, tp)
     validate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch_size=1)),
              world_size=tp * pp, check_paths=False)
-    shape = M.LlamaShape.from_model_config(cfg.model)
+    wm = M.WeightMap.of(cfg.model, padded_vocab_size=padded)
+    params_dtype = "bf16" if weights.dtype(wm) == torch.bfloat16 else "fp32"
+    cfg.model.params_dtype = params_dtype
     one, layout = single_process_layout(cfg, padded, params_dtype)
     with atomic_output_dir(output, overwrite) as tmp, single_process_megatron() as platform:
         model = build_model(one, layout, platform)[0]
-        _fill_model(model, weights, shape)
+        _fill_model(model, weights, wm)
         state = {"model": model.sharded_state_dict(), "iteration": 0, "consumed_samples": 0,
                  "flagscale": {"format": FORMAT_VERSION, "config": config_to_dict(cfg),
                                "layout": {"tp": tp, "pp": pp, "dp": 1, "vpp": None},
@@ -141,7 +141,8 @@ def hf_to_mcore(input: str | Path, output: str | Path, tp: int = 1, pp: int = 1,
             for name in _TOKENIZER_FILES:
                 if (hf_dir / name).is_file():
                     shutil.copy2(hf_dir / name, tmp / "tokenizer" / name)
-    log(f"imported {hf_dir} -> {output}: {shape.num_layers} layers, vocab {shape.vocab_size} "
+    log(f"imported {hf_dir} -> {output}: {cfg.model.family}, {cfg.model.num_layers} layers, "
+        f"vocab {cfg.model.vocab_size} "
         f"padded to {padded} for tp={tp}, {params_dtype} weights, in "
         f"{time.perf_counter() - start:.1f}s. Model weights only: no optimizer state, training "
         f"from it starts a fresh optimizer at iteration 0.")

@@ -71,8 +71,8 @@ class CheckpointReader:
         if key not in self.tensors:
             raise ConversionError(f"Tensor '{key}' is not in checkpoint {self.path}; it holds "
                                   f"{len(self.tensors)} tensors (e.g. "
-                                  f"{', '.join(sorted(self.tensors)[:3])}). Is it a Llama-family "
-                                  f"megatron-core GPT checkpoint?")
+                                  f"{', '.join(sorted(self.tensors)[:3])}). Is it a megatron-core "
+                                  f"GPT checkpoint of this model?")
         return self.tensors[key]
 
     def read(self, requests: dict[str, tuple[Sequence[int], Sequence[int]]]

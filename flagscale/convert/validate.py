@@ -1,10 +1,11 @@
 """Check an exported Hugging Face model against flagscale's own megatron-core model.
 
-Both models run in fp32 on the same fixed prompt: transformers' ``LlamaForCausalLM`` loaded from the
-export, and megatron-core's ``GPTModel`` (flagscale's ``build_model`` at TP=PP=1) loaded from the
-source checkpoint by megatron-core's own ``dist_checkpointing``, with its weights rounded to the
-export dtype. Any difference then comes from the two implementations' arithmetic only, so a
-wrong mapping (QKV grouping, fc1 halves, RoPE settings, vocab padding) shows as a large gap.
+Both models run in fp32 on the same fixed prompt: transformers' model of the family (loaded from
+the export by ``AutoModelForCausalLM``), and megatron-core's ``GPTModel`` (flagscale's
+``build_model`` at TP=PP=1) loaded from the source checkpoint by megatron-core's own
+``dist_checkpointing``, with its weights rounded to the export dtype. Any difference then comes
+from the two implementations' arithmetic only, so a wrong mapping (QKV grouping, fc1 halves,
+biases, tied embeddings, RoPE settings, vocab padding) shows as a large gap.
 """
 
 from __future__ import annotations

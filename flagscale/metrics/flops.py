@@ -1,13 +1,16 @@
-"""Parameter counts and training FLOPs per token of a dense Llama-family decoder.
+"""Parameter counts and training FLOPs per token of a model of any family in ``flagscale.models``.
 
     est = flops_per_token(preset_model("llama3_8b"), seq_length=8192)
     est.flops_per_token / 1e9          # 51.47 GFLOP/token, Megatron's convention
     est.terms                          # {'qkv': ..., 'attention': ..., 'out_proj': ..., ...}
 
-Every figure counts one training step per token: forward plus backward (the backward pass does two
-matrix multiplies per forward one, hence x3) at 2 FLOPs per multiply-add, so each term below is
-``6 * multiply-adds per token``. Only matrix multiplies are counted (norms, RoPE, softmax and the
-loss are memory-bound and negligible), which is what model FLOPs utilisation (MFU) is defined on.
+The family's spec says which matrix multiplies the model has and which parameters sit outside
+them (norms, q/k/v biases, a tied output layer); this module turns those into the conventions
+below. Every figure counts one training step per token: forward plus backward (the backward pass
+does two matrix multiplies per forward one, hence x3) at 2 FLOPs per multiply-add, so each term
+below is ``6 * multiply-adds per token``. Only matrix multiplies are counted (norms, biases, RoPE,
+softmax and the loss are memory-bound and negligible), which is what model FLOPs utilisation (MFU)
+is defined on.
 
 Three conventions, labelled wherever a figure is reported because they differ by up to ~15%:
 
@@ -16,6 +19,7 @@ Three conventions, labelled wherever a figure is reported because they differ by
   vocabulary padded to a multiple of ``make_vocab_size_divisible_by * tp``.
 - ``palm``: PaLM appendix B / torchtitan: ``6 * N + 12 * L * heads * d_head * S`` with N every
   parameter except the input embedding (a lookup, not a multiply) and full (non-causal) attention.
+  With tied embeddings the shared matrix is counted in N once, as the output layer it also is.
 - ``6n``: Kaplan et al. 2020: ``6 * N`` with the same N and no attention-context term.
 
 Activation recomputation repeats forward work the model does not need; it is reported separately as
@@ -31,6 +35,7 @@ from flagscale.config.loader import padded_vocab_size
 from flagscale.config.presets import MODEL_PRESETS
 from flagscale.config.schema import Config, ModelConfig
 from flagscale.errors import ConfigError
+from flagscale.models import ModelDims, get_model_spec
 
 CONVENTIONS = ("megatron", "palm", "6n")
 """Names accepted by :func:`flops_per_token` (``convention=``)."""
@@ -49,52 +54,31 @@ def padded_vocab(model: ModelConfig, tp: int = 1) -> int:
     return padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)
 
 
-@dataclass(frozen=True)
-class _Shape:
-    """The matrix sizes every count below is built from."""
-
-    layers: int
-    hidden: int
-    q: int
-    """Width of all query heads together: heads * kv_channels."""
-    kv: int
-    """Width of all key (or value) heads together: query_groups * kv_channels."""
-    ffn: int
-    vocab: int
-
-    @classmethod
-    def of(cls, model: ModelConfig, vocab: int) -> "_Shape":
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
-                     "vocab_size"):
-            if getattr(model, name) <= 0:
-                raise ConfigError(f"model.{name} is {getattr(model, name)}: set model.preset or "
-                                  f"give model.{name} to count parameters and FLOPs.")
-        d_head = model.hidden_size // model.num_attention_heads
-        groups = model.num_query_groups or model.num_attention_heads
-        return cls(model.num_layers, model.hidden_size, model.num_attention_heads * d_head,
-                   groups * d_head, model.ffn_hidden_size, vocab)
-
-    def matmul_weights(self) -> dict[str, int]:
-        """Weight elements of each matrix multiply of the model, summed over layers."""
-        return {"qkv": self.layers * self.hidden * (self.q + 2 * self.kv),
-                "out_proj": self.layers * self.q * self.hidden,
-                # SwiGLU: gate and up projections (h -> ffn each), down projection (ffn -> h).
-                "mlp": self.layers * 3 * self.hidden * self.ffn,
-                "logits": self.hidden * self.vocab}
+def _check_sizes(model: ModelConfig) -> None:
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                 "vocab_size"):
+        if getattr(model, name) <= 0:
+            raise ConfigError(f"model.{name} is {getattr(model, name)}: set model.preset or "
+                              f"give model.{name} to count parameters and FLOPs.")
 
 
 @dataclass(frozen=True)
 class ParamCount:
-    """Parameter counts of a dense Llama-family decoder (untied embeddings, no biases)."""
+    """Parameter counts of a model (a tied embedding/output matrix counted once)."""
 
     total: int
-    """Every parameter: embedding, layers, final norm, output layer."""
+    """Every parameter: embedding, layers, final norm, output layer (unless tied)."""
     embedding: int
     """Input embedding (a table lookup: no FLOPs)."""
     non_embedding: int
-    """``total - embedding``: the parameters that take part in matrix multiplies, plus norms."""
+    """``total - embedding``: the parameters that take part in matrix multiplies, plus norms and
+    biases."""
     per_layer: int
-    """One transformer layer (attention, MLP and its two RMSNorm weights)."""
+    """One transformer layer (attention, MLP, biases and its two RMSNorm weights)."""
+    per_layer_replicated: int
+    """Of ``per_layer``, what tensor parallelism replicates instead of splitting (the norms)."""
+    output: int
+    """Output layer weights; 0 when tied to the embedding (the same matrix)."""
     vocab_size: int
     """Vocabulary rows counted in the embedding and output layer."""
 
@@ -106,14 +90,19 @@ def count_params(model: ModelConfig, vocab_size: Optional[int] = None) -> ParamC
     e.g. 8.03B for Llama-3-8B, use the true vocabulary).
     """
     vocab = model.vocab_size if vocab_size is None else vocab_size
-    shape = _Shape.of(model, vocab)
-    weights = shape.matmul_weights()
-    norms = (2 * shape.layers + 1) * shape.hidden
-    embedding = vocab * shape.hidden
-    total = embedding + sum(weights.values()) + norms
+    _check_sizes(model)
+    spec = get_model_spec(model)
+    weights = spec.matmul_weights(model, vocab)
+    vectors = spec.layer_vector_params(model)
+    layers, hidden = model.num_layers, model.hidden_size
+    embedding = vocab * hidden
+    output = 0 if model.tie_word_embeddings else weights["logits"]
     layer_weights = weights["qkv"] + weights["out_proj"] + weights["mlp"]
+    per_layer = layer_weights // layers + sum(vectors.values())
+    total = embedding + layers * per_layer + hidden + output  # + hidden: the final norm
     return ParamCount(total=total, embedding=embedding, non_embedding=total - embedding,
-                      per_layer=layer_weights // shape.layers + 2 * shape.hidden, vocab_size=vocab)
+                      per_layer=per_layer, per_layer_replicated=vectors["norms"], output=output,
+                      vocab_size=vocab)
 
 
 @dataclass(frozen=True)
@@ -173,20 +162,26 @@ def flops_per_token(model: ModelConfig, seq_length: int, tp: int = 1,
     if seq_length < 1 or tp < 1:
         raise ConfigError(f"seq_length ({seq_length}) and tp ({tp}) must be at least 1.")
     vocab = padded_vocab(model, tp)
-    shape = _Shape.of(model, vocab)
+    _check_sizes(model)
+    spec = get_model_spec(model)
+    layers = model.num_layers
+    q_width = ModelDims.of(model).q_width
     causal = (convention == "megatron") if causal is None else causal
     # Each weight element is one multiply-add per token in the forward pass: x2 FLOPs, x3 with the
     # backward pass (gradients of inputs and of weights).
-    terms = {name: 6.0 * n for name, n in shape.matmul_weights().items()}
+    terms = {name: 6.0 * n for name, n in spec.matmul_weights(model, vocab).items()}
     # Scores Q.K^T and the weighted sum over V: each is q multiply-adds per (token, key) pair, so
     # 2*q*S per token with full attention; a causal mask leaves on average S/2 keys per query.
-    attention = 6.0 * shape.layers * 2 * shape.q * seq_length * (0.5 if causal else 1.0)
+    attention = 6.0 * layers * 2 * q_width * seq_length * (0.5 if causal else 1.0)
     if convention != "6n":
         terms = {"qkv": terms["qkv"], "attention": attention, **terms}
     if convention != "megatron":
         # The parameter-count conventions charge 6 FLOPs to every non-embedding parameter,
-        # including the RMSNorm weights (elementwise, but inside N by definition).
-        terms["norms"] = 6.0 * (2 * shape.layers + 1) * shape.hidden
+        # including the RMSNorm weights and biases (elementwise, but inside N by definition).
+        vectors = spec.layer_vector_params(model)
+        terms["norms"] = 6.0 * (layers * vectors["norms"] + model.hidden_size)
+        if vectors["biases"]:
+            terms["biases"] = 6.0 * layers * vectors["biases"]
     layer_forward = sum(v for k, v in terms.items() if k in ("qkv", "attention", "out_proj", "mlp"))
     # Recomputation repeats forward passes (1/3 of a forward+backward term): full recomputation
     # the whole transformer layers, selective only the attention core (megatron-core's default

@@ -4,12 +4,14 @@
     est.total_gib, est.as_dict()     # {'params': ..., 'grads': ..., 'optimizer': ..., ...}
 
 The estimate is for the worst pipeline stage of a megatron-core run as flagscale configures it
-(``flagscale.train.loop`` / ``flagscale.models.gpt``):
+(``flagscale.train`` / ``flagscale.models``), with the parameter counts of the model's family
+(:func:`flagscale.metrics.flops.count_params`, which asks the family's spec):
 
-Model state, per parameter held by the rank (its ``1/tp`` share of the matrices of its ``L/pp``
-layers; RMSNorm weights are replicated over TP; the input embedding lives on the first stage, the
-final norm and the untied output layer on the last, both with the vocabulary padded to a multiple
-of ``128 * tp``):
+Model state, per parameter held by the rank (its ``1/tp`` share of the matrices and biases of its
+``L/pp`` layers; RMSNorm weights are replicated over TP; the input embedding lives on the first
+stage, the final norm and the output layer on the last, both with the vocabulary padded to a
+multiple of ``128 * tp``; with tied embeddings megatron-core keeps a copy of the embedding as the
+last stage's output layer, so only a single-stage model holds the matrix once):
 
 - weights: 2 bytes (bf16) or 4 (fp32);
 - gradients: 4 bytes: megatron-core's DDP accumulates into an fp32 ``main_grad`` buffer, because
@@ -22,8 +24,9 @@ Activations follow Korthikanti et al. 2022, "Reducing Activation Recomputation i
 Models" (arXiv:2205.05198), section 4: a GPT layer stores ``s*b*h*(34 + 5*a*s/h)`` bytes (16-bit
 activations, 1-byte dropout masks); with tensor and sequence parallelism all of it is divided by
 ``t``; with TP but no SP the ``10*s*b*h`` of layer-norm inputs and dropout masks stay whole.
-flagscale's Llama layers differ from that GPT layer, so the terms are re-derived with the same
-method (``e`` = bytes per activation element, ``g`` = query groups, ``f`` = SwiGLU width):
+The layer every family in ``flagscale.models`` builds (RMSNorm, grouped-query attention, SwiGLU)
+differs from that GPT layer, so the terms are re-derived with the same method (``e`` = bytes per
+activation element, ``g`` = query groups, ``f`` = SwiGLU width):
 
 - dropout is off (``hidden_dropout = attention_dropout = 0``, as in Llama pretraining; torch's
   dropout at p=0 returns its input and keeps no mask): the mask bytes are gone;
@@ -42,7 +45,7 @@ Without SP or recomputation a layer keeps ``s*b*h*(12 + 4*g/a + 6*f/h)`` bytes a
 the attention core; for Llama-3-8B (``g/a = 1/4``, ``f = 3.5h``) that is ``34*s*b*h``, the paper's
 figure for its GPT layer (SwiGLU's wider MLP takes the place of the dropout masks).
 
-Recomputation (megatron-core, as :func:`flagscale.models.gpt.transformer_config` sets it):
+Recomputation (megatron-core, as ``ModelSpec.transformer_config`` in ``flagscale.models`` sets it):
 ``selective`` recomputes the attention core, removing its term; ``full`` (uniform, one layer per
 checkpoint) keeps only each layer's input (``s*b*h`` elements, divided by ``t`` with SP) and, while
 one layer is recomputed in the backward pass, that layer's full activations once.
@@ -167,10 +170,11 @@ def estimate_memory(cfg: Config, tp: int, pp: int, dp: int, sequence_parallel: b
     vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp)
     counts = count_params(m, vocab_size=vocab)
     layers = m.num_layers // pp
-    norm_weights = 2 * m.hidden_size
-    layer_params = layers * ((counts.per_layer - norm_weights) / tp + norm_weights)
+    replicated = counts.per_layer_replicated
+    layer_params = layers * ((counts.per_layer - replicated) / tp + replicated)
     vocab_params = counts.embedding / tp
-    # The input embedding on the first stage; the final norm and output layer on the last.
+    # The input embedding on the first stage; the final norm and output layer on the last (a tied
+    # output layer there is megatron-core's copy of the embedding, the same size).
     stage_params = {"first": layer_params + vocab_params,
                     "last": layer_params + m.hidden_size + vocab_params}
 
@@ -188,7 +192,7 @@ def estimate_memory(cfg: Config, tp: int, pp: int, dp: int, sequence_parallel: b
     stage_activations = {"first": in_flight * layers * per_layer + working_set,
                          "last": layers * per_layer + working_set + logits}
     if pp == 1:
-        stage_params = {"only": stage_params["last"] + vocab_params}
+        stage_params = {"only": stage_params["last"] + counts.output / tp}
         stage_activations = {"only": in_flight * layers * per_layer + working_set + logits}
 
     weight_bytes = 2 if m.params_dtype == "bf16" else 4

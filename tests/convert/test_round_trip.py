@@ -129,7 +129,7 @@ def test_shape_mismatch_names_tensor_and_leaves_no_partial_output(hf_model, tmp_
 
 @pytest.mark.parametrize("change, message", [
     ({"num_attention_heads": None}, "missing key.*num_attention_heads"),
-    ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}, "MistralForCausalLM"),
+    ({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"}, "MixtralForCausalLM"),
 ])
 def test_bad_config_is_named(hf_model, tmp_path, change, message):
     bad = _edited_copy(hf_model[0], tmp_path / "bad", **change)
