@@ -14,7 +14,6 @@ import argparse
 import os
 
 from flagscale.config import dump_config, key_docs, load_config, validate, world_size_of
-from flagscale.data.datasets import check_training_data
 
 
 def run_train(config: str, overrides: list[str], nproc: int | None = None,
@@ -26,6 +25,8 @@ def run_train(config: str, overrides: list[str], nproc: int | None = None,
 
         train(cfg)
         return 0
+    from flagscale.data.datasets import check_training_data
+
     world = nproc or world_size_of(cfg)
     layout = validate(cfg, world)
     check_training_data(cfg)

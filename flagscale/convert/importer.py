@@ -24,8 +24,8 @@ from typing import Optional
 import torch
 import yaml
 
-from flagscale.config import (Config, ModelConfig, config_to_dict, padded_vocab_size,
-                              validate)
+from flagscale.config import (Config, ModelConfig, ParallelDims, config_to_dict,
+                              padded_vocab_size, validate)
 from flagscale.convert import mapping as M
 from flagscale.convert.common import (atomic_output_dir, single_process_layout,
                                       single_process_megatron)
@@ -110,7 +110,7 @@ def hf_to_mcore(input: str | Path, output: str | Path, tp: int = 1, pp: int = 1,
     ``iter_``-style directory ``checkpoint.load`` accepts). Returns ``output``."""
     from megatron.core import dist_checkpointing
 
-    from flagscale.checkpoint.state import FORMAT_VERSION
+    from flagscale.checkpoint.meta import CheckpointMeta
     from flagscale.models import build_model
 
     start = time.perf_counter()
@@ -123,16 +123,16 @@ def hf_to_mcore(input: str | Path, output: str | Path, tp: int = 1, pp: int = 1,
     cfg = _target_config(hf_dir, output, tp, pp, params_dtype)
     padded = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, tp)
     validate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch_size=1)),
-             world_size=tp * pp, check_paths=False)
+             world_size=ParallelDims(tp=tp, pp=pp, dp=1).world_size, check_paths=False)
     shape = M.LlamaShape.from_model_config(cfg.model)
     one, layout = single_process_layout(cfg, padded, params_dtype)
     with atomic_output_dir(output, overwrite) as tmp, single_process_megatron() as platform:
         model = build_model(one, layout, platform)[0]
         _fill_model(model, weights, shape)
         state = {"model": model.sharded_state_dict(), "iteration": 0, "consumed_samples": 0,
-                 "flagscale": {"format": FORMAT_VERSION, "config": config_to_dict(cfg),
-                               "layout": {"tp": tp, "pp": pp, "dp": 1, "vpp": None},
-                               "has_optimizer": False, "source": str(hf_dir.resolve())}}
+                 "flagscale": CheckpointMeta(config_to_dict(cfg), ParallelDims(tp=tp, pp=pp, dp=1),
+                                             has_optimizer=False,
+                                             source=str(hf_dir.resolve())).to_dict()}
         dist_checkpointing.save(state, str(tmp))
         (tmp / "flagscale_config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg),
                                                                   sort_keys=False))

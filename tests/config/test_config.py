@@ -62,13 +62,13 @@ def test_wrong_type_names_the_key():
 @pytest.mark.parametrize("overrides, world, message", [
     (["parallel.tp=3"], 3, r"num_attention_heads \(4\) % parallel\.tp \(3\) = 1"),
     (["parallel.pp=3"], 3, r"num_layers \(4\) % parallel\.pp \(3\) = 1"),
-    (["parallel.tp=2"], 3, r"tp\(2\) \* pp\(1\) \* dp\(\?\) != world size \(3\)"),
+    (["parallel.tp=2"], 3, r"tp\(2\) \* pp\(1\) \* cp\(1\) \* dp\(\?\) != world size \(3\)"),
     (["parallel.pp=2", "parallel.vpp=4"], 2, r"num_layers \(4\) % parallel\.pp \(2\) \* "
                                               r"parallel\.vpp \(4\)"),
     (["parallel.sequence_parallel=true"], 1, r"sequence_parallel=true needs parallel\.tp >= 2"),
     (["train.global_batch_size=6", "train.micro_batch_size=4"], 1,
      r"global_batch_size \(6\) % \(micro_batch_size \(4\) \* dp \(1\)\) = 2"),
-    (["parallel.dp=4"], 2, r"tp\(1\) \* pp\(1\) \* dp\(4\) = 4 != world size \(2\)"),
+    (["parallel.dp=4"], 2, r"tp\(1\) \* pp\(1\) \* cp\(1\) \* dp\(4\) = 4 != world size \(2\)"),
 ])
 def test_impossible_layouts_show_the_arithmetic(overrides, world, message):
     cfg = load_config(overrides=["model.preset=tiny", *overrides])
