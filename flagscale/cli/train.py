@@ -51,7 +51,7 @@ def register(subparsers) -> None:
     p.add_argument("config", nargs="?", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2")
     p.add_argument("--nproc", type=int, default=None,
-                   help="local worker processes (default: tp*pp*dp of the config)")
+                   help="local worker processes (default: tp*pp*cp*dp of the config)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config and layout, then exit")
     p.add_argument("--keys", action="store_true", help="list every config key with its meaning")
