@@ -6,7 +6,7 @@ FS     := $(VENV)/bin/flagscale
 STAMP  := $(VENV)/.flagscale-installed
 DEMO   ?= runs/demo
 
-.PHONY: install demo test bench clean-demo
+.PHONY: install demo test lint-imports bench clean-demo
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,13 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# The layer contracts in pyproject.toml first: a wrong import fails in seconds, not after the suite.
 test: install
+	$(VENV)/bin/lint-imports --no-logo
 	$(PY) -m pytest tests
+
+lint-imports: install
+	$(VENV)/bin/lint-imports --no-logo
 
 # Preprocess the bundled corpus, train the tiny model on 2 processes (resuming if run before),
 # export it to Hugging Face format (validated against transformers), and generate with it.

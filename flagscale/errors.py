@@ -23,3 +23,8 @@ class CheckpointError(FlagScaleError):
 
 class ConversionError(FlagScaleError):
     """A Hugging Face <-> megatron-core conversion cannot proceed or failed validation."""
+
+
+class PlatformError(FlagScaleError):
+    """The software or hardware environment cannot run flagscale as installed (e.g. a
+    megatron-core other than the pinned release under a fix written for that release)."""

@@ -1,8 +1,9 @@
-"""Checkpoint save, load and resolution (megatron-core torch_dist format)."""
+"""Checkpoint save, load, resolution and offline reading (megatron-core torch_dist format)."""
 
+from flagscale.checkpoint.meta import CheckpointMeta
 from flagscale.checkpoint.paths import (complete_checkpoints, iteration_dir, latest_checkpoint,
                                         resolve_checkpoint)
-from flagscale.checkpoint.state import (load_checkpoint, read_run_state, save_checkpoint)
+from flagscale.checkpoint.state import load_checkpoint, read_run_state, save_checkpoint
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_run_state", "resolve_checkpoint",
-           "latest_checkpoint", "complete_checkpoints", "iteration_dir"]
+__all__ = ["CheckpointMeta", "save_checkpoint", "load_checkpoint", "read_run_state",
+           "resolve_checkpoint", "latest_checkpoint", "complete_checkpoints", "iteration_dir"]

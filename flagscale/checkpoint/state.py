@@ -17,15 +17,13 @@ from typing import Optional
 import torch
 import yaml
 
-from flagscale.checkpoint import megatron_fixes
+from flagscale.checkpoint.meta import RESHARDABLE, CheckpointMeta, check_resumable
 from flagscale.checkpoint.paths import (complete_checkpoints, iteration_dir, partial_dir,
                                         write_latest)
 from flagscale.config import padded_vocab_size
 from flagscale.errors import CheckpointError
 from flagscale.models import architecture_keys
-
-FORMAT_VERSION = 1
-OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+from flagscale.platform import device_rng_state, megatron_quiet, set_device_rng_state
 
 
 def _unwrap(chunk):
@@ -42,18 +40,15 @@ def model_keys(model_chunks) -> list[str]:
     return ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
 
 
-def _layout_tuple(layout) -> dict:
-    return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "vpp": layout.vpp}
-
-
 def _rng_object(layout):
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     state = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+    device_state = device_rng_state()
+    if device_state is not None:
+        state["cuda"] = device_state
     return ShardedObject("rng_state", state, (layout.pp, layout.tp),
                          (parallel_state.get_pipeline_model_parallel_rank(),
                           parallel_state.get_tensor_model_parallel_rank()),
@@ -63,7 +58,7 @@ def _rng_object(layout):
 def save_checkpoint(checkpoints: Path, iteration: int, model_chunks, optimizer, scheduler,
                     consumed_samples: int, config: dict, layout,
                     keep_last: Optional[int] = None,
-                    optimizer_sharding: str = "fully_reshardable",
+                    optimizer_sharding: str = RESHARDABLE,
                     callbacks: Optional[dict] = None) -> Path:
     """Collective: every rank calls it. Returns the final directory once it is complete.
 
@@ -93,9 +88,9 @@ def save_checkpoint(checkpoints: Path, iteration: int, model_chunks, optimizer, 
     sharded["consumed_samples"] = consumed_samples
     sharded["scheduler"] = scheduler.state_dict()
     sharded["callbacks"] = callbacks or {}
-    sharded["flagscale"] = {"format": FORMAT_VERSION, "config": config,
-                            "layout": _layout_tuple(layout), "has_optimizer": True}
-    dist_checkpointing.save(sharded, str(partial), content_metadata=sharding)
+    sharded["flagscale"] = CheckpointMeta(config, layout.dims, has_optimizer=True).to_dict()
+    with megatron_quiet():
+        dist_checkpointing.save(sharded, str(partial), content_metadata=sharding)
     dist.barrier()
     if rank == 0:
         (partial / "flagscale_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -129,7 +124,7 @@ def read_run_state(path: Path) -> dict:
 def check_compatible(path: Path, common: dict, model_config, layout) -> None:
     """Refuse, before any tensor is read, a checkpoint of another architecture or whose
     embedding is padded to another size than this layout's."""
-    saved_config = (common.get("flagscale") or {}).get("config", {})
+    saved_config = CheckpointMeta.from_common(common).config
     saved = saved_config.get("model", {})
     diffs = [f"model.{k}: checkpoint {saved.get(k)}, this run {getattr(model_config, k)}"
              for k in architecture_keys(model_config)
@@ -164,24 +159,22 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler, model_config
     """
     from megatron.core import dist_checkpointing
 
-    megatron_fixes.apply_all()
     common = read_run_state(path)
     check_compatible(path, common, model_config, layout)
-    from flagscale.checkpoint.reshard import check_resumable  # it imports this module
-
-    check_resumable(path, common, layout)
-    meta = common.get("flagscale") or {}
-    has_optimizer = bool(meta.get("has_optimizer", "optimizer" in common))
+    check_resumable(path, common, layout.dims)
+    meta = CheckpointMeta.from_common(common)
+    has_optimizer = meta.has_optimizer
     sharded = model_sharded_state(model_chunks)
     if has_optimizer:
         _materialize_optimizer_state(optimizer)
-        content = dist_checkpointing.load_content_metadata(str(path)) or OPTIMIZER_SHARDING
+        content = (dist_checkpointing.load_content_metadata(str(path))
+                   or {"distrib_optim_sharding_type": RESHARDABLE})
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True,
                                                             metadata=content)
-    same_layout = meta.get("layout") == _layout_tuple(layout)
-    if same_layout and has_optimizer:
+    if meta.dims == layout.dims and has_optimizer:
         sharded["rng_state"] = _rng_object(layout)
-    state = dist_checkpointing.load(sharded, str(path))
+    with megatron_quiet():
+        state = dist_checkpointing.load(sharded, str(path))
     for key, chunk in zip(model_keys(model_chunks), model_chunks):
         _unwrap(chunk).load_state_dict(state[key], strict=False)
     if has_optimizer:
@@ -193,7 +186,7 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler, model_config
         _restore_rng(state["rng_state"])
     return {"iteration": int(common.get("iteration", 0)) if has_optimizer else 0,
             "consumed_samples": int(common.get("consumed_samples", 0)) if has_optimizer else 0,
-            "has_optimizer": has_optimizer, "config": meta.get("config") or {},
+            "has_optimizer": has_optimizer, "config": meta.config,
             "callbacks": common.get("callbacks") or {}}
 
 
@@ -209,6 +202,5 @@ def _restore_rng(state: dict) -> None:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    set_device_rng_state(state.get("cuda"))
     get_cuda_rng_tracker().set_states(state["tracker"])

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 
-from flagscale.convert.common import DTYPES
-
 
 def run_mcore_to_hf(args) -> int:
     """CLI wrapper of :func:`flagscale.convert.mcore_to_hf`."""
@@ -48,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint: an iter_XXXXXXX dir, a checkpoints/ dir (uses 'latest') "
                              "or a run dir")
     export.add_argument("--output", required=True, help="Hugging Face model directory to write")
-    export.add_argument("--dtype", choices=list(DTYPES), default="bf16",
+    export.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                         help="weight dtype of the export (default bf16)")
     export.add_argument("--skip-validation", action="store_true",
                         help="do not compare the export's logits with flagscale's model")

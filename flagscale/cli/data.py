@@ -11,7 +11,6 @@ import argparse
 import json
 
 from flagscale.cli import examples_epilog
-from flagscale.data.inspection import inspect_dataset
 
 
 def _clip(text: str, limit: int) -> str:
@@ -43,6 +42,8 @@ def format_report(info: dict, max_chars: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Entry of ``flagscale data inspect``."""
+    from flagscale.data.inspection import inspect_dataset
+
     info = inspect_dataset(args.prefix, args.document, args.tokenizer)
     if args.json:
         print(json.dumps(info, ensure_ascii=False))

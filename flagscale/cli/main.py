@@ -4,9 +4,10 @@
     flagscale <command> --help
 
 Each command lives in its own module of this package, defining ``register(subparsers)`` which adds
-a sub-parser whose ``func(args)`` calls one importable, documented function. Errors a user can fix
-(:class:`flagscale.errors.FlagScaleError`) print as one paragraph without a traceback unless
-``--debug`` is given.
+a sub-parser whose ``func(args)`` parses, calls one importable, documented function and prints its
+result. Command modules import torch, megatron-core and other heavy packages only inside ``func``,
+so ``--help`` stays fast. Errors a user can fix (:class:`flagscale.errors.FlagScaleError`) print as
+one paragraph without a traceback unless ``--debug`` is given.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 
 import flagscale
 from flagscale.errors import FlagScaleError
+from flagscale.platform import megatron_quiet
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        result = args.func(args)
+        with megatron_quiet():
+            result = args.func(args)
     except FlagScaleError as exc:
         if args.debug:
             raise

@@ -16,41 +16,19 @@ the preset's pretraining context and micro batch 1. Estimates follow
 from __future__ import annotations
 
 import argparse
-import json
-from typing import Optional
 
 from flagscale.cli import examples_epilog
-from flagscale.config import Config, default_seq_length, load_config
-from flagscale.errors import ConfigError
-from flagscale.plan import DEVICE_MEMORY_GIB, Plan, format_plan, plan_layouts
-
-
-def plan_command(config: Optional[str], model: Optional[str], gpus: int, device: str = "h100-sxm",
-                 overrides: tuple[str, ...] = (), seq_len: Optional[int] = None,
-                 micro_batch: Optional[int] = None, recompute: Optional[str] = None,
-                 attention: str = "flash") -> Plan:
-    """Resolve a config or preset plus options into a :class:`Plan` (see the module docstring)."""
-    if (config is None) == (model is None):
-        raise ConfigError("flagscale plan needs exactly one of CONFIG (a run config YAML) or "
-                          "--model PRESET (e.g. --model llama3_8b).")
-    if config is not None:
-        cfg: Config = load_config(config, overrides)
-    else:
-        cfg = load_config(None, [f"model.preset={model}", "model.params_dtype=bf16",
-                                 "train.micro_batch_size=1", *overrides])
-        cfg.train.seq_length = default_seq_length(cfg.model)
-    if seq_len is not None:
-        cfg.train.seq_length = seq_len
-    if micro_batch is not None:
-        cfg.train.micro_batch_size = micro_batch
-    return plan_layouts(cfg, gpus, device=device, recompute=recompute, attention=attention,
-                        batch_from_config=config is not None)
+from flagscale.config import CHOICES
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry of ``flagscale plan``: print the table or, with ``--json``, the plan as JSON."""
-    plan = plan_command(args.config, args.model, args.gpus, args.device, tuple(args.overrides),
-                        args.seq_len, args.micro_batch, args.recompute, args.attention)
+    import json
+
+    from flagscale.plan import format_plan, plan_for
+
+    plan = plan_for(args.config, args.model, args.gpus, args.device, tuple(args.overrides),
+                    args.seq_len, args.micro_batch, args.recompute, args.attention)
     if args.json:
         print(json.dumps(plan.as_dict(), indent=2))
     else:
@@ -70,13 +48,14 @@ def register(subparsers) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.recompute=full")
     parser.add_argument("--model", help="model preset instead of a config (e.g. aquila2_34b)")
     parser.add_argument("--gpus", type=int, required=True, help="GPUs of the run (world size)")
-    parser.add_argument("--device", choices=tuple(DEVICE_MEMORY_GIB), default="h100-sxm",
-                        help="GPU model, for its memory (default: h100-sxm)")
+    parser.add_argument("--device", default="h100-sxm",
+                        help="GPU model, for its memory: a key of flagscale.plan."
+                        "DEVICE_MEMORY_GIB such as h100-sxm (default), h200, a100-40g")
     parser.add_argument("--seq-len", type=int, help="sequence length (default: the config's, or "
                         "the preset's pretraining context)")
     parser.add_argument("--micro-batch", type=int, help="sequences per microbatch (default: the "
                         "config's, or 1)")
-    parser.add_argument("--recompute", choices=("none", "selective", "full"),
+    parser.add_argument("--recompute", choices=CHOICES["train.recompute"],
                         help="activation recomputation (default: the config's, or none)")
     parser.add_argument("--attention", choices=("flash", "unfused"), default="flash",
                         help="attention kernel: flash (Transformer Engine fused attention, the "

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 
-from flagscale.metrics.plot import plot_metrics
-
 
 def run(args: argparse.Namespace) -> int:
     """Entry of ``flagscale plot``: draw the charts and name the files written."""
+    from flagscale.metrics.plot import plot_metrics
+
     for path in plot_metrics(args.run_dir, args.output_dir):
         print(path)
     return 0

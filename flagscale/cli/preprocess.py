@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from flagscale.cli import examples_epilog
-from flagscale.data.preprocess import PreprocessResult, preprocess
-from flagscale.data.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from flagscale.data.preprocess import PreprocessResult
 
 
 def default_workers() -> int:
@@ -42,6 +44,9 @@ def report(result: PreprocessResult) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Entry of ``flagscale preprocess``."""
+    from flagscale.data.preprocess import preprocess
+    from flagscale.data.tokenizer import load_tokenizer
+
     tokenizer = load_tokenizer(args.tokenizer)
     result = preprocess(args.input, args.output_prefix, tokenizer, workers=args.workers,
                         json_key=args.json_key, strict=args.strict,

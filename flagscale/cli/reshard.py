@@ -19,12 +19,9 @@ import argparse
 
 
 def run_reshard(args) -> int:
-    """CLI wrapper of :func:`flagscale.checkpoint.reshard.reshard` (and of its workers)."""
-    from flagscale.checkpoint.reshard import reshard, run_plan
+    """CLI wrapper of :func:`flagscale.train.reshard.reshard`."""
+    from flagscale.train.reshard import reshard
 
-    if args.worker:
-        run_plan(args.input, args.worker)
-        return 0
     reshard(args.input, args.output, tp=args.tp, pp=args.pp, dp=args.dp, vpp=args.vpp,
             overwrite=args.overwrite, platform=args.platform)
     return 0
@@ -49,6 +46,4 @@ def register(subparsers) -> None:
                    help="replace a non-empty --output (only once the new checkpoint is complete)")
     p.add_argument("--platform", choices=("auto", "cpu", "cuda"), default=None,
                    help="worker platform (default: the checkpoint config's)")
-    # Internal: set on the worker processes the command starts itself.
-    p.add_argument("--worker", metavar="PLAN", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run_reshard)

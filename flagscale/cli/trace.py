@@ -22,8 +22,7 @@ import os
 import sys
 from typing import Optional, TextIO
 
-from flagscale.config import load_config
-from flagscale.errors import ConfigError
+from flagscale.config import ParallelDims, load_config
 
 
 def run_trace(config: str, iteration: int, to: Optional[int] = None, fmt: str = "jsonl",
@@ -34,14 +33,10 @@ def run_trace(config: str, iteration: int, to: Optional[int] = None, fmt: str = 
     from flagscale.trace import trace_iterations
 
     out = out or sys.stdout
-
     cfg = load_config(config, overrides)
     if dp is None and nproc is not None:
-        model_parallel = cfg.parallel.tp * cfg.parallel.pp
-        if nproc % model_parallel:
-            raise ConfigError(f"--nproc {nproc} is not a multiple of tp*pp={model_parallel} "
-                              f"(parallel.tp={cfg.parallel.tp}, parallel.pp={cfg.parallel.pp}).")
-        dp = nproc // model_parallel
+        p = cfg.parallel
+        dp = ParallelDims.from_world(nproc, tp=p.tp, pp=p.pp, cp=p.cp).dp
     row = None
     try:
         for record in trace_iterations(cfg, iteration, to, dp=dp):
@@ -86,6 +81,6 @@ def register(subparsers) -> None:
                    help="jsonl: one record per (row, document); text: for reading")
     p.add_argument("--dp", type=int, default=None, help="the run's data-parallel size")
     p.add_argument("--nproc", type=int, default=None,
-                   help="the run's process count (dp = nproc / (tp*pp))")
+                   help="the run's process count (dp = nproc / (tp*pp*cp))")
     p.set_defaults(func=lambda a: run_trace(a.config, a.iteration, a.to, a.fmt,
                                             tuple(a.overrides), a.dp, a.nproc))

@@ -13,8 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from flagscale.config import dump_config, key_docs, load_config, validate, world_size_of
-from flagscale.data.datasets import check_training_data
+from flagscale.config import dump_config, key_docs, load_config, world_size_of
 
 
 def run_train(config: str, overrides: list[str], nproc: int | None = None,
@@ -26,16 +25,16 @@ def run_train(config: str, overrides: list[str], nproc: int | None = None,
 
         train(cfg)
         return 0
-    world = nproc or world_size_of(cfg)
-    layout = validate(cfg, world)
-    check_training_data(cfg)
+    from flagscale.train.preflight import check_run
+
+    layout = check_run(cfg, nproc or world_size_of(cfg))
     if dry_run:
         print(dump_config(cfg), end="")
         print(f"# layout: {layout.describe()}; padded vocab {layout.padded_vocab_size}")
         return 0
     from flagscale.launch.local import run_local
 
-    return run_local(world, ["train", config, *overrides])
+    return run_local(layout.world_size, ["train", config, *overrides])
 
 
 def _print_keys() -> int:
@@ -50,7 +49,7 @@ def register(subparsers) -> None:
     p.add_argument("config", nargs="?", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2")
     p.add_argument("--nproc", type=int, default=None,
-                   help="local worker processes (default: tp*pp*dp of the config)")
+                   help="local worker processes (default: tp*pp*cp*dp of the config)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config and layout, then exit")
     p.add_argument("--keys", action="store_true", help="list every config key with its meaning")

@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import yaml
 
+from flagscale.config.parallel_dims import ParallelDims
 from flagscale.config.presets import MODEL_PRESETS
 from flagscale.config.schema import Config, Layout
 from flagscale.errors import ConfigError
@@ -169,8 +171,38 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Iterable[st
 
 
 def world_size_of(cfg: Config) -> int:
-    """Processes the config asks for: tp * pp * (dp or 1)."""
-    return cfg.parallel.tp * cfg.parallel.pp * (cfg.parallel.dp or 1)
+    """Processes the config asks for: tp * pp * cp * (dp or 1)."""
+    p = cfg.parallel
+    return ParallelDims(tp=p.tp, pp=p.pp, cp=p.cp, dp=p.dp or 1).world_size
+
+
+def parallel_dims(cfg: Config, world_size: int) -> ParallelDims:
+    """The config's parallel degrees on ``world_size`` processes (``parallel.dp`` derived when
+    unset); ConfigError with the arithmetic when they do not multiply to the world size."""
+    p = cfg.parallel
+    for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.cp", p.cp)):
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}.")
+    if p.dp is not None and p.dp < 1:
+        raise ConfigError(f"parallel.dp must be at least 1 (or unset), got {p.dp}.")
+    if p.vpp is not None and p.vpp < 1:
+        raise ConfigError(f"parallel.vpp must be at least 1 (or unset), got {p.vpp}.")
+    return ParallelDims.from_world(world_size, tp=p.tp, pp=p.pp, cp=p.cp, dp=p.dp, vpp=p.vpp)
+
+
+def split_fractions(split: str) -> tuple[float, float, float]:
+    """``data.split`` (``"98,2,0"``; megatron-core also accepts ``/`` between the parts) as
+    normalised train/valid/test fractions; ConfigError for anything megatron-core would refuse."""
+    try:
+        values = [float(part) for part in re.split(r"[,/]", str(split).strip())]
+    except ValueError:
+        values = []
+    if not 1 <= len(values) <= 3 or any(v < 0 for v in values) or sum(values) <= 0:
+        raise ConfigError(f"data.split={split!r} must be up to three non-negative "
+                          f"train,valid,test proportions with a positive sum, e.g. 98,2,0.")
+    values += [0.0] * (3 - len(values))
+    total = sum(values)
+    return values[0] / total, values[1] / total, values[2] / total
 
 
 def key_docs(cls=Config, prefix: str = "") -> dict[str, str]:
@@ -221,21 +253,23 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-_CHOICES = {
+CHOICES: dict[str, tuple[str, ...]] = {
     "model.params_dtype": ("fp32", "bf16"),
     "train.lr_decay_style": ("cosine", "linear", "constant"),
     "train.recompute": ("none", "selective", "full"),
     "platform": ("auto", "cuda", "cpu"),
 }
+"""The allowed values of the config keys that take one of a few names."""
 
 
 def validate(cfg: Config, world_size: int, check_paths: bool = True) -> Layout:
-    """Check every constraint megatron-core would hit later, and derive the layout.
+    """Check every constraint a worker or megatron-core would hit later, and derive the layout.
 
+    Every section is checked here, so the CLI refuses a bad config before any process starts.
     Raises :class:`ConfigError` naming the key, the value and the arithmetic.
     """
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    for key, choices in _CHOICES.items():
+    for key, choices in CHOICES.items():
         section, _, name = key.rpartition(".")
         value = getattr(getattr(cfg, section) if section else cfg, name)
         if value not in choices:
@@ -244,13 +278,41 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> Layout:
         if getattr(m, name) <= 0:
             raise ConfigError(f"model.{name} is {getattr(m, name)}: set model.preset (e.g. tiny, "
                               f"llama3_8b) or give model.{name} explicitly.")
-    for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("train.micro_batch_size",
-                       t.micro_batch_size), ("train.global_batch_size", t.global_batch_size),
+    for key, value in (("train.micro_batch_size", t.micro_batch_size),
+                       ("train.global_batch_size", t.global_batch_size),
                        ("train.seq_length", t.seq_length), ("train.iterations", t.iterations),
                        ("train.log_interval", t.log_interval),
                        ("train.eval_iterations", t.eval_iterations)):
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}.")
+    dims = parallel_dims(cfg, world_size)
+    _check_model_split(cfg, dims)
+    per_step = t.micro_batch_size * dims.dp
+    if t.global_batch_size % per_step:
+        raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) % (micro_batch_size "
+                          f"({t.micro_batch_size}) * dp ({dims.dp})) = "
+                          f"{t.global_batch_size % per_step}: choose a global batch that is a "
+                          f"multiple of {per_step}.")
+    num_micro = t.global_batch_size // per_step
+    if dims.vpp and num_micro % dims.pp:
+        raise ConfigError(f"microbatches per step ({num_micro} = global_batch_size "
+                          f"{t.global_batch_size} / (micro_batch_size {t.micro_batch_size} * dp "
+                          f"{dims.dp})) must be a multiple of parallel.pp ({dims.pp}) for the "
+                          f"interleaved schedule.")
+    _check_schedule(cfg)
+    _check_sections(cfg)
+    if check_paths:
+        _check_paths(cfg)
+    return Layout(dims=dims, num_microbatches=num_micro,
+                  padded_vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by,
+                                                      dims.tp),
+                  kv_channels=m.hidden_size // m.num_attention_heads,
+                  num_query_groups=m.num_query_groups or m.num_attention_heads)
+
+
+def _check_model_split(cfg: Config, dims: ParallelDims) -> None:
+    """The model divides evenly over the tensor, pipeline and context-parallel ranks."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
     groups = m.num_query_groups or m.num_attention_heads
     if m.hidden_size % m.num_attention_heads:
         raise ConfigError(f"model.hidden_size ({m.hidden_size}) % model.num_attention_heads "
@@ -259,63 +321,90 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> Layout:
     if m.num_attention_heads % groups:
         raise ConfigError(f"model.num_attention_heads ({m.num_attention_heads}) % "
                           f"model.num_query_groups ({groups}) != 0.")
-    if m.num_attention_heads % p.tp:
+    if m.num_attention_heads % dims.tp:
         raise ConfigError(f"model.num_attention_heads ({m.num_attention_heads}) % parallel.tp "
-                          f"({p.tp}) = {m.num_attention_heads % p.tp}: choose a tp that divides "
-                          f"the head count.")
-    if groups % p.tp:
-        raise ConfigError(f"model.num_query_groups ({groups}) % parallel.tp ({p.tp}) = "
-                          f"{groups % p.tp}: each TP rank needs whole key/value groups.")
-    if m.ffn_hidden_size % p.tp:
-        raise ConfigError(f"model.ffn_hidden_size ({m.ffn_hidden_size}) % parallel.tp ({p.tp}) != 0.")
-    vpp = p.vpp if p.vpp and p.vpp > 1 else None
-    stages = p.pp * (vpp or 1)
-    if m.num_layers % stages:
-        what = f"parallel.pp ({p.pp}) * parallel.vpp ({vpp})" if vpp else f"parallel.pp ({p.pp})"
+                          f"({dims.tp}) = {m.num_attention_heads % dims.tp}: choose a tp that "
+                          f"divides the head count.")
+    if groups % dims.tp:
+        raise ConfigError(f"model.num_query_groups ({groups}) % parallel.tp ({dims.tp}) = "
+                          f"{groups % dims.tp}: each TP rank needs whole key/value groups.")
+    if m.ffn_hidden_size % dims.tp:
+        raise ConfigError(f"model.ffn_hidden_size ({m.ffn_hidden_size}) % parallel.tp ({dims.tp}) "
+                          f"!= 0.")
+    if m.num_layers % dims.stages:
+        what = (f"parallel.pp ({dims.pp}) * parallel.vpp ({dims.vpp})" if dims.vpp
+                else f"parallel.pp ({dims.pp})")
         raise ConfigError(f"model.num_layers ({m.num_layers}) % {what} = "
-                          f"{m.num_layers % stages}: every pipeline stage needs the same number "
-                          f"of layers.")
-    if vpp and p.pp < 2:
-        raise ConfigError(f"parallel.vpp={p.vpp} needs parallel.pp >= 2 (interleaved pipeline "
-                          f"schedule); got pp={p.pp}.")
-    if p.sequence_parallel and p.tp < 2:
+                          f"{m.num_layers % dims.stages}: every pipeline stage needs the same "
+                          f"number of layers.")
+    if dims.vpp and dims.pp < 2:
+        raise ConfigError(f"parallel.vpp={dims.vpp} needs parallel.pp >= 2 (interleaved pipeline "
+                          f"schedule); got pp={dims.pp}.")
+    if p.sequence_parallel and dims.tp < 2:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp >= 2; set it false "
                           "or raise tp.")
-    if p.sequence_parallel and t.seq_length % p.tp:
-        raise ConfigError(f"train.seq_length ({t.seq_length}) % parallel.tp ({p.tp}) != 0, "
+    if p.sequence_parallel and t.seq_length % dims.tp:
+        raise ConfigError(f"train.seq_length ({t.seq_length}) % parallel.tp ({dims.tp}) != 0, "
                           f"needed by sequence parallelism.")
-    if world_size % (p.tp * p.pp):
-        raise ConfigError(f"tp({p.tp}) * pp({p.pp}) * dp(?) != world size ({world_size}): the "
-                          f"world size must be a multiple of tp*pp={p.tp * p.pp}.")
-    dp = world_size // (p.tp * p.pp)
-    if p.dp is not None and p.dp != dp:
-        raise ConfigError(f"tp({p.tp}) * pp({p.pp}) * dp({p.dp}) = {p.tp * p.pp * p.dp} != world "
-                          f"size ({world_size}): launch {p.tp * p.pp * p.dp} processes or drop "
-                          f"parallel.dp.")
-    per_step = t.micro_batch_size * dp
-    if t.global_batch_size % per_step:
-        raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) % (micro_batch_size "
-                          f"({t.micro_batch_size}) * dp ({dp})) = {t.global_batch_size % per_step}: "
-                          f"choose a global batch that is a multiple of {per_step}.")
-    num_micro = t.global_batch_size // per_step
-    if vpp and num_micro % p.pp:
-        raise ConfigError(f"microbatches per step ({num_micro} = global_batch_size "
-                          f"{t.global_batch_size} / (micro_batch_size {t.micro_batch_size} * dp "
-                          f"{dp})) must be a multiple of parallel.pp ({p.pp}) for the interleaved "
-                          f"schedule.")
+    if dims.cp > 1:
+        raise ConfigError(f"parallel.cp={dims.cp}: context parallelism is not wired into "
+                          f"flagscale's training loop yet (each sequence would have to be split "
+                          f"across the cp ranks, and it needs Transformer Engine's attention). "
+                          f"Set parallel.cp=1.")
+
+
+def _check_schedule(cfg: Config) -> None:
+    """Intervals, the LR schedule, and evaluation against the data split."""
+    t, c = cfg.train, cfg.checkpoint
     for key, value in (("train.eval_interval", t.eval_interval),
-                       ("checkpoint.save_interval", cfg.checkpoint.save_interval)):
+                       ("checkpoint.save_interval", c.save_interval)):
         if value < 0:
             raise ConfigError(f"{key} must be >= 0 (0 disables it), got {value}.")
     if t.warmup_iterations < 0 or (t.lr_decay_iterations is not None and t.lr_decay_iterations < 1):
         raise ConfigError("train.warmup_iterations must be >= 0 and train.lr_decay_iterations >= 1.")
-    if check_paths:
-        _check_paths(cfg)
-    return Layout(world_size=world_size, tp=p.tp, pp=p.pp, dp=dp, vpp=vpp,
-                  num_microbatches=num_micro,
-                  padded_vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by,
-                                                      p.tp),
-                  kv_channels=m.hidden_size // m.num_attention_heads, num_query_groups=groups)
+    if t.stop_iteration is not None and not 1 <= t.stop_iteration <= t.iterations:
+        raise ConfigError(f"train.stop_iteration ({t.stop_iteration}) must lie in 1..train."
+                          f"iterations ({t.iterations}), or be unset.")
+    if c.keep_last is not None and c.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last must be at least 1 (or unset to keep every "
+                          f"checkpoint), got {c.keep_last}.")
+    train_part, valid_part, _ = split_fractions(cfg.data.split)
+    if train_part == 0:
+        raise ConfigError(f"data.split={cfg.data.split!r} gives the train split 0 of the "
+                          f"documents: nothing to train on. Give it a positive first part, "
+                          f"e.g. data.split=98,2,0.")
+    if t.eval_interval and valid_part == 0:
+        raise ConfigError(f"train.eval_interval={t.eval_interval} evaluates on the validation "
+                          f"split, but data.split={cfg.data.split!r} gives it "
+                          f"{valid_part:.0%} of the documents (its second part is 0). Give the "
+                          f"validation split a share (e.g. data.split=98,2,0) or set "
+                          f"train.eval_interval=0.")
+    bad = [k for k in cfg.data.skip_iterations
+           if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= t.iterations]
+    if bad:
+        raise ConfigError(f"data.skip_iterations {bad} are not iterations of the run: give "
+                          f"1-based iterations within 1..train.iterations ({t.iterations}).")
+
+
+def _check_sections(cfg: Config) -> None:
+    """The trace and metrics sections (read only inside the workers, so checked here)."""
+    tr, me = cfg.trace, cfg.metrics
+    if tr.spike_factor <= 1:
+        raise ConfigError(f"trace.spike_factor ({tr.spike_factor}) must be > 1: a spike is a loss "
+                          f"above spike_factor times the median of recent losses, so a factor "
+                          f"<= 1 would report ordinary steps (1.5 is the default).")
+    if tr.window < 1:
+        raise ConfigError(f"trace.window ({tr.window}) must be at least 1: it is the number of "
+                          f"recent losses whose median is the spike reference (50 is the "
+                          f"default).")
+    for key, value in (("trace.text_chars", tr.text_chars), ("trace.max_reports", tr.max_reports)):
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}.")
+    if me.peak_tflops is not None and me.peak_tflops <= 0:
+        raise ConfigError(f"metrics.peak_tflops must be positive (dense TFLOP/s of one device), "
+                          f"got {me.peak_tflops}.")
+    if me.wandb and not me.wandb_project:
+        raise ConfigError("metrics.wandb=true needs a metrics.wandb_project name.")
 
 
 def _check_paths(cfg: Config) -> None:

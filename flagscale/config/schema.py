@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from flagscale.config.parallel_dims import ParallelDims
+
 
 @dataclass
 class ModelConfig:
@@ -62,8 +64,12 @@ class ParallelConfig:
     """Tensor-parallel size."""
     pp: int = 1
     """Pipeline-parallel size."""
+    cp: int = 1
+    """Context-parallel size: each sequence split across ``cp`` ranks (megatron-core's context
+    parallelism; needs Transformer Engine's attention). Only 1 is accepted so far: the training loop
+    does not split sequences across cp ranks yet."""
     dp: Optional[int] = None
-    """Data-parallel size; ``None`` takes whatever the world size leaves (world / (tp*pp))."""
+    """Data-parallel size; ``None`` takes whatever the world size leaves (world / (tp*pp*cp))."""
     vpp: Optional[int] = None
     """Virtual pipeline stages per pipeline rank (interleaved 1F1B); ``None`` or 1 disables."""
     sequence_parallel: bool = False
@@ -224,19 +230,44 @@ class Config:
 
 @dataclass(frozen=True)
 class Layout:
-    """Values derived from a config and a world size, computed in one place."""
+    """What :func:`flagscale.config.validate` derives from a config and a world size: the parallel
+    degrees (:class:`ParallelDims`) and the values that follow from them and the run."""
 
-    world_size: int
-    tp: int
-    pp: int
-    dp: int
-    vpp: Optional[int]
+    dims: ParallelDims
+    """Parallel degrees; ``tp``, ``pp``, ``cp``, ``dp``, ``vpp`` and ``world_size`` read them."""
     num_microbatches: int
+    """Microbatches per optimizer step on each data-parallel rank."""
     padded_vocab_size: int
+    """Embedding rows: the vocabulary padded to a multiple of make_vocab_size_divisible_by * tp."""
     kv_channels: int
+    """Width of one attention head."""
     num_query_groups: int
+    """Key/value heads (the query heads when attention is not grouped)."""
+
+    @property
+    def tp(self) -> int:
+        return self.dims.tp
+
+    @property
+    def pp(self) -> int:
+        return self.dims.pp
+
+    @property
+    def cp(self) -> int:
+        return self.dims.cp
+
+    @property
+    def dp(self) -> int:
+        return self.dims.dp
+
+    @property
+    def vpp(self) -> Optional[int]:
+        return self.dims.vpp
+
+    @property
+    def world_size(self) -> int:
+        return self.dims.world_size
 
     def describe(self) -> str:
-        vpp = f" vpp={self.vpp}" if self.vpp else ""
-        return (f"world={self.world_size} tp={self.tp} pp={self.pp}{vpp} dp={self.dp} "
+        return (f"world={self.world_size} {self.dims.describe()} "
                 f"microbatches/step={self.num_microbatches}")

@@ -1,57 +1,20 @@
-"""Pieces both conversion directions share: output directories written atomically, the flagscale
-config of a checkpoint, and a one-process megatron-core context."""
+"""Pieces both conversion directions share: dtypes, the flagscale config of a checkpoint at one
+process, and a one-process megatron-core context."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Iterator
 
 import torch
 
+# Re-exported: convert/export.py imports it from here; it lives with the checkpoint code.
 from flagscale.config import Config
 from flagscale.errors import ConversionError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
-def check_output(output: Path, overwrite: bool) -> None:
-    """Refuse a non-empty output unless ``overwrite``."""
-    if output.exists() and not output.is_dir():
-        raise ConversionError(f"Output {output} exists and is not a directory. Choose another "
-                              f"--output.")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise ConversionError(f"Output directory {output} is not empty. Pass --overwrite to "
-                              f"replace it, or choose another --output.")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(output: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of ``output`` that replaces it only if the block succeeds; on
-    failure the temporary directory is removed and ``output`` is untouched."""
-    check_output(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's private 0700 would outlive the rename
-    try:
-        yield tmp
-        if output.exists():
-            stale = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            os.replace(output, stale / output.name)
-            os.replace(tmp, output)
-            shutil.rmtree(stale)
-        else:
-            os.replace(tmp, output)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def single_process_layout(cfg: Config, padded_vocab_size: int, params_dtype: str = "fp32"):
@@ -61,8 +24,8 @@ def single_process_layout(cfg: Config, padded_vocab_size: int, params_dtype: str
 
     one = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, params_dtype=params_dtype),
-        parallel=dataclasses.replace(cfg.parallel, tp=1, pp=1, vpp=None,
-                                          sequence_parallel=False, dp=None),
+        parallel=dataclasses.replace(cfg.parallel, tp=1, pp=1, cp=1, vpp=None,
+                                     sequence_parallel=False, dp=None),
         train=dataclasses.replace(cfg.train, micro_batch_size=1, global_batch_size=1,
                                   recompute="none"))
     layout = validate(one, world_size=1, check_paths=False)

@@ -27,11 +27,12 @@ import torch
 import yaml
 
 from flagscale.checkpoint import read_run_state, resolve_checkpoint
+from flagscale.checkpoint.output import atomic_output_dir
+from flagscale.checkpoint.reader import CheckpointReader
 from flagscale.config import Config, load_config
 from flagscale.convert import mapping as M
-from flagscale.convert.common import DTYPE_NAMES, DTYPES, atomic_output_dir
+from flagscale.convert.common import DTYPE_NAMES, DTYPES
 from flagscale.convert.hf_config import generation_config_dict, hf_config_dict
-from flagscale.convert.reader import CheckpointReader
 from flagscale.convert.safetensors_stream import plan_shards, write_sharded
 from flagscale.convert.tokenizer import export_tokenizer
 from flagscale.errors import CheckpointError, ConversionError, DataError

@@ -25,11 +25,11 @@ from typing import Optional
 import torch
 import yaml
 
-from flagscale.config import (Config, ModelConfig, config_to_dict, padded_vocab_size,
-                              validate)
+from flagscale.checkpoint.output import atomic_output_dir
+from flagscale.config import (Config, ModelConfig, ParallelDims, config_to_dict,
+                              padded_vocab_size, validate)
 from flagscale.convert import mapping as M
-from flagscale.convert.common import (atomic_output_dir, single_process_layout,
-                                      single_process_megatron)
+from flagscale.convert.common import single_process_layout, single_process_megatron
 from flagscale.convert.hf_config import load_config_json, model_fields_from_hf
 from flagscale.errors import ConversionError
 
@@ -109,7 +109,7 @@ def hf_to_mcore(input: str | Path, output: str | Path, tp: int = 1, pp: int = 1,
     ``iter_``-style directory ``checkpoint.load`` accepts). Returns ``output``."""
     from megatron.core import dist_checkpointing
 
-    from flagscale.checkpoint.state import FORMAT_VERSION
+    from flagscale.checkpoint.meta import CheckpointMeta
     from flagscale.models import build_model
 
     start = time.perf_counter()
@@ -121,7 +121,7 @@ def hf_to_mcore(input: str | Path, output: str | Path, tp: int = 1, pp: int = 1,
     cfg = _target_config(hf_dir, output, tp, pp)
     padded = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, tp)
     validate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch_size=1)),
-             world_size=tp * pp, check_paths=False)
+             world_size=ParallelDims(tp=tp, pp=pp, dp=1).world_size, check_paths=False)
     wm = M.WeightMap.of(cfg.model, padded_vocab_size=padded)
     params_dtype = "bf16" if weights.dtype(wm) == torch.bfloat16 else "fp32"
     cfg.model.params_dtype = params_dtype
@@ -130,9 +130,9 @@ def hf_to_mcore(input: str | Path, output: str | Path, tp: int = 1, pp: int = 1,
         model = build_model(one, layout, platform)[0]
         _fill_model(model, weights, wm)
         state = {"model": model.sharded_state_dict(), "iteration": 0, "consumed_samples": 0,
-                 "flagscale": {"format": FORMAT_VERSION, "config": config_to_dict(cfg),
-                               "layout": {"tp": tp, "pp": pp, "dp": 1, "vpp": None},
-                               "has_optimizer": False, "source": str(hf_dir.resolve())}}
+                 "flagscale": CheckpointMeta(config_to_dict(cfg), ParallelDims(tp=tp, pp=pp, dp=1),
+                                             has_optimizer=False,
+                                             source=str(hf_dir.resolve())).to_dict()}
         dist_checkpointing.save(state, str(tmp))
         (tmp / "flagscale_config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg),
                                                                   sort_keys=False))

@@ -67,7 +67,8 @@ def check_training_data(cfg: Config) -> None:
 
 def _megatron_tokenizer(vocab_size: int, eod: int):
     # megatron-core reads only these attributes. pad=-1 marks "no padding in pretraining data": a
-    # real token id there would silently mask that token's loss.
+    # real token id there would silently mask that token's loss. megatron-core serialises
+    # unique_identifiers into the description whose hash names its index cache files.
     return SimpleNamespace(vocab_size=vocab_size, eod=eod, pad=-1, unique_identifiers={})
 
 

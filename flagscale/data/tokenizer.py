@@ -70,11 +70,6 @@ class Tokenizer:
         """Alias of ``eod`` (megatron-core checks both against ``pad``)."""
         return self.eod
 
-    @property
-    def unique_identifiers(self) -> dict:
-        """What identifies this tokenizer in megatron-core's dataset cache descriptions."""
-        return {"kind": self.kind, "vocab_size": self.vocab_size, "sha256": self.fingerprint}
-
     def identity(self) -> dict:
         """Identity stored in a dataset's provenance: kind, path, vocab size, eod, sha256."""
         return {"kind": self.kind, "path": self.path, "vocab_size": self.vocab_size,

@@ -176,7 +176,7 @@ class ModelSpec:
 
     def layer_spec(self, platform: Platform, tconfig, vp_stage: Optional[int]):
         """Transformer Engine spec when TE is importable, megatron-core's local spec otherwise."""
-        from flagscale.models.gpt import local_layer_spec
+        from flagscale.models.layers import local_layer_spec
 
         if platform.transformer_engine:
             from megatron.core.models.gpt import gpt_layer_specs

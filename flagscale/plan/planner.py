@@ -1,12 +1,14 @@
 """Enumerate the parallel layouts of a model on N GPUs and estimate each one's memory per GPU.
 
     plan = plan_layouts(load_config("examples/aquila2_34b/h100_64nodes.yaml"), gpus=512)
+    plan = plan_for(None, "llama3_8b", gpus=8)  # a config file or a preset, with options
     plan.best.tp, plan.best.pp                   # the preferred layout that fits
     print(format_plan(plan)); plan.as_dict()    # table for humans, JSON for tools
 
 A layout is valid when :func:`flagscale.config.validate` accepts it for the world size: ``tp`` a
 divisor of 8 (one node's NVLink domain) dividing the heads and query groups, ``pp`` dividing the
-layers, ``dp = gpus / (tp * pp)`` and, for a run config, the global batch split evenly over ``dp``.
+layers, ``dp = gpus / (tp * pp)`` (:meth:`ParallelDims.from_world`) and, for a run config, the
+global batch split evenly over ``dp``.
 Sequence parallelism is on wherever ``tp > 1``: it divides the activations the TP group would
 otherwise replicate at no extra communication volume (the configured layout keeps the config's
 ``parallel.sequence_parallel`` and ``parallel.vpp``). Layouts are ordered by preference: those
@@ -21,7 +23,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-from flagscale.config import Config, validate
+from flagscale.config import Config, ParallelDims, default_seq_length, load_config, validate
 from flagscale.errors import ConfigError
 from flagscale.metrics.flops import count_params
 from flagscale.plan.memory import (DEVICE_MEMORY_GIB, FRAGMENTATION, GIB, RESERVED_GIB,
@@ -35,20 +37,29 @@ TP_SIZES = (1, 2, 4, 8)
 class LayoutPlan:
     """One layout and its memory estimate."""
 
-    tp: int
-    pp: int
-    dp: int
+    dims: ParallelDims
     sequence_parallel: bool
     memory: MemoryEstimate
     fits: bool
     configured: bool = False
     """The layout the run config asks for (``parallel.*``)."""
 
+    @property
+    def tp(self) -> int:
+        return self.dims.tp
+
+    @property
+    def pp(self) -> int:
+        return self.dims.pp
+
+    @property
+    def dp(self) -> int:
+        return self.dims.dp
+
     def as_dict(self) -> dict:
-        """The contract's keys (``tp``, ``pp``, ``dp``, ``memory_gib_per_gpu``, ``fits``) plus
-        ``sequence_parallel``, ``worst_stage`` and ``configured``."""
-        return {"tp": self.tp, "pp": self.pp, "dp": self.dp,
-                "sequence_parallel": self.sequence_parallel,
+        """The contract's keys (``tp``, ``pp``, ``cp``, ``vpp``, ``dp``, ``memory_gib_per_gpu``,
+        ``fits``) plus ``sequence_parallel``, ``worst_stage`` and ``configured``."""
+        return {**self.dims.to_dict(), "sequence_parallel": self.sequence_parallel,
                 "memory_gib_per_gpu": self.memory.as_dict(), "worst_stage": self.memory.stage,
                 "fits": self.fits, "configured": self.configured}
 
@@ -84,18 +95,19 @@ class Plan:
                 "layouts": [lay.as_dict() for lay in self.layouts]}
 
 
-def _candidate(cfg: Config, tp: int, pp: int, dp: int, configured: bool,
+def _candidate(cfg: Config, dims: ParallelDims, configured: bool,
                batch_from_config: bool) -> Config:
     """``cfg`` at one layout: the configured layout keeps the config's own sequence-parallel and
     virtual-pipeline settings, the others get SP wherever tp > 1 and no interleaving."""
     candidate = copy.deepcopy(cfg)
     p = cfg.parallel
     candidate.parallel = dataclasses.replace(
-        p, tp=tp, pp=pp, dp=None, sequence_parallel=p.sequence_parallel if configured else tp > 1,
+        p, tp=dims.tp, pp=dims.pp, dp=None,
+        sequence_parallel=p.sequence_parallel if configured else dims.tp > 1,
         vpp=p.vpp if configured else None)
     if not batch_from_config:
         # A bare model has no batch: assume enough microbatches to fill the pipeline.
-        candidate.train.global_batch_size = candidate.train.micro_batch_size * dp * pp
+        candidate.train.global_batch_size = candidate.train.micro_batch_size * dims.dp * dims.pp
     return candidate
 
 
@@ -118,21 +130,24 @@ def plan_layouts(cfg: Config, gpus: int, device: str = "h100-sxm",
     layouts, rejected = [], {}
     for tp in TP_SIZES:
         for pp in range(1, m.num_layers + 1):
-            if m.num_layers % pp or gpus % (tp * pp):
+            if m.num_layers % pp:
                 continue
-            dp = gpus // (tp * pp)
+            try:
+                dims = ParallelDims.from_world(gpus, tp=tp, pp=pp)
+            except ConfigError:
+                continue  # gpus is not a multiple of tp * pp
             configured = batch_from_config and (tp, pp) == (cfg.parallel.tp, cfg.parallel.pp)
-            candidate = _candidate(cfg, tp, pp, dp, configured, batch_from_config)
+            candidate = _candidate(cfg, dims, configured, batch_from_config)
             sp = candidate.parallel.sequence_parallel
             try:
                 layout = validate(candidate, gpus, check_paths=False)
             except ConfigError as exc:
-                rejected[f"tp={tp} pp={pp} dp={dp}"] = str(exc)
+                rejected[dims.describe()] = str(exc)
                 continue
-            memory = estimate_memory(candidate, tp, pp, dp, sp, vpp=layout.vpp,
-                                     recompute=recompute, attention=attention,
+            memory = estimate_memory(candidate, layout.tp, layout.pp, layout.dp, sp,
+                                     vpp=layout.vpp, recompute=recompute, attention=attention,
                                      num_microbatches=layout.num_microbatches)
-            layouts.append(LayoutPlan(tp, pp, dp, sp, memory, memory.total_gib <= budget,
+            layouts.append(LayoutPlan(layout.dims, sp, memory, memory.total_gib <= budget,
                                       configured))
     if not layouts:
         reasons = "; ".join(f"{k}: {v}" for k, v in list(rejected.items())[:3])
@@ -141,11 +156,37 @@ def plan_layouts(cfg: Config, gpus: int, device: str = "h100-sxm",
                           f"dividing {m.num_layers} layers, the global batch divisible by "
                           f"micro_batch_size*dp). First rejections: {reasons or 'none'}. Choose "
                           f"a GPU count that is a multiple of the tensor/pipeline sizes.")
-    layouts.sort(key=lambda lay: (not lay.fits, lay.tp * lay.pp, lay.pp, lay.memory.total))
+    layouts.sort(key=lambda lay: (not lay.fits, lay.dims.model_parallel_size, lay.pp,
+                                  lay.memory.total))
     return Plan(model=m.preset or "custom", params=count_params(m).total, gpus=gpus,
                 device=device, usable_gib=budget, seq_length=cfg.train.seq_length,
                 micro_batch_size=cfg.train.micro_batch_size, recompute=recompute,
                 attention=attention, params_dtype=m.params_dtype, layouts=layouts)
+
+
+def plan_for(config: Optional[str], model: Optional[str], gpus: int, device: str = "h100-sxm",
+             overrides: tuple[str, ...] = (), seq_len: Optional[int] = None,
+             micro_batch: Optional[int] = None, recompute: Optional[str] = None,
+             attention: str = "flash") -> Plan:
+    """Plan a run config (``config``, a YAML path, with dotted ``overrides``) or a model preset
+    (``model``: bf16 with the distributed optimizer at the preset's pretraining context and micro
+    batch 1); ``seq_len`` and ``micro_batch`` override either's. Exactly one of ``config`` and
+    ``model`` is given."""
+    if (config is None) == (model is None):
+        raise ConfigError("flagscale plan needs exactly one of CONFIG (a run config YAML) or "
+                          "--model PRESET (e.g. --model llama3_8b).")
+    if config is not None:
+        cfg = load_config(config, overrides)
+    else:
+        cfg = load_config(None, [f"model.preset={model}", "model.params_dtype=bf16",
+                                 "train.micro_batch_size=1", *overrides])
+        cfg.train.seq_length = default_seq_length(cfg.model)
+    if seq_len is not None:
+        cfg.train.seq_length = seq_len
+    if micro_batch is not None:
+        cfg.train.micro_batch_size = micro_batch
+    return plan_layouts(cfg, gpus, device=device, recompute=recompute, attention=attention,
+                        batch_from_config=config is not None)
 
 
 def format_plan(plan: Plan, limit: Optional[int] = None) -> str:

@@ -5,7 +5,7 @@ device, streams, events and synchronisation; the CUDA RNG used by its RNG tracke
 ``device='cuda'`` arguments; ``Tensor.type()`` string checks in the distributed optimizer and the
 grad-norm clip; ``Tensor.cuda()``. :func:`install` redirects exactly those to the CPU. It refuses to
 run when CUDA is available, so a GPU job can never pick it up by accident, and it is the only place
-in flagscale that touches ``torch.cuda`` on purpose.
+in flagscale that replaces ``torch.cuda`` functions.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ iteration was made of, offline (``flagscale trace``) and automatically at loss s
 from flagscale.trace.offline import open_tracer, resolve_dp, trace_iterations
 from flagscale.trace.records import Span, Tracer
 from flagscale.trace.reports import recorded_losses, report_path, write_report, write_spike_report
-from flagscale.trace.spikes import SpikeDetector, check_trace_config
+from flagscale.trace.spikes import SpikeDetector
 
-__all__ = ["Span", "SpikeDetector", "Tracer", "check_trace_config", "open_tracer",
+__all__ = ["Span", "SpikeDetector", "Tracer", "open_tracer",
            "recorded_losses", "report_path", "resolve_dp", "trace_iterations", "write_report",
            "write_spike_report"]

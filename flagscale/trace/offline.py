@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from flagscale.config import Config, Layout, validate
+from flagscale.config import Config, Layout, ParallelDims, validate
 from flagscale.errors import CheckpointError, ConfigError
 from flagscale.platform import world_of_one
 from flagscale.trace.records import Tracer
@@ -30,14 +30,14 @@ def resolve_dp(cfg: Config, run_dir: Path, dp: Optional[int] = None) -> int:
         return dp
     if cfg.parallel.dp is not None:
         return cfg.parallel.dp
-    from flagscale.checkpoint import latest_checkpoint, read_run_state
+    from flagscale.checkpoint import CheckpointMeta, latest_checkpoint, read_run_state
 
     try:
         checkpoint = latest_checkpoint(Path(run_dir) / "checkpoints")
     except CheckpointError:
         checkpoint = None
     if checkpoint is not None:
-        return int(read_run_state(checkpoint)["flagscale"]["layout"]["dp"])
+        return CheckpointMeta.from_common(read_run_state(checkpoint)).layout(checkpoint).dp
     raise ConfigError(f"parallel.dp is not set in the config and {run_dir}/checkpoints has no "
                       f"checkpoint recording the run's layout: the data-parallel size decides "
                       f"which rank and row read each sample. Pass --dp N (or --nproc N, the "
@@ -46,8 +46,9 @@ def resolve_dp(cfg: Config, run_dir: Path, dp: Optional[int] = None) -> int:
 
 def trace_layout(cfg: Config, run_dir: Path, dp: Optional[int] = None) -> Layout:
     """The run's layout, for labelling rows (see :func:`resolve_dp`)."""
-    world = cfg.parallel.tp * cfg.parallel.pp * resolve_dp(cfg, run_dir, dp)
-    return validate(cfg, world, check_paths=False)
+    p = cfg.parallel
+    dims = ParallelDims(tp=p.tp, pp=p.pp, cp=p.cp, dp=resolve_dp(cfg, run_dir, dp))
+    return validate(cfg, dims.world_size, check_paths=False)
 
 
 @contextmanager

@@ -14,7 +14,6 @@ import statistics
 from collections import deque
 from typing import Optional
 
-from flagscale.errors import ConfigError
 
 
 class SpikeDetector:
@@ -53,11 +52,3 @@ class SpikeDetector:
         """Refill the window; a smaller ``window`` than the saved one keeps the newest losses."""
         self.recent.clear()
         self.recent.extend(state["recent"])
-
-
-def check_trace_config(t) -> None:
-    """Refuse trace settings no detector or report can honour (``t`` is the ``trace`` section)."""
-    if t.spike_factor <= 0 or t.window < 1 or t.text_chars < 0 or t.max_reports < 0:
-        raise ConfigError(f"trace.spike_factor ({t.spike_factor}) must be > 0, trace.window "
-                          f"({t.window}) >= 1, trace.text_chars ({t.text_chars}) and "
-                          f"trace.max_reports ({t.max_reports}) >= 0.")

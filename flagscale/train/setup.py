@@ -65,7 +65,7 @@ def init_model_parallel(cfg: Config, layout: Layout) -> None:
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp)
+        virtual_pipeline_model_parallel_size=layout.vpp, context_parallel_size=layout.cp)
     model_parallel_cuda_manual_seed(cfg.train.seed)
 
 

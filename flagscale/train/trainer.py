@@ -24,10 +24,11 @@ import torch
 
 from flagscale.checkpoint import (latest_checkpoint, load_checkpoint, resolve_checkpoint,
                                   save_checkpoint)
-from flagscale.config import Config, config_to_dict, dump_config, validate
-from flagscale.data.datasets import batch_index, build_datasets, check_training_data, microbatches
+from flagscale.config import Config, config_to_dict, dump_config
+from flagscale.data.datasets import batch_index, build_datasets, microbatches
 from flagscale.platform import setup_platform
 from flagscale.train.callbacks import Callback, StepInfo, build_callbacks
+from flagscale.train.preflight import check_run
 from flagscale.train.setup import build_training, init_model_parallel, init_process_group
 
 
@@ -43,12 +44,11 @@ class Trainer:
         """Set up the run (collective); ``callbacks`` join the ones ``cfg`` asks for."""
         self.platform = setup_platform(cfg.platform)
         rank, world_size = init_process_group(self.platform)
-        self.layout = validate(cfg, world_size)
+        self.layout = check_run(cfg, world_size)
         # The resolved config records the layout this run really has (dp, vpp), not "whatever
         # fits".
         self.cfg = cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(
             cfg.parallel, dp=self.layout.dp, vpp=self.layout.vpp))
-        check_training_data(cfg)
         init_model_parallel(cfg, self.layout)
         self.run_dir = Path(cfg.run.dir)
         # The one place that decides which rank writes the run's files and prints its progress.

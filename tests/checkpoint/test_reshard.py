@@ -15,10 +15,12 @@ import pytest
 import torch
 import yaml
 
-from flagscale.checkpoint import read_run_state
-from flagscale.checkpoint.reshard import LayoutSpec, check_resumable, reshard, resave
-from flagscale.convert.reader import CheckpointReader
+from flagscale.checkpoint import CheckpointMeta, read_run_state
+from flagscale.checkpoint.meta import check_resumable
+from flagscale.checkpoint.reader import CheckpointReader
+from flagscale.config import ParallelDims
 from flagscale.errors import CheckpointError, ConfigError, FlagScaleError
+from flagscale.train.reshard import reshard, resave
 from tests.dist import run_cli, run_distributed
 
 SAVED, LAST = 5, 8
@@ -93,7 +95,9 @@ def test_reshard_to_pp2_keeps_optimizer_state_and_resumes_exactly(source):
     assert ("tp=1 pp=1 dp=2 (fully_reshardable) -> tp=1 pp=2 dp=1 (fully_reshardable); 9 model "
             "tensors, 27 optimizer state tensors") in proc.stdout
     _assert_same_state(out, source["checkpoint"])
-    assert read_run_state(out)["flagscale"]["layout"] == {"tp": 1, "pp": 2, "dp": 1, "vpp": None}
+    assert read_run_state(out)["flagscale"]["layout"] == {"tp": 1, "pp": 2, "cp": 1, "dp": 1,
+                                                          "vpp": None}
+    assert CheckpointMeta.from_common(read_run_state(out)).dims == ParallelDims(tp=1, pp=2, dp=1)
     assert yaml.safe_load((out / "flagscale_config.yaml").read_text())["parallel"]["pp"] == 2
     resumed = _resume(source, "pp2_run", out, "parallel.pp=2", "parallel.dp=1")
     _assert_same_losses(resumed, source["losses"], "resharded to pp=2")
@@ -103,12 +107,12 @@ def test_dp_reshardable_checkpoint_reshards_to_tp2(source):
     tmp = source["tmp"]
     # The same state saved in megatron-core's bucket-space format (Megatron-LM's default).
     run_distributed(resave, 2, source["checkpoint"], tmp / "dp_format",
-                    LayoutSpec(tp=1, pp=1, dp=2), "dp_reshardable")
+                    ParallelDims(tp=1, pp=1, dp=2), "dp_reshardable")
     dp_checkpoint = tmp / "dp_format" / f"iter_{SAVED:07d}"
     common = read_run_state(dp_checkpoint)
     with pytest.raises(CheckpointError, match="flagscale reshard --input"):
-        check_resumable(dp_checkpoint, common, LayoutSpec(tp=2, pp=1, dp=1))
-    check_resumable(dp_checkpoint, common, LayoutSpec(tp=1, pp=1, dp=2))
+        check_resumable(dp_checkpoint, common, ParallelDims(tp=2, pp=1, dp=1))
+    check_resumable(dp_checkpoint, common, ParallelDims(tp=1, pp=1, dp=2))
 
     out = tmp / "dp_to_tp2"
     proc = run_cli("reshard", "--input", dp_checkpoint, "--output", out, "--tp", "2")

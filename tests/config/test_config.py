@@ -62,13 +62,13 @@ def test_wrong_type_names_the_key():
 @pytest.mark.parametrize("overrides, world, message", [
     (["parallel.tp=3"], 3, r"num_attention_heads \(4\) % parallel\.tp \(3\) = 1"),
     (["parallel.pp=3"], 3, r"num_layers \(4\) % parallel\.pp \(3\) = 1"),
-    (["parallel.tp=2"], 3, r"tp\(2\) \* pp\(1\) \* dp\(\?\) != world size \(3\)"),
+    (["parallel.tp=2"], 3, r"tp\(2\) \* pp\(1\) \* cp\(1\) \* dp\(\?\) != world size \(3\)"),
     (["parallel.pp=2", "parallel.vpp=4"], 2, r"num_layers \(4\) % parallel\.pp \(2\) \* "
                                               r"parallel\.vpp \(4\)"),
     (["parallel.sequence_parallel=true"], 1, r"sequence_parallel=true needs parallel\.tp >= 2"),
     (["train.global_batch_size=6", "train.micro_batch_size=4"], 1,
      r"global_batch_size \(6\) % \(micro_batch_size \(4\) \* dp \(1\)\) = 2"),
-    (["parallel.dp=4"], 2, r"tp\(1\) \* pp\(1\) \* dp\(4\) = 4 != world size \(2\)"),
+    (["parallel.dp=4"], 2, r"tp\(1\) \* pp\(1\) \* cp\(1\) \* dp\(4\) = 4 != world size \(2\)"),
 ])
 def test_impossible_layouts_show_the_arithmetic(overrides, world, message):
     cfg = load_config(overrides=["model.preset=tiny", *overrides])
@@ -107,3 +107,53 @@ def test_tokenizer_larger_than_the_model_vocabulary_is_refused_before_launch(
     assert main(["train", cfg, "--nproc", "1"]) == 1
     assert "has 4096 tokens but model.vocab_size is 1000" in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["trace.window=0"], r"trace\.window \(0\) must be at least 1"),
+    (["trace.spike_factor=1"], r"trace\.spike_factor \(1\.0\) must be > 1"),
+    (["trace.max_reports=-1"], r"trace\.max_reports must be >= 0, got -1"),
+    (["trace.text_chars=-5"], r"trace\.text_chars must be >= 0, got -5"),
+    (["metrics.peak_tflops=0"], r"metrics\.peak_tflops must be positive"),
+    (["checkpoint.keep_last=0"], r"checkpoint\.keep_last must be at least 1"),
+    (["checkpoint.save_interval=-1"], r"checkpoint\.save_interval must be >= 0"),
+    (["train.log_interval=0"], r"train\.log_interval must be at least 1, got 0"),
+    (["train.eval_interval=-2"], r"train\.eval_interval must be >= 0"),
+    (["train.stop_iteration=11"], r"train\.stop_iteration \(11\) must lie in 1\.\.train\."
+                                  r"iterations \(10\)"),
+    (["data.skip_iterations=[0]"], r"data\.skip_iterations \[0\] are not iterations of the run"),
+    (["data.split=a,b"], r"data\.split='a,b' must be up to three non-negative"),
+    (["data.split=0,100,0"], r"gives the train split 0 of the documents"),
+    (["train.eval_interval=2", "data.split=100,0,0"],
+     r"train\.eval_interval=2 evaluates on the validation split, but data\.split='100,0,0' gives "
+     r"it 0% of the documents"),
+])
+def test_every_section_is_validated_before_launch(overrides, message):
+    cfg = load_config(overrides=["model.preset=tiny", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg, world_size=1, check_paths=False)
+
+
+def test_evaluation_with_a_validation_split_is_accepted():
+    cfg = load_config(overrides=["model.preset=tiny", "train.eval_interval=2",
+                                 "data.split=98/2/0"])
+    validate(cfg, world_size=1, check_paths=False)
+
+
+def test_trace_error_stops_the_cli_before_any_worker_starts(tmp_path, tiny_corpus):
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    cfg = _write(tmp_path, {"model": {"preset": "tiny"}, "data": {"paths": [tiny_corpus]},
+                            "run": {"dir": str(run_dir)}})
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "flagscale", "train", cfg, "trace.window=0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1, proc.stderr  # one paragraph, no traceback
+    assert proc.stderr.startswith("flagscale train: error: trace.window (0) must be at least 1")
+    assert "torch.distributed" not in proc.stderr and not run_dir.exists()
+    # No torchrun: a launch alone takes longer than this, before any worker reports.
+    assert time.perf_counter() - start < 10

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flagscale.convert import hf_to_mcore, mcore_to_hf
-from flagscale.convert.reader import CheckpointReader
+from flagscale.checkpoint.reader import CheckpointReader
 from flagscale.convert.tokenizer import export_tokenizer
 from tests.convert.test_round_trip import VOCAB, _load_safetensors
 

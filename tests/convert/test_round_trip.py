@@ -12,7 +12,7 @@ import torch
 
 from flagscale.cli.main import main as cli
 from flagscale.convert import hf_to_mcore, mcore_to_hf
-from flagscale.convert.reader import CheckpointReader
+from flagscale.checkpoint.reader import CheckpointReader
 from flagscale.convert.tokenizer import export_tokenizer
 from flagscale.errors import ConversionError
 

@@ -63,7 +63,7 @@ def test_overrides_are_frozen_into_the_job_config(tmp_path, monkeypatch):
 
 def test_impossible_layout_fails_before_writing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=r"3 nodes x 8 GPUs = 24 processes.*tp\*pp=16"):
+    with pytest.raises(ConfigError, match=r"3 nodes x 8 GPUs = 24 processes.*tp\*pp\*cp=16"):
         launch_slurm(AQUILA, [], SlurmOptions(nodes=3), dry_run=True)
     with pytest.raises(ConfigError, match="--partition"):
         launch_slurm(AQUILA, [], SlurmOptions(nodes=64, partition="gpu a100"), dry_run=True)

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from flagscale.cli.flops import flops_report
+from flagscale.metrics.report import flops_report
 from flagscale.cli.main import main
 from flagscale.config import load_config
 from tests.dist import run_cli

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from flagscale.convert import mcore_to_hf
-from flagscale.convert.reader import CheckpointReader
+from flagscale.checkpoint.reader import CheckpointReader
 from tests.dist import run_cli
 from tests.train.test_parallel_parity import _assert_close, _config, _losses
 

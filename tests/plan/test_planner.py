@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 
 from flagscale.cli.main import main
-from flagscale.cli.plan import plan_command
 from flagscale.config import load_config
 from flagscale.errors import ConfigError
-from flagscale.plan import estimate_memory, plan_layouts, usable_gib
+from flagscale.plan import estimate_memory, plan_for, plan_layouts, usable_gib
 
 GIB = 2 ** 30
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -68,7 +67,7 @@ def test_pipeline_first_stage_holds_pp_microbatches():
 
 
 def test_aquila2_34b_recipe_layout_fits_on_512_gpus():
-    plan = plan_command(str(EXAMPLES / "aquila2_34b" / "h100_64nodes.yaml"), None, 512)
+    plan = plan_for(str(EXAMPLES / "aquila2_34b" / "h100_64nodes.yaml"), None, 512)
     recipe = [lay for lay in plan.layouts if (lay.tp, lay.pp, lay.dp) == (4, 4, 32)]
     assert len(recipe) == 1 and recipe[0].fits and recipe[0].configured
     assert recipe[0].sequence_parallel
@@ -76,13 +75,13 @@ def test_aquila2_34b_recipe_layout_fits_on_512_gpus():
     unsharded = [lay for lay in plan.layouts if (lay.tp, lay.pp) == (1, 1)]
     assert unsharded and not unsharded[0].fits
     # The recipe ran on A100-40G: it must fit there too.
-    a100 = plan_command(None, "aquila2_34b", 512, device="a100-40g")
+    a100 = plan_for(None, "aquila2_34b", 512, device="a100-40g")
     assert any((lay.tp, lay.pp) == (4, 4) and lay.fits for lay in a100.layouts)
     assert plan.best.fits and all(lay.fits for lay in plan.layouts[:plan.layouts.index(recipe[0])])
 
 
 def test_405b_does_not_fit_on_8_gpus(capsys):
-    plan = plan_command(None, "llama3_1_405b", 8)
+    plan = plan_for(None, "llama3_1_405b", 8)
     assert plan.best is None and plan.layouts and not any(lay.fits for lay in plan.layouts)
     assert main(["plan", "--model", "llama3_1_405b", "--gpus", "8"]) == 0
     assert "no layout fits" in capsys.readouterr().out
@@ -117,8 +116,8 @@ def test_errors(capsys):
     assert "not a known preset" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="No parallel layout"):
         # 1024 sequences cannot be split over 7 data-parallel ranks, and 7 divides no tp*pp.
-        plan_command(str(EXAMPLES / "aquila2_34b" / "h100_64nodes.yaml"), None, 7)
+        plan_for(str(EXAMPLES / "aquila2_34b" / "h100_64nodes.yaml"), None, 7)
     with pytest.raises(ConfigError, match="at least 1"):
         plan_layouts(llama3_8b(), 0)
     with pytest.raises(ConfigError, match="exactly one of CONFIG"):
-        plan_command(None, None, 8)
+        plan_for(None, None, 8)

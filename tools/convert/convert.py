@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from flagscale.cli.convert import add_arguments  # noqa: E402
 from flagscale.errors import FlagScaleError  # noqa: E402
+from flagscale.platform import megatron_quiet  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with megatron_quiet():
+            return args.func(args)
     except FlagScaleError as exc:
         if args.debug:
             raise

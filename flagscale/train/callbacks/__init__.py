@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from flagscale.metrics import build_loggers, build_throughput_meter
-from flagscale.trace import check_trace_config
 from flagscale.train.callbacks.base import Callback, StepInfo
 from flagscale.train.callbacks.checkpointing import CheckpointCallback
 from flagscale.train.callbacks.evaluation import EvaluationCallback
@@ -27,13 +26,12 @@ def build_callbacks(cfg, layout, run_dir: Path, is_writer: bool) -> list[Callbac
     """The callbacks of a run configured by ``cfg`` on a rank that writes (``is_writer``) or not.
 
     Raises :class:`~flagscale.errors.ConfigError` up front for settings a callback cannot honour
-    (trace settings, a device without a known peak, TensorBoard not installed).
+    (a device without a known peak, TensorBoard not installed).
     """
     # Built on every rank, so a config error stops every rank alike.
     meter, loggers = build_throughput_meter(cfg, layout), build_loggers(cfg, run_dir)
     callbacks: list[Callback] = []
     if cfg.trace.enabled:
-        check_trace_config(cfg.trace)
         callbacks.append(SpikeReportCallback(cfg.trace))
     if cfg.train.eval_interval:
         callbacks.append(EvaluationCallback(cfg.train.eval_interval))

@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from flagscale.errors import CheckpointError, ConversionError
+from flagscale.errors import CheckpointError
 
 
 class _RegionPlanner(DefaultLoadPlanner):
@@ -69,7 +69,7 @@ class CheckpointReader:
 
     def _metadata(self, key: str):
         if key not in self.tensors:
-            raise ConversionError(f"Tensor '{key}' is not in checkpoint {self.path}; it holds "
+            raise CheckpointError(f"Tensor '{key}' is not in checkpoint {self.path}; it holds "
                                   f"{len(self.tensors)} tensors (e.g. "
                                   f"{', '.join(sorted(self.tensors)[:3])}). Is it a megatron-core "
                                   f"GPT checkpoint of this model?")
@@ -98,7 +98,7 @@ class CheckpointReader:
         for key in keys:
             shape = self.shape(key)
             if layer >= shape[0]:
-                raise ConversionError(f"Tensor '{key}' in {self.path} stacks {shape[0]} layers; "
+                raise CheckpointError(f"Tensor '{key}' in {self.path} stacks {shape[0]} layers; "
                                       f"layer {layer} was requested.")
             requests[key] = ((layer,) + (0,) * (len(shape) - 1), (1,) + shape[1:])
         return {key: t[0] for key, t in self.read(requests).items()}

@@ -1,0 +1,152 @@
+"""Rewrite a training checkpoint for another TP/PP/DP layout, Adam moments and fp32 master
+weights included, and make checkpoints whose optimizer state cannot reshard loadable anywhere.
+
+    from flagscale.train.reshard import reshard
+    reshard("runs/a/checkpoints", "ckpt/a_tp2", tp=2)      # then: checkpoint.load=ckpt/a_tp2
+
+Why processes and not an offline rewrite: megatron-core alone knows how a layout's DDP buckets and
+distributed-optimizer shards map onto parameters, so each stage planned by
+:func:`flagscale.checkpoint.reshard.plan_reshard` runs the real engine on local worker processes
+(:mod:`flagscale.train.reshard_worker` under torchrun; gloo CPU processes on a machine without
+GPUs), building model, DDP and optimizer exactly as training does.
+
+The output is one checkpoint directory (pass it as ``checkpoint.load``), written beside itself
+under a temporary name and renamed when complete; the input is only read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from itertools import groupby
+from pathlib import Path
+from typing import Callable, Optional
+
+from flagscale.checkpoint import (complete_checkpoints, load_checkpoint, read_run_state,
+                                  save_checkpoint)
+from flagscale.checkpoint.meta import RESHARDABLE, CheckpointMeta
+from flagscale.checkpoint.output import atomic_output_dir
+from flagscale.checkpoint.reader import CheckpointReader
+from flagscale.checkpoint.reshard import ReshardPlan, layout_config, plan_reshard
+from flagscale.config import ParallelDims, config_to_dict, load_config, validate
+from flagscale.errors import CheckpointError
+
+WORKER_MODULE = "flagscale.train.reshard_worker"
+
+
+@dataclass
+class ReshardResult:
+    """What :func:`reshard` wrote."""
+
+    plan: ReshardPlan
+    model_tensors: int
+    optimizer_tensors: int
+    seconds: float
+
+    def summary(self) -> str:
+        """The one line the CLI prints at the end."""
+        p = self.plan
+        return (f"resharded {p.source} (iteration {p.iteration}) -> {p.output}: "
+                f"{p.source_dims.describe()} ({p.source_sharding}) -> "
+                f"{p.target_dims.describe()} ({RESHARDABLE}); {self.model_tensors} model "
+                f"tensors, {self.optimizer_tensors} optimizer state tensors, in "
+                f"{self.seconds:.1f}s")
+
+
+def _run_stages(stages: tuple[ParallelDims, ...], load: Path, work: Path, platform: str,
+                log: Callable[[str], None]) -> Path:
+    """Run the stages on local worker processes, consecutive stages of one world size in one
+    launch (megatron-core's parallel state is rebuilt between them); returns the last saved
+    iteration directory."""
+    from flagscale.launch.local import run_local
+
+    index = 0
+    for world, group in groupby(stages, key=lambda dims: dims.world_size):
+        group = [{"layout": dims.to_dict(), "checkpoints": str(work / f"stage{index + i}")}
+                 for i, dims in enumerate(group)]
+        layouts = [ParallelDims.from_dict(stage["layout"]) for stage in group]
+        log(f"flagscale reshard: {world} worker process(es): "
+            f"{'; then '.join(f'load at {d.describe()}, save {RESHARDABLE}' for d in layouts)}")
+        plan = work / f"plan{index}.json"
+        plan.write_text(json.dumps({"platform": platform, "input": str(load), "stages": group}))
+        code = run_local(world, [str(plan)], module=WORKER_MODULE)
+        for stage, dims in zip(group, layouts):
+            saved = complete_checkpoints(Path(stage["checkpoints"]))
+            if code != 0 or len(saved) != 1:
+                raise CheckpointError(f"The resharding worker process(es) at {dims.describe()} "
+                                      f"failed (exit code {code}) on {load}; their messages are "
+                                      f"above. Nothing was written to --output.")
+            load = saved[0]
+        index += len(group)
+    return load
+
+
+def run_plan(plan: str | os.PathLike) -> Path:
+    """Worker side of :func:`reshard`: run the stages of the JSON ``plan`` on this rank."""
+    spec = json.loads(Path(plan).read_text())
+    load = spec["input"]
+    for stage in spec["stages"]:
+        load = resave(load, stage["checkpoints"], ParallelDims.from_dict(stage["layout"]),
+                      platform=spec["platform"])
+    return Path(load)
+
+
+def _count_tensors(path: Path) -> tuple[int, int]:
+    keys = CheckpointReader(path).tensors
+    optimizer = sum(1 for key in keys if key.startswith("optimizer."))
+    return len(keys) - optimizer, optimizer
+
+
+def reshard(input: str | os.PathLike, output: str | os.PathLike, tp: Optional[int] = None,
+            pp: Optional[int] = None, dp: Optional[int] = None, vpp: Optional[int] = None,
+            overwrite: bool = False, platform: Optional[str] = None,
+            log: Callable[[str], None] = print) -> ReshardResult:
+    """Write ``input`` (a flagscale training checkpoint at any layout and optimizer sharding) to
+    ``output`` as a ``fully_reshardable`` checkpoint proven to load at the target layout.
+
+    Every check runs before any process starts (:func:`plan_reshard`). ``platform`` (default:
+    the checkpoint config's) is the workers' platform: ``cpu`` runs gloo processes, ``cuda``
+    needs one GPU per process of the larger layout.
+    """
+    start = time.perf_counter()
+    plan = plan_reshard(input, output, tp, pp, dp, vpp)
+    with atomic_output_dir(plan.output, overwrite) as tmp:
+        work = tmp / ".work"
+        work.mkdir()
+        if plan.source_sharding != RESHARDABLE:
+            log(f"flagscale reshard: {plan.source} has '{plan.source_sharding}' optimizer state, "
+                f"which reloads only at its own {plan.source_dims.describe()}")
+        final = _run_stages(plan.stages, plan.source, work, platform or plan.config.platform, log)
+        for item in final.iterdir():
+            os.replace(item, tmp / item.name)
+        shutil.rmtree(work)
+        model_tensors, optimizer_tensors = _count_tensors(tmp)
+    result = ReshardResult(plan, model_tensors, optimizer_tensors, time.perf_counter() - start)
+    log(result.summary())
+    return result
+
+
+def resave(source: str | os.PathLike, checkpoints: str | os.PathLike, dims: ParallelDims,
+           sharding: str = RESHARDABLE, platform: Optional[str] = None) -> Path:
+    """Collective, one rank of a ``dims.world_size`` world: build model, DDP and distributed
+    optimizer at ``dims`` exactly as training does, load ``source`` (with its own optimizer
+    sharding), and save it under ``checkpoints`` with ``sharding``. Returns the saved directory.
+    """
+    from flagscale.platform import setup_platform
+    from flagscale.train.setup import build_training, init_model_parallel, init_process_group
+
+    source = Path(source)
+    meta = CheckpointMeta.from_common(read_run_state(source))
+    cfg = layout_config(load_config(base=meta.config), dims)
+    platform = setup_platform(platform or cfg.platform)
+    _, world_size = init_process_group(platform)
+    derived = validate(cfg, world_size, check_paths=False)
+    init_model_parallel(cfg, derived)
+    t = build_training(cfg, derived, platform)
+    loaded = load_checkpoint(source, t.model, t.optimizer, t.scheduler, cfg.model, derived)
+    return save_checkpoint(Path(checkpoints), loaded["iteration"], t.model, t.optimizer,
+                           t.scheduler, loaded["consumed_samples"], config_to_dict(cfg), derived,
+                           optimizer_sharding=sharding, callbacks=loaded["callbacks"])
