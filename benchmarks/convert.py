@@ -1,14 +1,18 @@
-"""Export throughput and peak memory of ``flagscale convert mcore-to-hf`` on a ~1.1B model.
+"""Time and peak memory of ``flagscale convert`` in both directions and of each validation.
 
-    python benchmarks/convert.py [--workdir /tmp] [--keep] [--rounds 3]
+    python benchmarks/convert.py [--size 1b|small] [--depths 11,22] [--rounds 3] [--workdir /tmp]
 
-Writes a synthetic torch_dist checkpoint of TinyLlama-1.1B's shape (22 layers, hidden 2048, GQA
-32/4, ffn 5632, vocab 32000; bf16, per-layer shards as megatron-core saves them) in a child
-process, then in this process times, alternately for ``--rounds`` rounds, (1) a plain copy of the
-checkpoint's files and (2) the export to bf16 safetensors (validation skipped: it would build two
-fp32 copies of the model), sampling this process's resident memory. Medians are compared: on a
-shared disk a single pair of timings swings by 2x. Goals: export time <= 2x the copy; peak memory growth about one
-layer, not the model. Everything is deleted afterwards unless --keep.
+For each depth (same width: the memory goal must not depend on the number of layers) a random bf16
+Hugging Face Llama of TinyLlama-1.1B's width (hidden 2048, GQA 32/4, ffn 5632, vocab 32000; 22
+layers = 1.1B parameters) is written in a child process. Then, alternately for ``--rounds``
+rounds, this process times a plain copy of the HF files, the import (``hf_to_mcore``, validation
+skipped), a plain copy of the checkpoint and the export (``mcore_to_hf`` to bf16, validation
+skipped), each ending once its bytes are on disk (sync included); then each validation once
+(import: checkpoint vs source; export: checkpoint vs export). Per step it prints peak resident
+memory over the RSS at the step's start (sampled every 10 ms) divided by the largest layer's fp32
+size (goal <= 4, the same at both depths), and for import and export the median time over the
+median plain copy of the same bytes (goal <= 2). ``--size small`` runs the same steps on a model a
+few MB large (a check that the benchmark works, not a measurement).
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import argparse
 import math
 import multiprocessing as mp
 import os
-import resource
 import shutil
 import statistics
 import sys
@@ -26,45 +29,47 @@ import threading
 import time
 from pathlib import Path
 
-
-SHAPE = dict(num_layers=22, hidden_size=2048, num_attention_heads=32, num_query_groups=4,
-             ffn_hidden_size=5632, vocab_size=32000, max_position_embeddings=2048,
-             rope_theta=10000.0, params_dtype="bf16")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 TOKENIZER = REPO / "flagscale" / "data" / "corpus" / "tokenizer.model"
+SIZES = {
+    "1b": dict(hidden_size=2048, num_attention_heads=32, num_query_groups=4,
+               ffn_hidden_size=5632, vocab_size=32000, depths=(11, 22)),
+    "small": dict(hidden_size=256, num_attention_heads=8, num_query_groups=2,
+                  ffn_hidden_size=688, vocab_size=4100, depths=(2, 4)),
+}
 
 
-def write_checkpoint(path: str) -> None:
-    """Child process: save random bf16 weights as a megatron-core torch_dist checkpoint."""
+def model_config(size: str, layers: int):
+    from flagscale.config import ModelConfig
+
+    shape = {k: v for k, v in SIZES[size].items() if k != "depths"}
+    return ModelConfig(num_layers=layers, max_position_embeddings=2048, rope_theta=10000.0,
+                       params_dtype="bf16", **shape)
+
+
+def write_hf(size: str, layers: int, path: str) -> None:
+    """Child process: a random bf16 HF Llama directory, streamed tensor by tensor."""
+    import json
+
     import torch
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing import ShardedTensor
 
-    from flagscale.config import Config, ModelConfig, config_to_dict
     from flagscale.convert import mapping as M
-    from flagscale.convert.common import single_process_megatron
+    from flagscale.convert.hf_config import hf_config_dict
+    from flagscale.convert.safetensors_stream import plan_shards, write_sharded
 
-    Path(path).mkdir(parents=True)
-    cfg = Config(model=ModelConfig(**SHAPE))
-    cfg.data.tokenizer = str(TOKENIZER)
-    wm = M.WeightMap.of(cfg.model)
+    model = model_config(size, layers)
+    wm = M.WeightMap.of(model)
+    order = wm.hf_file_order()
     gen = torch.Generator().manual_seed(0)
-
-    def rand(*dims):
-        return torch.randn(*dims, generator=gen).to(torch.bfloat16)
-
-    layers = wm.dims.num_layers
-    model = {e.mcore: ShardedTensor.from_rank_offsets(e.mcore, rand(*e.mcore_shape(wm.dims)),
-                                                      replica_id=0) for e in wm.head + wm.tail}
-    for layer in range(layers):
-        for e in wm.layer:
-            model[f"{e.mcore}.{layer}"] = ShardedTensor.from_rank_offsets(
-                e.mcore, rand(*e.mcore_shape(wm.dims)), (0, layer, layers), replica_id=0,
-                prepend_axis_num=1)
-    with single_process_megatron():
-        dist_checkpointing.save({"model": model, "flagscale": {
-            "config": config_to_dict(cfg), "has_optimizer": False}}, path)
+    out = Path(path)
+    out.mkdir(parents=True)
+    tensors = ((name, (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16))
+               for name, shape in order)
+    write_sharded(out, plan_shards(order, torch.bfloat16, 2 * 1024 ** 3), torch.bfloat16,
+                  tensors)
+    config = hf_config_dict(model, "bfloat16", 1, 2, None)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def _dir_bytes(path: Path) -> int:
@@ -72,13 +77,12 @@ def _dir_bytes(path: Path) -> int:
 
 
 class RssSampler:
-    """Peak resident set size of this process, sampled every 10 ms."""
+    """Peak resident set size of this process over its size at entry, sampled every 10 ms."""
 
     def __init__(self):
         import psutil
 
         self._proc = psutil.Process()
-        self.peak = self._proc.memory_info().rss
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -87,84 +91,107 @@ class RssSampler:
             self.peak = max(self.peak, self._proc.memory_info().rss)
 
     def __enter__(self):
+        self.start = self.peak = self._proc.memory_info().rss
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+        self.growth = max(self.peak, self._proc.memory_info().rss) - self.start
+
+
+def _timed(fn) -> tuple[float, int]:
+    """(seconds to durable disk, peak RSS growth) of ``fn()``."""
+    os.sync()
+    with RssSampler() as rss:
+        t0 = time.perf_counter()
+        fn()
+        os.sync()
+        seconds = time.perf_counter() - t0
+    return seconds, rss.growth
+
+
+def bench_depth(size: str, layers: int, rounds: int, work: Path) -> None:
+    from flagscale.convert import hf_to_mcore, mapping as M, mcore_to_hf
+    from flagscale.convert.export import checkpoint_config
+    from flagscale.convert.validate import compare_layerwise
+
+    hf = work / f"hf{layers}"
+    child = mp.get_context("spawn").Process(target=write_hf, args=(size, layers, str(hf)))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise SystemExit(f"writing the synthetic model failed (exit {child.exitcode})")
+    wm = M.WeightMap.of(model_config(size, layers))
+    layer_fp32 = 4 * sum(math.prod(e.mcore_shape(wm.dims)) for e in wm.layer)
+    params = sum(math.prod(s) for _, s in wm.hf_file_order())
+    quiet = dict(log=lambda *_: None, progress=False)
+    ckpt, export = work / "ckpt", work / "export"
+    times: dict[str, list[float]] = {k: [] for k in ("copy_hf", "import", "copy_ckpt", "export")}
+    growth: dict[str, int] = {}
+
+    def step(name, fn):
+        seconds, grown = _timed(fn)
+        times.setdefault(name, []).append(seconds)
+        growth[name] = max(growth.get(name, 0), grown)
+
+    for _ in range(rounds):
+        for path in (ckpt, export):
+            shutil.rmtree(path, ignore_errors=True)
+        step("copy_hf", lambda: shutil.copytree(hf, work / "copy"))
+        shutil.rmtree(work / "copy")
+        step("import", lambda: hf_to_mcore(hf, ckpt, validate=False, **quiet))
+        step("copy_ckpt", lambda: shutil.copytree(ckpt, work / "copy"))
+        shutil.rmtree(work / "copy")
+        step("export", lambda: mcore_to_hf(ckpt, export, dtype="bf16", validate=False,
+                                           tokenizer=str(TOKENIZER), **quiet))
+    cfg = checkpoint_config(ckpt)
+    step("validate_import", lambda: compare_layerwise(ckpt, cfg, hf, **quiet))
+    step("validate_export", lambda: compare_layerwise(ckpt, cfg, export, round_to="bf16",
+                                                      **quiet))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"depth {layers}: {params / 1e9:.3f}B params, HF {_dir_bytes(hf) / 1e9:.2f} GB, "
+          f"checkpoint {_dir_bytes(ckpt) / 1e9:.2f} GB, largest layer fp32 "
+          f"{layer_fp32 / 1e6:.1f} MB; median of {rounds} alternating rounds")
+    for name, copy in (("import", "copy_hf"), ("export", "copy_ckpt")):
+        print(f"  {name:16s} {med[name]:7.2f}s vs plain copy {med[copy]:6.2f}s -> "
+              f"{med[name] / med[copy]:.2f}x (goal <= 2); peak RSS +{growth[name] / 1e6:.0f} MB "
+              f"= {growth[name] / layer_fp32:.2f}x the largest layer fp32 (goal <= 4); rounds "
+              f"{', '.join(f'{t:.2f}' for t in times[name])}s")
+    for name in ("validate_import", "validate_export"):
+        print(f"  {name:16s} {med[name]:7.2f}s; peak RSS +{growth[name] / 1e6:.0f} MB = "
+              f"{growth[name] / layer_fp32:.2f}x the largest layer fp32 (goal <= 4)")
+    for path in (hf, ckpt, export):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def main(argv=None) -> int:
-    """Run the benchmark and print one summary block."""
+    """Run the benchmark at each depth and print one block per depth."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="1b")
+    parser.add_argument("--depths", default=None,
+                        help="comma-separated layer counts of the same width (default per size)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds to time")
     parser.add_argument("--workdir", default=None, help="scratch directory (default: system temp)")
-    parser.add_argument("--keep", action="store_true", help="keep the files for inspection")
-    parser.add_argument("--rounds", type=int, default=3, help="copy/export pairs to time")
     args = parser.parse_args(argv)
+    depths = ([int(d) for d in args.depths.split(",")] if args.depths
+              else SIZES[args.size]["depths"])
     work = Path(tempfile.mkdtemp(prefix="flagscale-bench-convert-", dir=args.workdir))
     try:
-        import psutil
+        # Load megatron-core, transformers and torch before any baseline is taken.
+        import transformers  # noqa: F401
 
-        from flagscale.config import ModelConfig
-        from flagscale.convert import mapping as M, mcore_to_hf
-        from flagscale.convert.export import checkpoint_config
+        from flagscale.convert import validate  # noqa: F401
+        from flagscale.convert.common import single_process_megatron
 
-        ckpt = work / "ckpt"
-        t0 = time.perf_counter()
-        child = mp.get_context("spawn").Process(target=write_checkpoint, args=(str(ckpt),))
-        child.start()
-        child.join()
-        if child.exitcode != 0:
-            print(f"writing the synthetic checkpoint failed (exit {child.exitcode})")
-            return 1
-        ckpt_bytes = _dir_bytes(ckpt)
-        print(f"synthetic checkpoint: {ckpt_bytes / 1e9:.2f} GB in {time.perf_counter() - t0:.1f}s")
-
-        wm = M.WeightMap.of(ModelConfig(**SHAPE))
-        layer_bytes = 2 * sum(math.prod(e.mcore_shape(wm.dims)) for e in wm.layer)
-        vocab_bytes = 2 * SHAPE["vocab_size"] * SHAPE["hidden_size"]
-        checkpoint_config(ckpt)  # import megatron-core before the baseline memory is taken
-        rss_before = psutil.Process().memory_info().rss
-        copies, exports = [], []
-        with RssSampler() as rss:
-            for _ in range(args.rounds):
-                # Each timing starts with no dirty pages and ends once its bytes are on disk:
-                # otherwise whichever runs second pays for the first one's writeback.
-                os.sync()
-                t0 = time.perf_counter()
-                shutil.copytree(ckpt, work / "copy")
-                os.sync()
-                copies.append(time.perf_counter() - t0)
-                shutil.rmtree(work / "copy")
-                os.sync()
-                t0 = time.perf_counter()
-                result = mcore_to_hf(ckpt, work / "hf", dtype="bf16", validate=False,
-                                     log=lambda *_: None)
-                os.sync()
-                exports.append(time.perf_counter() - t0)
-                shutil.rmtree(work / "hf")
-        copy_s, export_s = statistics.median(copies), statistics.median(exports)
-        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        growth = rss.peak - rss_before
-        print(f"model: {result.params / 1e9:.3f}B params, export wrote "
-              f"{result.bytes_written / 1e9:.2f} GB "
-              f"(checkpoint {ckpt_bytes / 1e9:.2f} GB)")
-        print(f"time (each to durable disk, sync included; median of {args.rounds} alternating "
-              f"rounds): export {export_s:.2f}s vs plain copy {copy_s:.2f}s -> "
-              f"{export_s / copy_s:.2f}x (goal <= 2x); rounds: export "
-              f"{', '.join(f'{t:.2f}' for t in exports)}s, copy "
-              f"{', '.join(f'{t:.2f}' for t in copies)}s")
-        print(f"memory: peak RSS {rss.peak / 1e9:.2f} GB (ru_maxrss {maxrss / 1e9:.2f} GB), growth "
-              f"during export {growth / 1e9:.3f} GB; largest layer {layer_bytes / 1e9:.3f} GB, "
-              f"embedding {vocab_bytes / 1e9:.3f} GB, model {result.bytes_written / 1e9:.2f} GB "
-              f"-> growth = {growth / max(layer_bytes, vocab_bytes):.2f}x the largest tensor group")
+        with single_process_megatron():
+            pass
+        for layers in depths:
+            bench_depth(args.size, layers, args.rounds, work)
         return 0
     finally:
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

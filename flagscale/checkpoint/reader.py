@@ -5,41 +5,163 @@ torch_dist stores each ShardedTensor under its key with the global shape and the
 wrote, so any region of a global tensor can be read directly: TP shards are recombined by their
 offsets, and a layer is a slice along the leading layer axis whatever the PP/VPP split was. Only
 the stored chunks overlapping the requested region are read, so reading one layer costs about one
-layer of memory. No process group is needed (torch.distributed.checkpoint's ``no_dist`` mode).
+layer of memory.
+
+Each chunk is a ``torch.save`` archive at a known offset of a ``.distcp`` file (the checkpoint's
+``.metadata`` gives file, offset and length). torch.distributed.checkpoint reads one by copying the
+archive into memory, ``torch.load``-ing it and copying the result into place; here the archive's
+small index and pickle are parsed and the tensor bytes are read straight into the destination
+(one copy), several chunks at a time on a thread pool (file reads release the GIL). An archive
+this parser does not recognise (a transformed/compressed chunk) falls back to ``torch.load``.
 """
 
 from __future__ import annotations
 
+import io
+import os
+import pickle
+import struct
+import threading
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from flagscale.errors import CheckpointError
 
+READ_THREADS = min(8, os.cpu_count() or 1)
 
-class _RegionPlanner(DefaultLoadPlanner):
-    """Plans reads of one region per key into the plain tensors of ``out`` (defined at module
-    level: a class made inside ``read`` would keep every layer's tensors alive in reference cycles
-    until the garbage collector ran)."""
 
-    def __init__(self, metadata: dict, regions: dict, out: dict):
+class _Slice(io.RawIOBase):
+    """The bytes ``[start, start + length)`` of an open file, as a seekable file of their own."""
+
+    def __init__(self, fd: int, start: int, length: int):
         super().__init__()
-        self.tensor_metadata, self.regions, self.destinations = metadata, regions, out
+        self._fd, self._start, self._length, self._pos = fd, start, length, 0
 
-    def create_local_plan(self) -> LoadPlan:
-        items = []
-        for key, (offsets, sizes) in self.regions.items():
-            chunk = ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
-            items += create_read_items_for_chunk_list(key, self.tensor_metadata[key], [chunk])
-        return LoadPlan(items)
+    def seekable(self):
+        return True
 
-    def lookup_tensor(self, index) -> torch.Tensor:
-        return self.destinations[index.fqn]
+    def readable(self):
+        return True
+
+    def seek(self, pos, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = base + pos
+        return self._pos
+
+    def tell(self):
+        return self._pos
+
+    def readinto(self, buffer):
+        n = max(0, min(len(buffer), self._length - self._pos))
+        data = os.pread(self._fd, n, self._start + self._pos)
+        buffer[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+@dataclass(frozen=True)
+class _RawTensor:
+    """Where a saved tensor's elements lie in a ``.distcp`` file."""
+
+    position: int
+    """Absolute file offset of element 0 of the tensor's storage."""
+    dtype: torch.dtype
+    storage_offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+class _Rebuild:
+    """Records ``torch._utils._rebuild_tensor_v2``'s arguments instead of building a tensor."""
+
+    def __init__(self, storage, storage_offset, size, stride, *_):
+        self.storage, self.storage_offset = storage, storage_offset
+        self.size, self.stride = tuple(size), tuple(stride)
+
+
+# The storage classes torch.save names in a tensor's pickle, by the dtype they hold.
+_STORAGE_DTYPES = {"FloatStorage": torch.float32, "BFloat16Storage": torch.bfloat16,
+                   "HalfStorage": torch.float16, "DoubleStorage": torch.float64,
+                   "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8,
+                   "ByteStorage": torch.uint8, "BoolStorage": torch.bool}
+
+
+class _TensorPickle(pickle.Unpickler):
+    """Reads the ``data.pkl`` of a saved plain tensor without loading its storage."""
+
+    def find_class(self, module, name):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _Rebuild
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if (module, name) == ("collections", "OrderedDict"):
+            import collections
+
+            return collections.OrderedDict
+        raise pickle.UnpicklingError(f"unexpected {module}.{name}")
+
+    def persistent_load(self, pid):
+        _, dtype, key, _location, _numel = pid
+        return key, dtype
+
+
+def _locate(fd: int, start: int, length: int) -> Optional[_RawTensor]:
+    """Parse the torch.save archive at ``start``; None when it is not one plain tensor."""
+    try:
+        with zipfile.ZipFile(_Slice(fd, start, length)) as archive:
+            names = {info.filename.split("/", 1)[-1]: info for info in archive.infolist()}
+            rebuilt = _TensorPickle(io.BytesIO(archive.read(names["data.pkl"]))).load()
+            if not isinstance(rebuilt, _Rebuild):
+                return None
+            key, dtype = rebuilt.storage
+            info = names[f"data/{key}"]
+            if info.compress_type != zipfile.ZIP_STORED:
+                return None
+    except (zipfile.BadZipFile, KeyError, pickle.UnpicklingError, ValueError, TypeError):
+        return None
+    # The local header repeats the name and may carry its own extra field (the 64-byte
+    # alignment padding torch writes), so the data offset comes from it, not the central index.
+    header = os.pread(fd, 30, start + info.header_offset)
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    position = start + info.header_offset + 30 + name_len + extra_len
+    return _RawTensor(position, dtype, rebuilt.storage_offset, rebuilt.size, rebuilt.stride)
+
+
+def _read_raw(fd: int, raw: _RawTensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The saved tensor, read into ``out`` (a contiguous tensor of its shape) when given."""
+    element = torch.empty((), dtype=raw.dtype).element_size()
+    numel = 1
+    for n in raw.size:
+        numel *= n
+    contiguous = torch.empty(raw.size).stride() == raw.stride or numel <= 1
+    if contiguous:
+        target = out if out is not None else torch.empty(raw.size, dtype=raw.dtype)
+        _pread_into(fd, target, raw.position + raw.storage_offset * element)
+        return target
+    extent = raw.storage_offset + 1 + sum((n - 1) * s for n, s in zip(raw.size, raw.stride))
+    storage = torch.empty(extent, dtype=raw.dtype)
+    _pread_into(fd, storage, raw.position)
+    tensor = storage.as_strided(raw.size, raw.stride, raw.storage_offset)
+    if out is None:
+        return tensor
+    return out.copy_(tensor)
+
+
+def _pread_into(fd: int, tensor: torch.Tensor, position: int) -> None:
+    view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], position + done)
+        if n <= 0:
+            raise CheckpointError(f"Unexpected end of file reading {len(view)} bytes at offset "
+                                  f"{position}: the checkpoint file is truncated.")
+        done += n
 
 
 class CheckpointReader:
@@ -54,10 +176,33 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path} is not a torch_dist checkpoint (no .metadata "
                                   f"file). Give an iter_XXXXXXX directory written by flagscale "
                                   f"train or flagscale convert hf-to-mcore.")
-        self._reader = FileSystemReader(str(self.path))
-        metadata = self._reader.read_metadata()
+        try:
+            metadata = FileSystemReader(str(self.path)).read_metadata()
+        except Exception as exc:  # a damaged pickle surfaces in many types
+            raise CheckpointError(f"{self.path / '.metadata'} cannot be read ({exc}).") from None
         self.tensors = {key: md for key, md in metadata.state_dict_metadata.items()
                         if isinstance(md, TensorStorageMetadata)}
+        self._storage = metadata.storage_data
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="flagscale-ckpt-read")
+
+    def close(self) -> None:
+        """Close the open ``.distcp`` files and the read threads."""
+        self._pool.shutdown()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_fds", None):
+            self.close()
 
     def shape(self, key: str) -> tuple[int, ...]:
         """Global shape of ``key``."""
@@ -67,6 +212,16 @@ class CheckpointReader:
         """Stored dtype of ``key``."""
         return self._metadata(key).properties.dtype
 
+    def nbytes(self) -> int:
+        """Bytes of all tensors, as stored."""
+        total = 0
+        for md in self.tensors.values():
+            numel = 1
+            for n in md.size:
+                numel *= n
+            total += numel * torch.empty((), dtype=md.properties.dtype).element_size()
+        return total
+
     def _metadata(self, key: str):
         if key not in self.tensors:
             raise CheckpointError(f"Tensor '{key}' is not in checkpoint {self.path}; it holds "
@@ -75,16 +230,66 @@ class CheckpointReader:
                                   f"GPT checkpoint of this model?")
         return self.tensors[key]
 
+    def _fd(self, relative: str) -> int:
+        with self._lock:
+            if relative not in self._fds:
+                path = self.path / relative
+                try:
+                    self._fds[relative] = os.open(path, os.O_RDONLY)
+                except OSError as exc:
+                    raise CheckpointError(f"Cannot open {path}, a shard file the checkpoint's "
+                                          f".metadata lists ({exc.strerror}).") from None
+            return self._fds[relative]
+
+    def _read_chunk(self, key: str, chunk, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One stored chunk of ``key``, whole (into ``out``, contiguous, when given)."""
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        info = self._storage[MetadataIndex(key, chunk.offsets)]
+        fd = self._fd(info.relative_path)
+        raw = None if info.transform_descriptors else _locate(fd, info.offset, info.length)
+        if raw is None or tuple(raw.size) != tuple(chunk.sizes):
+            data = torch.load(_Slice(fd, info.offset, info.length), map_location="cpu",
+                              weights_only=True)
+            return data if out is None else out.copy_(data)
+        return _read_raw(fd, raw, out)
+
     def read(self, requests: dict[str, tuple[Sequence[int], Sequence[int]]]
              ) -> dict[str, torch.Tensor]:
         """Read regions ``{key: (offsets, sizes)}`` of global tensors in one pass, each in its
         stored dtype."""
-        import torch.distributed.checkpoint as dcp
+        out, jobs = {}, []
+        for key, (offsets, sizes) in requests.items():
+            md = self._metadata(key)
+            out[key] = torch.empty(tuple(sizes), dtype=md.properties.dtype)
+            covered = 0
+            for chunk in md.chunks:
+                lo = [max(a, b) for a, b in zip(offsets, chunk.offsets)]
+                hi = [min(a + n, b + m) for a, n, b, m in zip(offsets, sizes, chunk.offsets,
+                                                                chunk.sizes)]
+                if all(h > l for l, h in zip(lo, hi)):
+                    jobs.append((key, chunk, lo, hi, offsets))
+                    volume = 1
+                    for l, h in zip(lo, hi):
+                        volume *= h - l
+                    covered += volume
+            if covered != out[key].numel():
+                raise CheckpointError(f"Checkpoint {self.path} does not hold all of the requested "
+                                      f"region {tuple(offsets)}+{tuple(sizes)} of '{key}' (its "
+                                      f"chunks cover {covered} of {out[key].numel()} elements).")
 
-        out = {key: torch.empty(tuple(sizes), dtype=self.dtype(key))
-               for key, (_, sizes) in requests.items()}
-        planner = _RegionPlanner(self.tensors, requests, out)
-        dcp.load(out, storage_reader=self._reader, planner=planner, no_dist=True)
+        def run(job):
+            key, chunk, lo, hi, offsets = job
+            dst = out[key][tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, offsets))]
+            whole = list(lo) == list(chunk.offsets) and list(dst.shape) == list(chunk.sizes)
+            if whole and dst.is_contiguous():
+                self._read_chunk(key, chunk, dst)  # straight into place: the common case
+                return
+            data = self._read_chunk(key, chunk)
+            dst.copy_(data[tuple(slice(l - c, h - c) for l, h, c in zip(lo, hi, chunk.offsets))])
+
+        for result in self._pool.map(run, jobs):
+            del result
         return out
 
     def read_full(self, key: str) -> torch.Tensor:
@@ -102,4 +307,3 @@ class CheckpointReader:
                                       f"layer {layer} was requested.")
             requests[key] = ((layer,) + (0,) * (len(shape) - 1), (1,) + shape[1:])
         return {key: t[0] for key, t in self.read(requests).items()}
-

@@ -6,9 +6,12 @@
     flagscale convert hf-to-mcore --input hf/llama3_8b --output ckpt/llama3_8b --tp 8 --pp 4
     flagscale train CONFIG checkpoint.load=ckpt/llama3_8b      # continued pretraining
 
-mcore-to-hf reads any TP/PP/VPP checkpoint in one process, layer by layer, and by default checks the
-export's logits in transformers against flagscale's own model. hf-to-mcore writes model weights
-only: the training run that loads it starts a fresh optimizer at iteration 0.
+Both directions stream one layer at a time (memory: a few layers, whatever the model's depth) and
+by default compare flagscale's megatron-core model with transformers' model layer by layer (hidden
+states after the embedding and every layer, then the logits), naming the first layer that
+differs; --skip-validation skips that. mcore-to-hf reads any TP/PP/VPP checkpoint in one process.
+hf-to-mcore writes model weights only (the training run that loads it starts a fresh optimizer at
+iteration 0) and refuses safetensors tensors its family's mapping would drop.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ def run_hf_to_mcore(args) -> int:
     """CLI wrapper of :func:`flagscale.convert.hf_to_mcore`."""
     from flagscale.convert import hf_to_mcore
 
-    hf_to_mcore(args.input, args.output, tp=args.tp, pp=args.pp, overwrite=args.overwrite)
+    hf_to_mcore(args.input, args.output, tp=args.tp, pp=args.pp, overwrite=args.overwrite,
+                validate=not args.skip_validation)
     return 0
 
 
@@ -66,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     imp.add_argument("--tp", type=int, default=1,
                      help="tensor-parallel size the checkpoint is meant for (sets vocab padding)")
     imp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size it is meant for")
+    imp.add_argument("--skip-validation", action="store_true",
+                     help="do not compare the checkpoint with transformers' model layer by layer")
     imp.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     imp.set_defaults(func=run_hf_to_mcore)
 

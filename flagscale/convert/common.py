@@ -1,11 +1,14 @@
 """Pieces both conversion directions share: dtypes, the flagscale config of a checkpoint at one
-process, and a one-process megatron-core context."""
+process, a one-process megatron-core context, one megatron-core transformer layer on its own, and
+a read-ahead thread."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Iterator
+import queue
+import threading
+from typing import Iterable, Iterator
 
 import torch
 
@@ -57,3 +60,68 @@ def single_process_megatron() -> Iterator[object]:
         finally:
             if created_parallel:
                 parallel_state.destroy_model_parallel()
+
+
+def megatron_layer(cfg: Config, padded_vocab_size: int, params_dtype: str, platform):
+    """One megatron-core transformer layer of ``cfg``'s family at TP=PP=1, uninitialised (its
+    memory is not touched until written). Needs :func:`single_process_megatron`."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from flagscale.models import get_model_spec
+
+    one, layout = single_process_layout(cfg, padded_vocab_size, params_dtype)
+    spec = get_model_spec(cfg.model)
+    tconfig = dataclasses.replace(spec.transformer_config(one, layout, platform),
+                                  perform_initialization=False)
+    layer_spec = spec.layer_spec(platform, tconfig, None)
+    layer = build_module(getattr(layer_spec, "layer_specs", [layer_spec])[0], config=tconfig,
+                         layer_number=1)
+    return layer.to(platform.device)
+
+
+def layer_sharded_state(layer, index: int, num_layers: int) -> dict:
+    """``layer``'s sharded state as transformer layer ``index`` of ``num_layers``: its tensors
+    and objects under their global checkpoint keys (``decoder.layers.*``, leading layer axis)."""
+    from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+
+    state = layer.sharded_state_dict(prefix="decoder.layers.0.",
+                                     sharded_offsets=((0, index, num_layers),))
+    replace_prefix_for_sharding(state, "decoder.layers.0.", "decoder.layers.")
+    return state
+
+
+def prefetched(groups: Iterable, depth: int = 2) -> Iterator:
+    """Yield the items of ``groups`` while a background thread produces the next ones: reading
+    overlaps the consumer's work (both release the GIL) and at most ``depth`` items are alive
+    at once. An exception in the producer is re-raised in the consumer."""
+    ready: queue.Queue = queue.Queue()
+    slots = threading.Semaphore(depth)
+    done = object()
+    stop = threading.Event()
+    iterator = iter(groups)
+
+    def produce():
+        try:
+            while not stop.is_set():
+                slots.acquire()
+                item = next(iterator, done)
+                ready.put(item)
+                if item is done:
+                    return
+                del item
+        except BaseException as exc:  # re-raised in the consumer, with its traceback
+            ready.put(exc)
+
+    thread = threading.Thread(target=produce, daemon=True, name="flagscale-convert-reader")
+    thread.start()
+    try:
+        while (item := ready.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            del item
+            slots.release()
+    finally:
+        stop.set()
+        slots.release()
+        thread.join()

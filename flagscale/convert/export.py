@@ -5,19 +5,19 @@
     result = mcore_to_hf("runs/tiny/checkpoints", "hf/tiny", dtype="bf16")
 
 Reads in one process whatever TP/PP/VPP layout wrote the checkpoint, one transformer layer at a
-time, and streams tensors into sharded safetensors (peak memory: about one layer); names, order
-and shapes come from the family's weight mapping (``flagscale.convert.mapping``). A model with tied
-embeddings is written without ``lm_head.weight``, as transformers saves it. The output is
-written to a temporary sibling directory, validated against flagscale's own megatron-core model
-(unless ``validate=False``) and only then renamed into place.
+time (tensor bytes read straight from the ``.distcp`` files, ``flagscale.checkpoint.reader``),
+and streams tensors into sharded safetensors while the next layer is read (peak memory: about
+two layers); names, order and shapes come from the family's weight mapping
+(``flagscale.convert.mapping``). A model with tied embeddings is written without
+``lm_head.weight``, as transformers saves it. The output is written to a temporary sibling
+directory, compared layer by layer with flagscale's own megatron-core model
+(``flagscale.convert.validate``, unless ``validate=False``) and only then renamed into place.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import queue
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,7 @@ from flagscale.checkpoint.output import atomic_output_dir
 from flagscale.checkpoint.reader import CheckpointReader
 from flagscale.config import Config, load_config
 from flagscale.convert import mapping as M
-from flagscale.convert.common import DTYPE_NAMES, DTYPES
+from flagscale.convert.common import DTYPE_NAMES, DTYPES, prefetched
 from flagscale.convert.hf_config import generation_config_dict, hf_config_dict
 from flagscale.convert.safetensors_stream import plan_shards, write_sharded
 from flagscale.convert.tokenizer import export_tokenizer
@@ -52,12 +52,14 @@ class ExportResult:
     max_abs_diff: Optional[float]
     """Largest |logit| difference against flagscale's model; None when validation was skipped."""
     tolerance: Optional[float]
+    validation: Optional[object] = None
+    """The layer-by-layer :class:`~flagscale.convert.validate.ValidationReport` (None: skipped)."""
 
     def summary(self) -> str:
         check = ("validation skipped" if self.max_abs_diff is None else
                  f"max |logit diff| {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g})")
         return (f"exported {self.checkpoint} -> {self.output}: {self.params / 1e6:.2f}M params, "
-                f"{self.bytes_written / 1e6:.1f} MB in {self.seconds:.1f}s; {check}")
+                f"{self.bytes_written / 1e9:.2f} GB in {self.seconds:.1f}s; {check}")
 
 
 def checkpoint_config(path: Path) -> Config:
@@ -74,45 +76,33 @@ def checkpoint_config(path: Path) -> Config:
 
 
 def _hf_groups(reader: CheckpointReader, prefix: str, wm: M.WeightMap,
-               dtype: torch.dtype) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """HF tensors in file order, in groups read together: the head, each layer, the tail."""
+               dtype: torch.dtype) -> Iterator[tuple[Optional[int], list[tuple[str, torch.Tensor]]]]:
+    """``(layer or None, HF tensors)`` in file order, in groups read together: the head, each
+    layer, the tail."""
     where = str(reader.path)
     for layer, entries in wm.groups():
         keys = [prefix + e.mcore for e in entries]
         raw = ({k: reader.read_full(k) for k in keys} if layer is None
                else reader.read_layer(keys, layer))
         tensors = {e.mcore: raw.pop(prefix + e.mcore) for e in entries}
-        yield [(name, t.to(dtype)) for name, t in wm.to_hf(tensors, entries, layer, where)]
+        yield layer, [(name, t.to(dtype)) for name, t in wm.to_hf(tensors, entries, layer, where)]
 
 
-def _prefetched(groups: Iterator[list]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield the tensors of ``groups`` while a background thread reads the next group: reading
-    and writing overlap (both release the GIL) and at most two groups are alive at once."""
-    ready: queue.Queue = queue.Queue()
-    slots = threading.Semaphore(2)
-    done = object()
+def _with_progress(groups, total_bytes: int, layers: int, progress: Optional[bool]):
+    """The tensors of ``groups``, one at a time, with a progress bar of bytes and layers."""
+    from tqdm import tqdm
 
-    def produce():
-        try:
-            while True:
-                slots.acquire()
-                group = next(groups, done)
-                ready.put(group)
-                if group is done:
-                    return
-                del group
-        except BaseException as exc:  # re-raised in the consumer, with its traceback
-            ready.put(exc)
-
-    thread = threading.Thread(target=produce, daemon=True, name="flagscale-export-reader")
-    thread.start()
-    while (group := ready.get()) is not done:
-        if isinstance(group, BaseException):
-            raise group
-        yield from group
-        del group
-        slots.release()
-    thread.join()
+    with tqdm(total=total_bytes, desc="export", unit="B", unit_scale=True,
+              disable=None if progress is None else not progress) as bar:
+        for layer, tensors in groups:
+            if layer is not None:
+                bar.set_postfix_str(f"layer {layer + 1}/{layers}")
+            while tensors:
+                name, tensor = tensors.pop(0)
+                nbytes = tensor.numel() * tensor.element_size()
+                yield name, tensor
+                del tensor
+                bar.update(nbytes)
 
 
 def open_checkpoint(path: str | Path) -> tuple[Path, Config, CheckpointReader, str]:
@@ -134,12 +124,14 @@ def open_checkpoint(path: str | Path) -> tuple[Path, Config, CheckpointReader, s
 
 def mcore_to_hf(input: str | Path, output: str | Path, dtype: str = "bf16",
                 validate: bool = True, overwrite: bool = False, tokenizer: Optional[str] = None,
-                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, log=print) -> ExportResult:
+                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, log=print,
+                progress: Optional[bool] = None) -> ExportResult:
     """Export checkpoint ``input`` to a Hugging Face directory ``output``.
 
     ``tokenizer`` overrides the checkpoint config's ``data.tokenizer`` (a sentencepiece model is
-    converted, a HF tokenizer copied). Raises ConversionError on bad input or failed validation;
-    ``output`` is then left as it was.
+    converted, a HF tokenizer copied). ``progress``: show progress bars (default: when stderr is
+    a terminal). Raises ConversionError on bad input or failed validation; ``output`` is then
+    left as it was.
     """
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
@@ -161,17 +153,23 @@ def mcore_to_hf(input: str | Path, output: str | Path, dtype: str = "bf16",
                                   ) from None
         log(f"exporting {ckpt} ({cfg.model.family}, {cfg.model.num_layers} layers) to {output} "
             f"as {dtype}")
-        tensors = _prefetched(_hf_groups(reader, prefix, wm, torch_dtype))
+        total = sum(math.prod(shape) for _, shape in wm.hf_file_order()) * torch_dtype.itemsize
+        tensors = _with_progress(prefetched(_hf_groups(reader, prefix, wm, torch_dtype)), total,
+                                 cfg.model.num_layers, progress)
         written = write_sharded(tmp, shards, torch_dtype, tensors)
         config = hf_config_dict(cfg.model, DTYPE_NAMES[dtype], ids["bos"], ids["eos"], ids["pad"])
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(
             json.dumps(generation_config_dict(ids["bos"], ids["eos"], ids["pad"]), indent=2) + "\n")
-        diff = tol = None
+        report = None
         if validate:
-            from flagscale.convert.validate import compare_with_megatron
+            from flagscale.convert.validate import compare_layerwise
 
-            diff, tol = compare_with_megatron(ckpt, cfg, wm.dims.vocab_rows, tmp, dtype, log=log)
+            report = compare_layerwise(ckpt, cfg, tmp, round_to=dtype, log=log,
+                                       progress=progress)
+    reader.close()
     params = sum(math.prod(s) for _, s in wm.hf_file_order())
-    return ExportResult(output, ckpt, params, written, time.perf_counter() - start, diff, tol)
+    diff, tol = (None, None) if report is None else (report.max_abs_diff, report.tolerance)
+    return ExportResult(output, ckpt, params, written, time.perf_counter() - start, diff, tol,
+                        report)
 

@@ -2,7 +2,7 @@
 ``MistralForCausalLM``, ``Qwen2ForCausalLM``) -> megatron-core torch_dist checkpoint.
 
     from flagscale.convert import hf_to_mcore
-    hf_to_mcore("hf/llama3_8b", "ckpt/llama3_8b", tp=8, pp=4)
+    hf_to_mcore("hf/llama3_8b", "ckpt/llama3_8b", tp=8, pp=4)   # validated by default
     # then: flagscale train CONFIG checkpoint.load=ckpt/llama3_8b
 
 The checkpoint holds the model weights only (no optimizer state, no schedule, iteration 0): a
@@ -10,12 +10,21 @@ training run loading it starts continued pretraining with a fresh optimizer. tor
 global tensors with their shard metadata, so one process writes it and any TP/PP/VPP loads it;
 ``tp`` only sets the vocabulary padding (a multiple of 128 * tp) and, with ``pp``, the layout
 recorded in the saved config.
+
+No model is built: the safetensors are read one group at a time (the embedding, each layer, the
+final norm and output layer), mapped through the family's weight mapping and streamed into the
+checkpoint's files as megatron-core would have saved them (one chunk per layer of each stacked
+tensor, plus the layer modules' ``_extra_state`` objects, taken from one megatron-core layer built
+for that purpose), while the next group is read. Peak memory is a few layers, whatever the depth.
+Every tensor in the safetensors must be consumed by the mapping: one that would be dropped (a
+Qwen2's q/k/v biases under a Llama config) is an error naming it. The written checkpoint is then
+compared with the source layer by layer (``flagscale.convert.validate``) unless
+``validate=False``, and only then moved into place.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import shutil
 import time
@@ -27,47 +36,20 @@ import yaml
 
 from flagscale.checkpoint.output import atomic_output_dir
 from flagscale.config import (Config, ModelConfig, ParallelDims, config_to_dict,
-                              padded_vocab_size, validate)
+                              padded_vocab_size)
+from flagscale.config import validate as check_config
 from flagscale.convert import mapping as M
-from flagscale.convert.common import single_process_layout, single_process_megatron
+from flagscale.convert.common import (layer_sharded_state, megatron_layer, prefetched,
+                                      single_process_megatron)
 from flagscale.convert.hf_config import load_config_json, model_fields_from_hf
+from flagscale.convert.safetensors_stream import SafetensorsReader
+from flagscale.convert.torch_dist_writer import TorchDistWriter
 from flagscale.errors import ConversionError
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "added_tokens.json", "tokenizer.model")
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-
-
-class HFWeights:
-    """Lazy access to the tensors of a HF directory's safetensors files (single or sharded)."""
-
-    def __init__(self, hf_dir: Path):
-        from safetensors import safe_open
-
-        index = hf_dir / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        elif (hf_dir / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        else:
-            raise ConversionError(f"{hf_dir} has no model.safetensors or "
-                                  f"model.safetensors.index.json; flagscale reads safetensors "
-                                  f"weights only (re-save with save_pretrained(safe_serialization="
-                                  f"True)).")
-        self.where = str(hf_dir)
-        self._files = {name: safe_open(str(hf_dir / name), framework="pt") for name in files}
-        self._owner = {key: name for name, f in self._files.items() for key in f.keys()}
-
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor ``name`` (ConversionError when absent)."""
-        if name not in self._owner:
-            raise ConversionError(f"Tensor '{name}' is missing from {self.where}.")
-        return self._files[self._owner[name]].get_tensor(name)
-
-    def dtype(self, wm: M.WeightMap) -> torch.dtype:
-        """dtype of the weights (that of the embedding)."""
-        return self.get(wm.entry(M.EMBEDDING).hf_names()[0]).dtype
+# Buffers older transformers saved beside the weights: derived from rope_theta, not learned.
+_INV_FREQ = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
 
 def _target_config(hf_dir: Path, output: Path, tp: int, pp: int) -> Config:
@@ -79,61 +61,114 @@ def _target_config(hf_dir: Path, output: Path, tp: int, pp: int) -> Config:
     return cfg
 
 
-@torch.no_grad()
-def _fill_model(model, weights: HFWeights, wm: M.WeightMap) -> None:
-    """Copy the HF weights into a TP=PP=1 model through its sharded state dict, so every global
-    megatron-core key (whatever the layer spec names the module) gets its mapped tensor. A tied
-    output layer is the embedding itself here; a checkpoint stores it once and megatron-core
-    loads it into the last stage's copy under the embedding's key."""
-    sharded = model.sharded_state_dict()
-    by_layer: dict[Optional[int], dict[str, torch.Tensor]] = {}
-    for local_name, item in sharded.items():
-        if not hasattr(item, "data") or not isinstance(item.data, torch.Tensor):
-            continue  # _extra_state objects: saved as they are
-        match = _LAYER.match(local_name)
-        by_layer.setdefault(int(match.group(1)) if match else None, {})[item.key] = item.data
+def check_all_consumed(weights: SafetensorsReader, wm: M.WeightMap, cfg: Config) -> None:
+    """Refuse safetensors tensors the mapping would not convert, naming them. Two kinds are
+    accepted after a check instead of dropped: a tied model's ``lm_head.weight`` equal to the
+    embedding, and rotary ``inv_freq`` buffers equal to what rope_theta gives."""
+    expected = {name for name, _ in wm.hf_file_order()}
+    extra = [name for name in weights.keys() if name not in expected]
+    refused = []
+    for name in extra:
+        if name == "lm_head.weight" and cfg.model.tie_word_embeddings:
+            embed = wm.entry(M.EMBEDDING).hf_names()[0]
+            if weights.shape(name) == weights.shape(embed) and torch.equal(
+                    weights.get(name), weights.get(embed)):
+                continue
+        elif _INV_FREQ.match(name) and cfg.model.rope_scaling_factor is None:
+            d = wm.dims.head_dim
+            theta = cfg.model.rope_theta
+            formula = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+            got = weights.get(name).double()
+            if got.shape == formula.shape and torch.allclose(got, formula, rtol=1e-3):
+                continue
+        refused.append(name)
+    if refused:
+        shown = ", ".join(refused[:6]) + (f" and {len(refused) - 6} more" if len(refused) > 6
+                                          else "")
+        hint = (" q/k/v biases belong to Qwen2ForCausalLM: is config.json's 'architectures' "
+                "right?" if any(n.endswith("_proj.bias") for n in refused) else "")
+        raise ConversionError(
+            f"{weights.where} holds {len(refused)} tensor(s) that a {cfg.model.family} model "
+            f"with this config.json does not have, so converting would drop them: {shown}."
+            f"{hint} Fix config.json to describe the model these weights belong to (flagscale "
+            f"never drops weights).")
+
+
+def _layer_objects(layer, num_layers: int) -> list[dict]:
+    """Per layer: the layer modules' ShardedObjects (``_extra_state``) by unique key."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return [{item.unique_key: item.data
+             for item in layer_sharded_state(layer, index, num_layers).values()
+             if isinstance(item, ShardedObject)} for index in range(num_layers)]
+
+
+def _groups(weights: SafetensorsReader, wm: M.WeightMap, dtype: torch.dtype):
+    """``(layer or None, {mcore key: tensor}, HF bytes read)`` in file order, mapped and cast."""
     for layer, entries in wm.groups():
-        targets = by_layer[layer]
         hf = {name: weights.get(name) for e in entries for name in e.hf_names(layer)}
-        for key, tensor in wm.from_hf(hf, entries, layer, weights.where).items():
-            targets.pop(key).copy_(tensor)
-    unfilled = sorted({key for targets in by_layer.values() for key in targets})
-    if unfilled:
-        raise ConversionError(f"The model has tensors its family's weight mapping does not fill: "
-                              f"{', '.join(unfilled)}.")
+        nbytes = sum(t.numel() * t.element_size() for t in hf.values())
+        mapped = wm.from_hf(hf, entries, layer, weights.where)
+        del hf
+        yield layer, {k: t.to(dtype) for k, t in mapped.items()}, nbytes
 
 
 def hf_to_mcore(input: str | Path, output: str | Path, tp: int = 1, pp: int = 1,
-                overwrite: bool = False, log=print) -> Path:
+                overwrite: bool = False, validate: bool = True, log=print,
+                progress: Optional[bool] = None) -> Path:
     """Write a model-only megatron-core checkpoint of HF directory ``input`` to ``output`` (an
-    ``iter_``-style directory ``checkpoint.load`` accepts). Returns ``output``."""
-    from megatron.core import dist_checkpointing
+    ``iter_``-style directory ``checkpoint.load`` accepts), checked layer by layer against the
+    source unless ``validate=False``. Returns ``output``. ``progress``: show progress bars
+    (default: when stderr is a terminal)."""
+    from tqdm import tqdm
 
     from flagscale.checkpoint.meta import CheckpointMeta
-    from flagscale.models import build_model
 
     start = time.perf_counter()
     hf_dir, output = Path(input), Path(output)
     if not hf_dir.is_dir():
         raise ConversionError(f"--input {hf_dir} is not a directory; give a Hugging Face model "
                               f"directory (config.json + safetensors).")
-    weights = HFWeights(hf_dir)
+    weights = SafetensorsReader(hf_dir)
     cfg = _target_config(hf_dir, output, tp, pp)
     padded = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, tp)
-    validate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch_size=1)),
-             world_size=ParallelDims(tp=tp, pp=pp, dp=1).world_size, check_paths=False)
+    check_config(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                                   global_batch_size=1)),
+                 world_size=ParallelDims(tp=tp, pp=pp, dp=1).world_size, check_paths=False)
     wm = M.WeightMap.of(cfg.model, padded_vocab_size=padded)
-    params_dtype = "bf16" if weights.dtype(wm) == torch.bfloat16 else "fp32"
+    check_all_consumed(weights, wm, cfg)
+    # The model is built in bf16 when the weights are bf16, fp32 otherwise (fp16 widens exactly).
+    embed_dtype = weights.dtype(wm.entry(M.EMBEDDING).hf_names()[0])
+    params_dtype = "bf16" if embed_dtype == torch.bfloat16 else "fp32"
     cfg.model.params_dtype = params_dtype
-    one, layout = single_process_layout(cfg, padded, params_dtype)
+    dtype = torch.bfloat16 if params_dtype == "bf16" else torch.float32
+    layers = cfg.model.num_layers
+    layer_bytes = sum(torch.Size(e.mcore_shape(wm.dims)).numel() for e in wm.layer) * \
+        dtype.itemsize
+    report = None
     with atomic_output_dir(output, overwrite) as tmp, single_process_megatron() as platform:
-        model = build_model(one, layout, platform)[0]
-        _fill_model(model, weights, wm)
-        state = {"model": model.sharded_state_dict(), "iteration": 0, "consumed_samples": 0,
-                 "flagscale": CheckpointMeta(config_to_dict(cfg), ParallelDims(tp=tp, pp=pp, dp=1),
-                                             has_optimizer=False,
-                                             source=str(hf_dir.resolve())).to_dict()}
-        dist_checkpointing.save(state, str(tmp))
+        objects = _layer_objects(megatron_layer(cfg, padded, params_dtype, platform), layers)
+        bar = tqdm(total=weights.nbytes(), desc="import", unit="B", unit_scale=True,
+                   disable=None if progress is None else not progress)
+        with TorchDistWriter(tmp, max_queued_bytes=layer_bytes) as writer:
+            for layer, tensors, nbytes in prefetched(_groups(weights, wm, dtype)):
+                for key, tensor in tensors.items():
+                    if layer is None:
+                        writer.add_tensor(key, tensor.shape, (0,) * tensor.dim(), tensor)
+                    else:
+                        writer.add_tensor(key, (layers, *tensor.shape),
+                                          (layer,) + (0,) * tensor.dim(), tensor.unsqueeze(0))
+                if layer is not None:
+                    for unique_key, obj in objects[layer].items():
+                        writer.add_object(unique_key, obj)
+                    bar.set_postfix_str(f"layer {layer + 1}/{layers}")
+                del tensors
+                bar.update(nbytes)
+            meta = CheckpointMeta(config_to_dict(cfg), ParallelDims(tp=tp, pp=pp, dp=1),
+                                  has_optimizer=False, source=str(hf_dir.resolve()))
+            writer.finish({"iteration": 0, "consumed_samples": 0, "flagscale": meta.to_dict()})
+            written = writer.bytes_written
+        bar.close()
         (tmp / "flagscale_config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg),
                                                                   sort_keys=False))
         if cfg.data.tokenizer:
@@ -141,9 +176,17 @@ def hf_to_mcore(input: str | Path, output: str | Path, tp: int = 1, pp: int = 1,
             for name in _TOKENIZER_FILES:
                 if (hf_dir / name).is_file():
                     shutil.copy2(hf_dir / name, tmp / "tokenizer" / name)
-    log(f"imported {hf_dir} -> {output}: {cfg.model.family}, {cfg.model.num_layers} layers, "
-        f"vocab {cfg.model.vocab_size} "
-        f"padded to {padded} for tp={tp}, {params_dtype} weights, in "
-        f"{time.perf_counter() - start:.1f}s. Model weights only: no optimizer state, training "
-        f"from it starts a fresh optimizer at iteration 0.")
+        if validate:
+            from flagscale.convert.validate import compare_layerwise
+
+            report = compare_layerwise(tmp, cfg, hf_dir, log=log, progress=progress)
+    weights.close()
+    params = sum(torch.Size(shape).numel() for _, shape in wm.hf_file_order())
+    check = ("validation skipped" if report is None else
+             f"max |logit diff| {report.max_abs_diff:.3g} (tolerance {report.tolerance:.3g})")
+    log(f"imported {hf_dir} -> {output}: {cfg.model.family}, {params / 1e6:.2f}M params, "
+        f"{layers} layers, {written / 1e9:.2f} GB in {time.perf_counter() - start:.1f}s; vocab "
+        f"{cfg.model.vocab_size} padded to {padded} for tp={tp}, {params_dtype} weights; {check}. "
+        f"Model weights only: no optimizer state, training from it starts a fresh optimizer at "
+        f"iteration 0.")
     return output

@@ -1,4 +1,4 @@
-"""Write sharded safetensors files one tensor at a time.
+"""Write sharded safetensors files one tensor at a time, and read them back lazily.
 
 A safetensors file is an 8-byte header length, a JSON header (name -> dtype, shape, byte range)
 and the raw bytes. Every shape is known before any tensor is produced, so each file's header is
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -77,3 +78,104 @@ def write_sharded(out_dir: Path, shards, dtype: torch.dtype,
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return total
+
+
+_FROM_NAMES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+               "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+               "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class SafetensorsReader:
+    """The tensors of a Hugging Face directory's safetensors files (one file or an indexed set),
+    read on demand with ``pread`` into fresh tensors: nothing is memory-mapped, so reading a
+    405B model layer by layer keeps one layer resident, not the page cache of every file read.
+    """
+
+    def __init__(self, hf_dir: Path):
+        hf_dir = Path(hf_dir)
+        index = hf_dir / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ConversionError(f"{index} is not a safetensors index ({exc}).") from None
+        elif (hf_dir / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            raise ConversionError(f"{hf_dir} has no model.safetensors or "
+                                  f"model.safetensors.index.json; flagscale reads safetensors "
+                                  f"weights only (re-save with save_pretrained(safe_serialization="
+                                  f"True)).")
+        self.where = str(hf_dir)
+        self._fds: list[int] = []
+        self._entries: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
+        for name in files:
+            path = hf_dir / name
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise ConversionError(f"Cannot open {path} ({exc.strerror}).") from None
+            self._fds.append(fd)
+            try:
+                (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+                header = json.loads(os.pread(fd, length, 8))
+            except (struct.error, ValueError) as exc:
+                raise ConversionError(f"{path} is not a safetensors file ({exc}).") from None
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                if info["dtype"] not in _FROM_NAMES:
+                    raise ConversionError(f"Tensor '{key}' in {path} has dtype {info['dtype']}, "
+                                          f"which flagscale does not convert.")
+                start = 8 + length + info["data_offsets"][0]
+                self._entries[key] = (len(self._fds) - 1, start, _FROM_NAMES[info["dtype"]],
+                                      tuple(info["shape"]))
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def __del__(self):
+        if getattr(self, "_fds", None):
+            self.close()
+
+    def keys(self) -> list[str]:
+        """Every tensor name, in file order."""
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name)[3]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entry(name)[2]
+
+    def _entry(self, name: str):
+        if name not in self._entries:
+            raise ConversionError(f"Tensor '{name}' is missing from {self.where}.")
+        return self._entries[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` (ConversionError when absent)."""
+        shape = self.shape(name)
+        return self.rows(name, 0, shape[0] if shape else 1).reshape(shape)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of tensor ``name`` (its first axis)."""
+        file, offset, dtype, shape = self._entry(name)
+        row = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+        out = torch.empty((stop - start, *shape[1:]), dtype=dtype)
+        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else b""
+        done, position = 0, offset + start * row
+        while done < len(view):
+            n = os.preadv(self._fds[file], [view[done:]], position + done)
+            if n <= 0:
+                raise ConversionError(f"{self.where}: tensor '{name}' is cut short (truncated "
+                                      f"safetensors file).")
+            done += n
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes of all tensors."""
+        return sum(math.prod(s) * torch.empty((), dtype=d).element_size()
+                   for _, _, d, s in self._entries.values())

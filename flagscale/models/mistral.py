@@ -6,8 +6,6 @@ than it); the ``mistral_7b`` preset keeps v0.1's context at its 4096-token windo
 
 from __future__ import annotations
 
-from typing import Optional
-
 from flagscale.config import ModelConfig
 from flagscale.models.llama import LlamaSpec
 from flagscale.models.spec import register
@@ -17,9 +15,6 @@ class MistralSpec(LlamaSpec):
     name = "mistral"
     hf_architectures = ("MistralForCausalLM",)
     hf_model_types = ("mistral",)
-
-    def hf_sliding_window(self, config: dict) -> Optional[int]:
-        return config.get("sliding_window")
 
     def hf_config_extra(self, model: ModelConfig) -> dict:
         return {"sliding_window": None}

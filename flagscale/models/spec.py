@@ -253,8 +253,9 @@ class ModelSpec:
         return refusals
 
     def hf_sliding_window(self, config: dict) -> Optional[int]:
-        """The attention window a config asks for, ``None`` for full causal attention."""
-        return None
+        """The attention window a config asks for, ``None`` for full causal attention. Read for
+        every family: a Mistral relabeled as Llama keeps its window, and is refused for it."""
+        return config.get("sliding_window")
 
     def from_hf_config(self, config: dict, where: str = "config.json") -> dict[str, Any]:
         """``ModelConfig`` fields of a Hugging Face ``config.json`` of this family; refuses, by

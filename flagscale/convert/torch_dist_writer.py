@@ -1,0 +1,179 @@
+"""Write a megatron-core ``torch_dist`` checkpoint one tensor at a time, without a model.
+
+    with TorchDistWriter(tmp) as writer:
+        writer.add_tensor("decoder.layers.mlp.linear_fc2.weight", (32, 4096, 14336),
+                          (layer, 0, 0), tensor.unsqueeze(0))    # one chunk of a global tensor
+        writer.add_object(unique_key, obj)                        # a ShardedObject's data
+        writer.finish(common_state)
+
+megatron-core's torch_dist format is torch.distributed.checkpoint's on-disk layout: ``.distcp``
+files holding one ``torch.save`` archive per chunk (a ShardedObject is ``torch.save([data])``,
+megatron's serialization), a pickled ``Metadata`` in ``.metadata`` with each key's global shape,
+dtype and chunks and where each chunk's bytes are, ``common.pt`` with the non-tensor state, and
+``metadata.json`` naming the backends. DCP's own save plans every tensor of the state dict at
+once; here each chunk is written as soon as it is produced (onto one of a few files, by writer
+threads that overlap the caller's reading and converting) and the metadata is written last, so
+memory holds only the chunks queued for writing. CRCs are not computed (DCP's reader does not
+check them); ``torch.load`` accepts archives without them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import threading
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+WRITE_THREADS = 4
+MAX_QUEUED_BYTES = 1 << 30
+"""Bytes of chunks waiting to be written before :meth:`TorchDistWriter.add_tensor` blocks."""
+
+
+class TorchDistWriter:
+    """Streams chunks into ``.distcp`` files of directory ``path`` (which must exist)."""
+
+    def __init__(self, path: str | Path, files: int = WRITE_THREADS,
+                 max_queued_bytes: int = MAX_QUEUED_BYTES):
+        self.path = Path(path)
+        self._names = [f"__0_{i}.distcp" for i in range(files)]
+        self._files = [open(self.path / name, "wb") for name in self._names]
+        self._file_bytes = [0] * files
+        # One thread per file: a file's archives are appended in order by its own thread.
+        self._pools = [ThreadPoolExecutor(1, thread_name_prefix=f"flagscale-write-{i}")
+                       for i in range(files)]
+        self._futures: list[Future] = []
+        self._metadata: dict[str, Any] = {}
+        self._storage: dict = {}
+        self._lock = threading.Lock()
+        self._budget = threading.Condition(self._lock)
+        self._queued, self._max_queued = 0, max_queued_bytes
+        self.bytes_written = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for pool in self._pools:
+            pool.shutdown(wait=True)
+        for f in self._files:
+            f.close()
+
+    def _submit(self, index_key, payload, nbytes: int) -> None:
+        with self._budget:
+            # Back-pressure: the caller may run ahead of the disk by at most max_queued_bytes
+            # (always admitting one chunk, however large).
+            self._budget.wait_for(lambda: self._queued == 0
+                                  or self._queued + nbytes <= self._max_queued)
+            self._queued += nbytes
+        slot = min(range(len(self._files)), key=self._file_bytes.__getitem__)
+        self._file_bytes[slot] += nbytes
+        self._futures.append(self._pools[slot].submit(self._write, slot, index_key, payload,
+                                                      nbytes))
+        self._raise_failed()
+
+    def _write(self, slot: int, index_key, payload, nbytes: int) -> None:
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+        f = self._files[slot]
+        offset = f.tell()
+        if isinstance(payload, torch.Tensor):
+            with _no_crc32():
+                torch.save(payload, f)
+        else:
+            f.write(payload)
+        length = f.tell() - offset
+        with self._budget:
+            self._storage[index_key] = _StorageInfo(self._names[slot], offset, length)
+            self.bytes_written += length
+            self._queued -= nbytes
+            self._budget.notify_all()
+
+    def _raise_failed(self) -> None:
+        done = [f for f in self._futures if f.done()]
+        for future in done:
+            future.result()  # re-raises a writer thread's error (e.g. disk full) here
+        self._futures = [f for f in self._futures if not f.done()]
+
+    def add_tensor(self, key: str, global_shape: Sequence[int], offsets: Sequence[int],
+                   chunk: torch.Tensor) -> None:
+        """Queue ``chunk``, the region of global tensor ``key`` starting at ``offsets``."""
+        from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex,
+                                                           TensorProperties,
+                                                           TensorStorageMetadata)
+
+        chunk = chunk.detach().contiguous()
+        if chunk.untyped_storage().nbytes() != chunk.numel() * chunk.element_size():
+            chunk = chunk.clone()  # torch.save writes the whole storage behind a view
+        with self._lock:
+            md = self._metadata.get(key)
+            if md is None:
+                md = self._metadata[key] = TensorStorageMetadata(
+                    TensorProperties(dtype=chunk.dtype), torch.Size(global_shape), [])
+            md.chunks.append(ChunkStorageMetadata(torch.Size(offsets), chunk.shape))
+        self._submit(MetadataIndex(key, torch.Size(offsets)), chunk,
+                     chunk.numel() * chunk.element_size())
+
+    def add_object(self, unique_key: str, obj: Any) -> None:
+        """Queue a ShardedObject's data under its unique key (``key/shard_<offset>_<shape>``)."""
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+        buffer = io.BytesIO()
+        torch.save([obj], buffer)  # megatron-core saves the list of a key's objects
+        with self._lock:
+            self._metadata[unique_key] = BytesStorageMetadata()
+        self._submit(MetadataIndex(unique_key), buffer.getvalue(), buffer.tell())
+
+    def finish(self, common_state: dict) -> None:
+        """Wait for every chunk, then write ``.metadata``, ``common.pt`` and ``metadata.json``
+        (megatron-core's checkpoint config). Call once, last."""
+        from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
+        from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+        for future in self._futures:
+            future.result()
+        self._futures = []
+        for f in self._files:
+            f.flush()
+        metadata = Metadata(self._metadata, planner_data=None, storage_data=self._storage,
+                            storage_meta=StorageMeta(checkpoint_id=str(self.path),
+                                                     save_id=str(uuid.uuid4())),
+                            version=CURRENT_DCP_VERSION)
+        with open(self.path / ".metadata", "wb") as f:
+            pickle.dump(metadata, f)
+        torch.save(common_state, self.path / "common.pt")
+        (self.path / "metadata.json").write_text(json.dumps(
+            {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+             "common_backend": "torch", "common_backend_version": 1}))
+
+
+class _no_crc32:
+    """torch.save without zip CRCs: a CRC pass costs about as much as writing the bytes, and
+    neither torch.distributed.checkpoint's reader nor torch.load needs it. The setting is
+    process-wide; only the converter's writer threads save while it is off."""
+
+    _depth = 0
+    _lock = threading.Lock()
+    _saved = True
+
+    def __enter__(self):
+        from torch.utils.serialization import config
+
+        with _no_crc32._lock:
+            if _no_crc32._depth == 0:
+                _no_crc32._saved = config.save.compute_crc32
+                config.save.compute_crc32 = False
+            _no_crc32._depth += 1
+
+    def __exit__(self, *exc):
+        from torch.utils.serialization import config
+
+        with _no_crc32._lock:
+            _no_crc32._depth -= 1
+            if _no_crc32._depth == 0:
+                config.save.compute_crc32 = _no_crc32._saved

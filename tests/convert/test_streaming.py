@@ -1,0 +1,123 @@
+"""Streaming import and layer-by-layer validation: megatron-core loads the streamed checkpoint, a
+conversion error planted in one layer is caught and named, and tensors the mapping would drop
+(a Qwen2 relabeled as Llama) or a window it would ignore (a Mistral relabeled as Llama) are
+refused."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from flagscale.checkpoint.reader import CheckpointReader
+from flagscale.convert import hf_to_mcore, mcore_to_hf
+from flagscale.convert.export import checkpoint_config
+from flagscale.convert.validate import compare_layerwise
+from flagscale.errors import ConversionError
+from tests.convert.test_qwen2_round_trip import hf_qwen2  # noqa: F401  (fixture)
+from tests.convert.test_round_trip import VOCAB, hf_model, mcore_ckpt  # noqa: F401  (fixtures)
+
+
+def _rewrite(src, dst, change):
+    """Copy HF directory ``src`` to ``dst`` with ``change(tensors)`` applied to its weights."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    for path in dst.glob("*.safetensors"):
+        tensors = load_file(path)
+        change(tensors)
+        save_file(tensors, path, metadata={"format": "pt"})
+    return dst
+
+
+def _interleave_rows(weight, head_dim):
+    """Each head's rows from rotate-half order to interleaved pairs: the classic RoPE
+    permutation bug of Llama converters."""
+    heads = weight.shape[0] // head_dim
+    return (weight.reshape(heads, 2, head_dim // 2, -1).transpose(1, 2)
+            .reshape(weight.shape))
+
+
+def test_megatron_core_loads_the_streamed_checkpoint_with_the_hf_logits(hf_model, mcore_ckpt):
+    from megatron.core import dist_checkpointing
+
+    from flagscale.convert.common import single_process_layout, single_process_megatron
+    from flagscale.models import build_model
+
+    cfg = checkpoint_config(mcore_ckpt)
+    padded = CheckpointReader(mcore_ckpt).shape("embedding.word_embeddings.weight")[0]
+    one, layout = single_process_layout(cfg, padded)
+    ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), single_process_megatron() as platform:
+        model = build_model(one, layout, platform)[0]
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(mcore_ckpt))
+        model.load_state_dict(state["model"], strict=False)
+        model.eval()
+        logits = model(ids, torch.arange(24).unsqueeze(0), attention_mask=None)[..., :VOCAB]
+        expected = hf_model[1](ids).logits
+    assert torch.allclose(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_rotary_permutation_planted_in_one_layer_is_caught_naming_it(hf_model, tmp_path):
+    src = hf_model[0]
+    head_dim = 64 // 4
+
+    def plant(tensors):
+        for proj in ("q_proj", "k_proj"):
+            name = f"model.layers.2.self_attn.{proj}.weight"
+            tensors[name] = _interleave_rows(tensors[name], head_dim).contiguous()
+
+    bad = _rewrite(src, tmp_path / "bad", plant)
+    ckpt = hf_to_mcore(bad, tmp_path / "ckpt", tp=2, pp=2, validate=False)
+    cfg = checkpoint_config(ckpt)
+    # The checkpoint against the true weights (what hf-to-mcore and mcore-to-hf both run).
+    with pytest.raises(ConversionError, match=r"Validation failed at layer 2\b") as err:
+        compare_layerwise(ckpt, cfg, src, round_to="fp32")
+    assert "every earlier point agreed" in str(err.value)
+    report = compare_layerwise(ckpt, cfg, bad)
+    assert [s.name for s in report.stages] == ["embedding", *(f"layer {i}" for i in range(4)),
+                                               "logits"]
+    assert all(s.ok for s in report.stages)
+
+
+def test_import_refuses_a_qwen2_relabeled_as_llama_naming_the_dropped_biases(hf_qwen2,
+                                                                               tmp_path):
+    relabeled = tmp_path / "relabeled"
+    shutil.copytree(hf_qwen2[0], relabeled)
+    config = json.loads((relabeled / "config.json").read_text())
+    # Qwen2 from 7B up has untied embeddings; only the biases tell it from a Llama.
+    config.update(architectures=["LlamaForCausalLM"], model_type="llama",
+                  tie_word_embeddings=False)
+    (relabeled / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match=r"model\.layers\.0\.self_attn\.q_proj\.bias.*"
+                                              r"Qwen2ForCausalLM"):
+        hf_to_mcore(relabeled, tmp_path / "ckpt", validate=False)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_import_refuses_an_unknown_tensor_by_name(hf_model, tmp_path):
+    def add(tensors):
+        tensors["model.layers.1.mlp.extra_scale"] = torch.ones(4)
+
+    bad = _rewrite(hf_model[0], tmp_path / "bad", add)
+    with pytest.raises(ConversionError, match=r"model\.layers\.1\.mlp\.extra_scale.*drop"):
+        hf_to_mcore(bad, tmp_path / "ckpt", validate=False)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_import_refuses_a_mistral_window_relabeled_as_llama(hf_model, tmp_path):
+    relabeled = tmp_path / "relabeled"
+    shutil.copytree(hf_model[0], relabeled)
+    config = json.loads((relabeled / "config.json").read_text())
+    config["sliding_window"] = 4096  # below max_position_embeddings (131072)
+    (relabeled / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match=r"sliding_window=4096 is smaller than "
+                                              r"max_position_embeddings=131072"):
+        hf_to_mcore(relabeled, tmp_path / "ckpt", validate=False)
+
+
+def test_export_validates_layer_by_layer_by_default(mcore_ckpt, tmp_path):
+    result = mcore_to_hf(mcore_ckpt, tmp_path / "hf", dtype="bf16")
+    names = [s.name for s in result.validation.stages]
+    assert names == ["embedding", "layer 0", "layer 1", "layer 2", "layer 3", "logits"]
+    assert result.max_abs_diff <= result.tolerance
