@@ -126,7 +126,8 @@ def hf_to_mcore(input: str | Path, output: str | Path, tp: int = 1, pp: int = 1,
     params_dtype = "bf16" if weights.dtype(wm) == torch.bfloat16 else "fp32"
     cfg.model.params_dtype = params_dtype
     one, layout = single_process_layout(cfg, padded, params_dtype)
-    with atomic_output_dir(output, overwrite) as tmp, single_process_megatron() as platform:
+    with atomic_output_dir(output, overwrite, command="convert hf-to-mcore",
+                           inputs=[hf_dir]) as tmp, single_process_megatron() as platform:
         model = build_model(one, layout, platform)[0]
         _fill_model(model, weights, wm)
         state = {"model": model.sharded_state_dict(), "iteration": 0, "consumed_samples": 0,
