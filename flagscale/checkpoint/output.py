@@ -7,8 +7,8 @@ same command, and appearing complete or not at all.
 
 :func:`check_output_location` refuses an output that equals, contains or lies inside an input, a
 run directory (``config.yaml`` + ``checkpoints/``, or ``metrics.jsonl``) or a checkpoint (an
-``iter_XXXXXXX`` directory, one holding ``metadata.json``, or a ``checkpoints/`` directory with a
-``latest`` pointer). A directory output carries the marker file :data:`MARKER` naming the command
+``iter_XXXXXXX`` directory, one holding ``metadata.json``, or a ``checkpoints/`` directory whose
+``latest`` file names one). A directory output carries the marker file :data:`MARKER` naming the command
 that wrote it; ``--overwrite`` replaces only a directory whose marker names the same command, so
 no flag can make a command delete something it did not write.
 """
@@ -40,10 +40,18 @@ def protected_kind(path: Path) -> Optional[str]:
     if ((path / "config.yaml").is_file() and (path / "checkpoints").is_dir()) \
             or (path / "metrics.jsonl").is_file():
         return "run directory"
-    if _ITER.match(path.name) or (path / "metadata.json").is_file() \
-            or (path / "latest").is_file():
+    if _ITER.match(path.name) or (path / "metadata.json").is_file() or _names_checkpoint(path):
         return "checkpoint"
     return None
+
+
+def _names_checkpoint(path: Path) -> bool:
+    """``path`` is a ``checkpoints/`` directory: its ``latest`` file names a directory in it."""
+    try:
+        name = (path / "latest").read_text(errors="replace").strip()
+    except OSError:
+        return False
+    return bool(name) and "/" not in name and (path / name).is_dir()
 
 
 def _overlap(output: Path, path: Path) -> bool:
