@@ -36,7 +36,8 @@ class ModelConfig:
     vocab_size: int = 0
     """True vocabulary size of the tokenizer; the embedding is padded above it (see Layout)."""
     max_position_embeddings: int = 4096
-    """Longest sequence the model is meant for (RoPE needs no table, this is informational)."""
+    """Longest sequence the model is meant for; ``train.seq_length`` may not exceed it (RoPE
+    needs no table, so raising it is how a run extends the context on purpose)."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
     rope_scaling_factor: Optional[float] = None
