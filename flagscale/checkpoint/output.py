@@ -8,9 +8,9 @@ same command, and appearing complete or not at all.
 :func:`check_output_location` refuses an output that equals, contains or lies inside an input, a
 run directory (``config.yaml`` + ``checkpoints/``, or ``metrics.jsonl``) or a checkpoint (an
 ``iter_XXXXXXX`` directory, one holding ``metadata.json``, or a ``checkpoints/`` directory whose
-``latest`` file names one). A directory output carries the marker file :data:`MARKER` naming the command
-that wrote it; ``--overwrite`` replaces only a directory whose marker names the same command, so
-no flag can make a command delete something it did not write.
+``latest`` file names one). A directory output carries the marker file :data:`MARKER` naming
+the command that wrote it; ``--overwrite`` replaces only a directory whose marker names the same
+command, so no flag can make a command delete something it did not write.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@
 Validates the config for nodes x gpus-per-node processes and checks with the memory planner that
 its layout fits in the GPUs' memory (``flagscale plan``; ``--force`` launches a layout that does
 not), writes the resolved config and an sbatch script under ``run.dir/slurm/`` and submits it
-with ``sbatch`` (``--dry-run``: writes and prints them without submitting). Each node runs one torchrun; see ``flagscale/launch/slurm.py``. On a
-single machine use ``flagscale train`` instead.
+with ``sbatch`` (``--dry-run``: writes and prints them without submitting). Each node runs one
+torchrun; see ``flagscale/launch/slurm.py``. On a single machine use ``flagscale train`` instead.
 """
 
 from __future__ import annotations

@@ -170,7 +170,8 @@ def check_dataset(prefix: str | Path, tokenizer=None) -> Provenance:
 
 _IDX_MAGIC = b"MMIDIDX\x00\x00"
 _IDX_ITEMSIZE = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}
-"""Token bytes per dtype code of megatron-core's ``indexed_dataset.DType`` (uint8 = 1 ... uint16 = 8)."""
+"""Token bytes per dtype code of megatron-core's ``indexed_dataset.DType`` (uint8 = 1, ...,
+uint16 = 8)."""
 
 
 def check_index(prefix: str | Path) -> int:
