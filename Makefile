@@ -4,7 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 FS     := $(VENV)/bin/flagscale
 STAMP  := $(VENV)/.flagscale-installed
-DEMO   ?= runs/demo
+DEMO   ?= runs/tiny
+HF     ?= hf/tiny
 
 .PHONY: install demo test lint-imports bench clean-demo
 
@@ -29,13 +30,15 @@ lint-imports: install
 	$(VENV)/bin/lint-imports --no-logo
 
 # Preprocess the bundled corpus, train the tiny model on 2 processes (resuming if run before),
-# export it to Hugging Face format (validated against transformers), and generate with it.
+# export it to Hugging Face format (validated against transformers), and generate with it. The
+# run directory is the tiny config's own (runs/tiny), so the README's commands find it; the export
+# lies outside it, as flagscale writes no command's output into a run.
 demo: install
 	$(FS) preprocess --input flagscale/data/corpus/corpus.jsonl.gz \
 		--output-prefix data/tiny/corpus --tokenizer flagscale/data/corpus/tokenizer.model
-	$(FS) train examples/tiny/config.yaml run.dir=$(DEMO)
-	$(FS) convert mcore-to-hf --input $(DEMO)/checkpoints --output $(DEMO)/hf --overwrite
-	$(PY) examples/tiny/generate.py $(DEMO)/hf "Life is"
+	$(FS) train examples/tiny/config.yaml --nproc 2 run.dir=$(DEMO)
+	$(FS) convert mcore-to-hf --input $(DEMO)/checkpoints --output $(HF) --overwrite
+	$(PY) examples/tiny/generate.py $(HF) "Life is"
 
 bench: install
 	$(PY) benchmarks/overhead.py
@@ -43,4 +46,4 @@ bench: install
 	$(PY) benchmarks/convert.py
 
 clean-demo:
-	rm -rf $(DEMO) data/tiny
+	rm -rf $(DEMO) $(HF) data/tiny

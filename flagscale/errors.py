@@ -21,6 +21,11 @@ class CheckpointError(FlagScaleError):
     """A checkpoint is missing, incomplete or incompatible with the requested run."""
 
 
+class OutputError(FlagScaleError):
+    """A command's output path would replace or land inside its input, a training run, a
+    checkpoint, or a directory the command did not write."""
+
+
 class ConversionError(FlagScaleError):
     """A Hugging Face <-> megatron-core conversion cannot proceed or failed validation."""
 

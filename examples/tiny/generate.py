@@ -1,6 +1,6 @@
 """Load an exported flagscale model with plain `transformers` and print a short generation.
 
-    python examples/tiny/generate.py runs/demo/hf "Life is"
+    python examples/tiny/generate.py hf/tiny "Life is"
 """
 
 import sys

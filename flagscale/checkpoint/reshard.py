@@ -19,6 +19,7 @@ from typing import Optional
 
 from flagscale.checkpoint.meta import (LOADABLE_SHARDINGS, RESHARDABLE, CheckpointMeta,
                                        optimizer_sharding)
+from flagscale.checkpoint.output import check_output_location
 from flagscale.checkpoint.paths import resolve_checkpoint
 from flagscale.checkpoint.state import check_compatible, read_run_state
 from flagscale.config import Config, Layout, ParallelDims, load_config, validate
@@ -81,20 +82,13 @@ def target_dims(source: ParallelDims, tp: Optional[int], pp: Optional[int], dp: 
     return ParallelDims(tp=tp, pp=pp, cp=source.cp, dp=dp, vpp=vpp)
 
 
-def _check_paths_apart(source: Path, output: Path) -> None:
-    src, out = source.resolve(), output.resolve()
-    if src == out or out in src.parents or src in out.parents:
-        raise CheckpointError(f"--output {output} overlaps --input {source}: the input is never "
-                              f"modified. Write the resharded checkpoint to a separate directory.")
-
-
 def plan_reshard(input: str | os.PathLike, output: str | os.PathLike, tp: Optional[int] = None,
                  pp: Optional[int] = None, dp: Optional[int] = None,
                  vpp: Optional[int] = None) -> ReshardPlan:
     """Check that ``input`` (a flagscale training checkpoint at any layout and optimizer
     sharding) can be rewritten for the requested layout at ``output``, and list the stages."""
     source, output = resolve_checkpoint(input), Path(output)
-    _check_paths_apart(source, output)
+    check_output_location(output, (input, source))
     common = read_run_state(source)
     meta = CheckpointMeta.from_common(common)
     if not meta.config:

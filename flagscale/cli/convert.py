@@ -12,6 +12,10 @@ states after the embedding and every layer, then the logits), naming the first l
 differs; --skip-validation skips that. mcore-to-hf reads any TP/PP/VPP checkpoint in one process.
 hf-to-mcore writes model weights only (the training run that loads it starts a fresh optimizer at
 iteration 0) and refuses safetensors tensors its family's mapping would drop.
+
+--output may not be, hold or lie inside the input, a training run or a checkpoint. It is written
+under a temporary name and renamed when complete; --overwrite replaces only an earlier output of
+the same command (marked by its .flagscale-output.json), never another directory.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ import argparse
 
 def run_mcore_to_hf(args) -> int:
     """CLI wrapper of :func:`flagscale.convert.mcore_to_hf`."""
+    from flagscale.checkpoint.output import check_output_location
+
+    check_output_location(args.output, [args.input])  # before the slow imports and reads
     from flagscale.convert import mcore_to_hf
 
     result = mcore_to_hf(args.input, args.output, dtype=args.dtype,
@@ -33,6 +40,9 @@ def run_mcore_to_hf(args) -> int:
 
 def run_hf_to_mcore(args) -> int:
     """CLI wrapper of :func:`flagscale.convert.hf_to_mcore`."""
+    from flagscale.checkpoint.output import check_output_location
+
+    check_output_location(args.output, [args.input])
     from flagscale.convert import hf_to_mcore
 
     hf_to_mcore(args.input, args.output, tp=args.tp, pp=args.pp, overwrite=args.overwrite,
@@ -55,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     export.add_argument("--skip-validation", action="store_true",
                         help="do not compare the export's logits with flagscale's model")
     export.add_argument("--overwrite", action="store_true",
-                        help="replace a non-empty --output (only once the new export is complete)")
+                        help="replace an earlier mcore-to-hf export at --output (only once the "
+                             "new export is complete); other directories are never replaced")
     export.add_argument("--tokenizer", default=None,
                         help="tokenizer to export instead of the checkpoint config's "
                              "data.tokenizer")
@@ -72,7 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     imp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size it is meant for")
     imp.add_argument("--skip-validation", action="store_true",
                      help="do not compare the checkpoint with transformers' model layer by layer")
-    imp.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    imp.add_argument("--overwrite", action="store_true",
+                     help="replace an earlier hf-to-mcore import at --output (only once the new "
+                          "one is complete); other directories are never replaced")
     imp.set_defaults(func=run_hf_to_mcore)
 
 

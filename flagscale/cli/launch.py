@@ -5,10 +5,11 @@
         --partition gpu --time 2-00:00:00 --account myproj train.iterations=1000
     flagscale launch examples/llama3_8b/h100_1node.yaml --slurm --nodes 1
 
-Validates the config for nodes x gpus-per-node processes, writes the resolved config and an sbatch
-script under ``run.dir/slurm/`` and submits it with ``sbatch`` (``--dry-run``: writes and prints
-them without submitting). Each node runs one torchrun; see ``flagscale/launch/slurm.py``. On a
-single machine use ``flagscale train`` instead.
+Validates the config for nodes x gpus-per-node processes and checks with the memory planner that
+its layout fits in the GPUs' memory (``flagscale plan``; ``--force`` launches a layout that does
+not), writes the resolved config and an sbatch script under ``run.dir/slurm/`` and submits it
+with ``sbatch`` (``--dry-run``: writes and prints them without submitting). Each node runs one
+torchrun; see ``flagscale/launch/slurm.py``. On a single machine use ``flagscale train`` instead.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ import shlex
 
 from flagscale.errors import ConfigError
 from flagscale.launch.slurm import SlurmOptions, launch_slurm
+
+DEFAULT_DEVICE = "h100-sxm"
+"""The GPU the memory check assumes when neither --device nor the config's metrics.device names
+one (the one the example configs are sized for)."""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,12 +35,35 @@ def run(args: argparse.Namespace) -> int:
     opts = SlurmOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                         partition=args.partition, time=args.time, account=args.account,
                         job_name=args.job_name)
-    job = launch_slurm(args.config, args.overrides, opts, dry_run=args.dry_run)
+    from flagscale.plan import configured_layout, require_fit, usable_gib
+
+    planned = []
+
+    def check_memory(cfg, world: int) -> None:
+        device = args.device or cfg.metrics.device or DEFAULT_DEVICE
+        try:
+            planned.append((require_fit(cfg, world, device), device))
+        except ConfigError as exc:
+            if not args.force:
+                raise ConfigError(f"{args.config} on {args.nodes} node(s) x {args.gpus_per_node} "
+                                  f"{device}: {exc} Check with `flagscale plan {args.config} "
+                                  f"--gpus {world} --device {device}`, or pass --force to launch "
+                                  f"anyway.") from None
+            planned.append((configured_layout(cfg, world, device), device))
+
+    job = launch_slurm(args.config, args.overrides, opts, dry_run=args.dry_run,
+                       check=check_memory)
+    lay, device = planned[0]
+    note = (f"# memory: {lay.memory.total_gib:.1f} GiB per GPU planned for "
+            f"{lay.dims.describe()}, {usable_gib(device):.1f} usable on a {device}"
+            f"{'' if lay.fits else ' (does not fit; launched with --force)'}")
     if args.dry_run:
         print(job.script.read_text(), end="")
+        print(note)
         print(f"# resolved config: {job.config}")
         print(f"# not submitted (--dry-run); submit with: {shlex.join(job.command)}")
     else:
+        print(note)
         print(f"{job.submitted} ({job.job_name}, {job.world_size} GPUs; script {job.script})")
     return 0
 
@@ -56,4 +84,10 @@ def register(subparsers) -> None:
     parser.add_argument("--time", help="wall-clock limit, e.g. 2-00:00:00")
     parser.add_argument("--account", help="Slurm account to charge")
     parser.add_argument("--job-name", help="job name (default flagscale-<run dir name>)")
+    parser.add_argument("--device", default=None,
+                        help="GPU model for the memory check, a key of flagscale.plan."
+                             "DEVICE_MEMORY_GIB (default: the config's metrics.device, else "
+                             f"{DEFAULT_DEVICE})")
+    parser.add_argument("--force", action="store_true",
+                        help="launch even when the memory planner says the layout does not fit")
     parser.set_defaults(func=run)

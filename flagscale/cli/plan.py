@@ -11,6 +11,7 @@ With a CONFIG the model, precision, ``train.seq_length``, ``train.micro_batch_si
 the config asks for is marked. With ``--model`` the run is bf16 with the distributed optimizer at
 the preset's pretraining context and micro batch 1. Estimates follow
 ``flagscale/plan/memory.py`` (Korthikanti et al. 2022 activations, megatron-core's buffers).
+Exits 1 (after the table) when no layout fits.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 
 from flagscale.cli import examples_epilog
 from flagscale.config import CHOICES
+from flagscale.errors import ConfigError
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,6 +35,12 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(plan.as_dict(), indent=2))
     else:
         print(format_plan(plan, limit=None if args.all else 12))
+    if plan.best is None:
+        smallest = min(lay.memory.total_gib for lay in plan.layouts)
+        raise ConfigError(f"No layout of {plan.model} fits on {plan.gpus} x {plan.device}: the "
+                          f"smallest needs {smallest:.1f} GiB per GPU, {plan.usable_gib:.1f} are "
+                          f"usable. Raise --gpus, use --recompute selective or full, or a "
+                          f"smaller --micro-batch / --seq-len.")
     return 0
 
 

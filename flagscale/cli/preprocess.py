@@ -14,11 +14,13 @@ PREFIX.rejected.jsonl. Inputs: *.jsonl (one JSON object per line, text under --j
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import TYPE_CHECKING
 
 from flagscale.cli import examples_epilog
+from flagscale.errors import OutputError
 
 if TYPE_CHECKING:
     from flagscale.data.preprocess import PreprocessResult
@@ -42,11 +44,37 @@ def report(result: PreprocessResult) -> str:
     return "\n".join(lines)
 
 
+def check_outputs(inputs: list[str], prefix: str) -> None:
+    """Refuse an output prefix whose files would replace an input, land inside a run directory
+    or a checkpoint, or replace files that no ``flagscale preprocess`` wrote (an earlier
+    dataset of this command is replaced, as re-running it is meant to)."""
+    from flagscale.checkpoint.output import check_output_location
+    from flagscale.data.preprocess import output_paths
+    from flagscale.data.provenance import FORMAT, prov_paths
+
+    outputs = output_paths(prefix)
+    for path in outputs:
+        check_output_location(path, inputs, flag="--output-prefix")
+    meta = prov_paths(prefix)[1]
+    try:
+        ours = json.loads(meta.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    present = [path for path in outputs if os.path.lexists(path)]
+    if present and not ours:
+        raise OutputError(f"--output-prefix {prefix}: {', '.join(present)} already exist and are "
+                          f"not an earlier `flagscale preprocess` output (no {FORMAT} "
+                          f"{meta.name} beside them), so they are never replaced. Choose another "
+                          f"--output-prefix, or remove those files yourself if they are "
+                          f"disposable.")
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry of ``flagscale preprocess``."""
     from flagscale.data.preprocess import preprocess
     from flagscale.data.tokenizer import load_tokenizer
 
+    check_outputs(args.input, args.output_prefix)
     tokenizer = load_tokenizer(args.tokenizer)
     result = preprocess(args.input, args.output_prefix, tokenizer, workers=args.workers,
                         json_key=args.json_key, strict=args.strict,

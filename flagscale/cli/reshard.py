@@ -10,7 +10,8 @@ so it is proven to load there. Checkpoints whose distributed-optimizer state onl
 own TP/PP (megatron-core's dp_reshardable) are first loaded at their own layout. Each step runs
 on tp*pp*dp local worker processes on the checkpoint config's platform (auto: one GPU each where
 GPUs exist, else CPU processes with gloo) unless --platform says otherwise. Unset --tp/--pp keep
-the checkpoint's; unset --dp keeps its world size.
+the checkpoint's; unset --dp keeps its world size. --output may not be, hold or lie inside the
+input, a training run or a checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import argparse
 
 def run_reshard(args) -> int:
     """CLI wrapper of :func:`flagscale.train.reshard.reshard`."""
+    from flagscale.checkpoint.output import check_output_location
+
+    check_output_location(args.output, [args.input])  # before the slow imports and reads
     from flagscale.train.reshard import reshard
 
     reshard(args.input, args.output, tp=args.tp, pp=args.pp, dp=args.dp, vpp=args.vpp,
@@ -43,7 +47,8 @@ def register(subparsers) -> None:
                    help="target virtual pipeline stages per rank (default: the checkpoint's while "
                         "pp is unchanged, else none)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a non-empty --output (only once the new checkpoint is complete)")
+                   help="replace an earlier reshard output at --output (only once the new "
+                        "checkpoint is complete); other directories are never replaced")
     p.add_argument("--platform", choices=("auto", "cpu", "cuda"), default=None,
                    help="worker platform (default: the checkpoint config's)")
     p.set_defaults(func=run_reshard)

@@ -27,7 +27,7 @@ def run_train(config: str, overrides: list[str], nproc: int | None = None,
         return 0
     from flagscale.train.preflight import check_run
 
-    layout = check_run(cfg, nproc or world_size_of(cfg))
+    layout = check_run(cfg, world_size_of(cfg) if nproc is None else nproc)
     if dry_run:
         print(dump_config(cfg), end="")
         print(f"# layout: {layout.describe()}; padded vocab {layout.padded_vocab_size}")

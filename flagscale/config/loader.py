@@ -268,7 +268,7 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> Layout:
     Every section is checked here, so the CLI refuses a bad config before any process starts.
     Raises :class:`ConfigError` naming the key, the value and the arithmetic.
     """
-    m, p, t = cfg.model, cfg.parallel, cfg.train
+    m, t = cfg.model, cfg.train
     for key, choices in CHOICES.items():
         section, _, name = key.rpartition(".")
         value = getattr(getattr(cfg, section) if section else cfg, name)
@@ -285,6 +285,7 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> Layout:
                        ("train.eval_iterations", t.eval_iterations)):
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}.")
+    _check_values(cfg, world_size)
     dims = parallel_dims(cfg, world_size)
     _check_model_split(cfg, dims)
     per_step = t.micro_batch_size * dims.dp
@@ -308,6 +309,30 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> Layout:
                                                       dims.tp),
                   kv_channels=m.hidden_size // m.num_attention_heads,
                   num_query_groups=m.num_query_groups or m.num_attention_heads)
+
+
+def _check_values(cfg: Config, world_size: int) -> None:
+    """Values that no arithmetic between keys would catch, but that crash the workers or train
+    something other than asked (each was once accepted here and failed late)."""
+    m, t = cfg.model, cfg.train
+    if world_size < 1:
+        raise ConfigError(f"The run needs at least 1 process, got a world size of {world_size} "
+                          f"(--nproc, or tp * pp * cp * dp of the config). Pass --nproc N with "
+                          f"N >= 1, or leave it out to use the config's.")
+    if m.num_query_groups is not None and m.num_query_groups < 1:
+        raise ConfigError(f"model.num_query_groups must be at least 1 (key/value heads), or unset "
+                          f"for one per query head; got {m.num_query_groups}.")
+    if m.max_position_embeddings < 1:
+        raise ConfigError(f"model.max_position_embeddings must be at least 1, got "
+                          f"{m.max_position_embeddings}.")
+    if t.seq_length > m.max_position_embeddings:
+        raise ConfigError(f"train.seq_length ({t.seq_length}) > model.max_position_embeddings "
+                          f"({m.max_position_embeddings}): the model would train on positions "
+                          f"beyond its context. Lower train.seq_length, or raise "
+                          f"model.max_position_embeddings to extend the context on purpose.")
+    if t.lr < 0 or t.final_lr < 0 or t.final_lr > t.lr:
+        raise ConfigError(f"train.lr ({t.lr}) and train.min_lr ({t.final_lr}) must satisfy "
+                          f"0 <= min_lr <= lr: the schedule warms up to lr and decays to min_lr.")
 
 
 def _check_model_split(cfg: Config, dims: ParallelDims) -> None:

@@ -36,7 +36,8 @@ class ModelConfig:
     vocab_size: int = 0
     """True vocabulary size of the tokenizer; the embedding is padded above it (see Layout)."""
     max_position_embeddings: int = 4096
-    """Longest sequence the model is meant for (RoPE needs no table, this is informational)."""
+    """Longest sequence the model is meant for; ``train.seq_length`` may not exceed it (RoPE
+    needs no table, so raising it is how a run extends the context on purpose)."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
     rope_scaling_factor: Optional[float] = None
@@ -97,8 +98,9 @@ class TrainConfig:
     """Seed of weight initialisation, dropout and data shuffling."""
     lr: float = 3e-4
     """Peak learning rate."""
-    min_lr: float = 3e-5
-    """Learning rate at the end of the decay."""
+    min_lr: Optional[float] = None
+    """Learning rate at the end of the decay; ``None`` means ``lr / 10`` (so lowering ``lr`` alone
+    never leaves the floor above the peak)."""
     warmup_iterations: int = 0
     """Linear warmup steps from 0 to ``lr``."""
     lr_decay_iterations: Optional[int] = None
@@ -123,6 +125,11 @@ class TrainConfig:
     """Iterations between validation passes; 0 disables."""
     eval_iterations: int = 2
     """Batches per validation pass."""
+
+    @property
+    def final_lr(self) -> float:
+        """The rate the decay ends at: ``min_lr``, or ``lr / 10`` when it is unset."""
+        return self.lr / 10 if self.min_lr is None else self.min_lr
 
 
 @dataclass

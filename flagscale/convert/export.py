@@ -145,7 +145,8 @@ def mcore_to_hf(input: str | Path, output: str | Path, dtype: str = "bf16",
     torch_dtype = DTYPES[dtype]
     shards = plan_shards(wm.hf_file_order(), torch_dtype, max_shard_bytes)
     output = Path(output)
-    with atomic_output_dir(output, overwrite) as tmp:
+    with atomic_output_dir(output, overwrite, command="convert mcore-to-hf",
+                           inputs=[input, ckpt]) as tmp:
         try:
             ids = export_tokenizer(tok_spec, tmp)
         except DataError as exc:

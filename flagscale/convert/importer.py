@@ -146,7 +146,8 @@ def hf_to_mcore(input: str | Path, output: str | Path, tp: int = 1, pp: int = 1,
     layer_bytes = sum(torch.Size(e.mcore_shape(wm.dims)).numel() for e in wm.layer) * \
         dtype.itemsize
     report = None
-    with atomic_output_dir(output, overwrite) as tmp, single_process_megatron() as platform:
+    with atomic_output_dir(output, overwrite, command="convert hf-to-mcore",
+                           inputs=[hf_dir]) as tmp, single_process_megatron() as platform:
         objects = _layer_objects(megatron_layer(cfg, padded, params_dtype, platform), layers)
         bar = tqdm(total=weights.nbytes(), desc="import", unit="B", unit_scale=True,
                    disable=None if progress is None else not progress)

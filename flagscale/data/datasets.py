@@ -45,9 +45,10 @@ def global_sample_index(iteration: int, microbatch: int, dp_rank: int, row: int,
 
 
 def check_training_data(cfg: Config) -> None:
-    """Refuse, before any process starts, data the run cannot use: a missing prefix, a dataset
-    built with another tokenizer, or a tokenizer larger than the model's vocabulary."""
-    from flagscale.data.provenance import check_dataset
+    """Refuse, before any process starts, data the run cannot use: a missing prefix, a truncated
+    index, a dataset built with another tokenizer or with one the config leaves unset, or a
+    tokenizer larger than the model's vocabulary."""
+    from flagscale.data.provenance import check_dataset, check_index
     from flagscale.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
@@ -57,10 +58,17 @@ def check_training_data(cfg: Config) -> None:
                         f"the embedding. Use the model's tokenizer or set model.vocab_size.")
     for _, prefix in data_prefixes(cfg):
         if Path(prefix + ".prov.json").is_file():
-            check_dataset(prefix, tokenizer)
+            built = check_dataset(prefix, tokenizer).tokenizer
+            if tokenizer is None and built.get("path"):
+                raise DataError(f"data.tokenizer is unset, but dataset {prefix} was built with "
+                                f"tokenizer {built['path']} (vocab size {built['vocab_size']}): "
+                                f"without it nothing checks the data against the model, and "
+                                f"its checkpoints export without a tokenizer. Set "
+                                f"data.tokenizer={built['path']}.")
         elif not Path(prefix + ".idx").is_file():
             check_dataset(prefix)  # raises the missing-files error
         else:
+            check_index(prefix)
             warnings.warn(f"{prefix} has no provenance sidecar (it was not written by `flagscale "
                           f"preprocess`): traces will name sample and document ids only.")
 

@@ -244,6 +244,13 @@ def _add_documents(builder, tokens: np.ndarray, lengths: np.ndarray) -> None:
     builder.document_indices.extend(range(start + 1, start + 1 + len(lengths)))
 
 
+def output_paths(prefix: str | Path) -> list[str]:
+    """Every file :func:`preprocess` writes for ``prefix``."""
+    prefix = str(prefix)
+    return [prefix + ".bin", prefix + ".idx", prefix + ".rejected.jsonl",
+            *map(str, prov_paths(prefix))]
+
+
 def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tokenizer: Tokenizer,
                workers: int = 1, json_key: str = "text", strict: bool = False,
                progress: bool = False, block_bytes: int = BLOCK_BYTES) -> PreprocessResult:
@@ -271,8 +278,7 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tokenize
     prefix = str(output_prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     suffix = f".tmp{os.getpid()}"
-    finals = [prefix + ".bin", prefix + ".idx", prefix + ".rejected.jsonl",
-              *map(str, prov_paths(prefix))]
+    finals = output_paths(prefix)
     temps = [f + suffix for f in finals]
     sources = [{"path": str(p.resolve()), "format": fmt, "gzip": gz, "size": p.stat().st_size,
                 "sha256": file_sha256(p), "documents": 0}

@@ -168,11 +168,48 @@ def check_dataset(prefix: str | Path, tokenizer=None) -> Provenance:
     return prov
 
 
-def _check_index(prefix: str, prov: Provenance) -> None:
-    # The .idx header: 9-byte magic, u64 version, u8 dtype code, u64 sequences, u64 documents.
-    with open(prefix + ".idx", "rb") as f:
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_ITEMSIZE = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}
+"""Token bytes per dtype code of megatron-core's ``indexed_dataset.DType`` (uint8 = 1, ...,
+uint16 = 8)."""
+
+
+def check_index(prefix: str | Path) -> int:
+    """Check that ``PREFIX.idx`` is whole and matches ``PREFIX.bin``; returns its sequence count.
+
+    The .idx is a 34-byte header (9-byte magic, u64 version, u8 dtype code, u64 sequences S, u64
+    documents D), then S int32 lengths, S int64 byte pointers, D int64 document indices and, for
+    multimodal datasets, S int8 modes; the last sequence ends where the .bin does.
+    """
+    idx, bin_path = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    size = idx.stat().st_size
+    with open(idx, "rb") as f:
         header = f.read(34)
-    sequences = struct.unpack("<Q", header[18:26])[0] if len(header) == 34 else -1
+        if len(header) < 34 or header[:9] != _IDX_MAGIC or header[17] not in _IDX_ITEMSIZE:
+            raise DataError(f"Dataset {prefix}: {idx} is not a megatron-core index (its header is "
+                            f"cut or foreign). Re-run `flagscale preprocess` for it.")
+        sequences, documents = struct.unpack("<QQ", header[18:34])
+        base = 34 + 12 * sequences + 8 * documents
+        if size not in (base, base + sequences):
+            raise DataError(f"Dataset {prefix}: {idx} is {size} bytes, but its header's "
+                            f"{sequences} sequences and {documents} document boundaries need "
+                            f"{base}: the file is truncated or damaged. Re-run `flagscale "
+                            f"preprocess --output-prefix {prefix} ...` for it.")
+        end = 0
+        if sequences:
+            f.seek(34 + 4 * (sequences - 1))
+            last_length = struct.unpack("<i", f.read(4))[0]
+            f.seek(34 + 4 * sequences + 8 * (sequences - 1))
+            end = struct.unpack("<q", f.read(8))[0] + last_length * _IDX_ITEMSIZE[header[17]]
+    if bin_path.stat().st_size != end:
+        raise DataError(f"Dataset {prefix}: {bin_path} is {bin_path.stat().st_size} bytes, but "
+                        f"{idx} indexes {end}: one of them is truncated or from another run. "
+                        f"Re-run `flagscale preprocess --output-prefix {prefix} ...` for it.")
+    return sequences
+
+
+def _check_index(prefix: str, prov: Provenance) -> None:
+    sequences = check_index(prefix)
     itemsize = np.dtype(prov.meta["token_dtype"]).itemsize
     bin_size = Path(prefix + ".bin").stat().st_size
     if sequences != prov.documents or bin_size != prov.tokens * itemsize:

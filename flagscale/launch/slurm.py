@@ -36,9 +36,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-from flagscale.config import dump_config, load_config, validate
+from flagscale.config import Config, dump_config, load_config, validate
 from flagscale.errors import ConfigError, FlagScaleError
 
 RDZV_PORT_BASE = 15000
@@ -188,12 +188,15 @@ def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
 
 
 def launch_slurm(config: str | os.PathLike, overrides: Sequence[str], opts: SlurmOptions,
-                 dry_run: bool = False, python: Optional[str] = None) -> SlurmJob:
+                 dry_run: bool = False, python: Optional[str] = None,
+                 check: Optional[Callable[[Config, int], None]] = None) -> SlurmJob:
     """Validate, write ``run.dir/slurm/<job>-<date>-<time>.{yaml,sbatch}``, submit with sbatch.
 
     With ``dry_run`` the files are written but not submitted. Raises :class:`ConfigError` for a
     config or layout that does not fit ``opts.nodes * opts.gpus_per_node`` (before writing
-    anything) and :class:`FlagScaleError` when sbatch is missing or refuses the job.
+    anything) and :class:`FlagScaleError` when sbatch is missing or refuses the job. ``check``
+    (the CLI passes the memory planner's) is called with the resolved config and the world size
+    once the layout is valid, before anything is written.
     """
     _check_options(opts)
     cfg = load_config(config, overrides)
@@ -203,6 +206,8 @@ def launch_slurm(config: str | os.PathLike, overrides: Sequence[str], opts: Slur
     except ConfigError as exc:
         raise ConfigError(f"{config} cannot run on {opts.nodes} nodes x {opts.gpus_per_node} GPUs "
                           f"= {world} processes: {exc}") from None
+    if check is not None:
+        check(cfg, world)
     if not dry_run and shutil.which("sbatch") is None:
         raise FlagScaleError("sbatch is not on PATH: run `flagscale launch` on a Slurm login "
                              "node, or add --dry-run to only write the script.")

@@ -3,6 +3,7 @@
     plan = plan_layouts(load_config("examples/aquila2_34b/h100_64nodes.yaml"), gpus=512)
     plan = plan_for(None, "llama3_8b", gpus=8)  # a config file or a preset, with options
     plan.best.tp, plan.best.pp                   # the preferred layout that fits
+    require_fit(cfg, gpus=512)                   # the config's own layout, or ConfigError
     print(format_plan(plan)); plan.as_dict()    # table for humans, JSON for tools
 
 A layout is valid when :func:`flagscale.config.validate` accepts it for the world size: ``tp`` a
@@ -162,6 +163,47 @@ def plan_layouts(cfg: Config, gpus: int, device: str = "h100-sxm",
                 device=device, usable_gib=budget, seq_length=cfg.train.seq_length,
                 micro_batch_size=cfg.train.micro_batch_size, recompute=recompute,
                 attention=attention, params_dtype=m.params_dtype, layouts=layouts)
+
+
+def configured_layout(cfg: Config, gpus: int, device: str = "h100-sxm",
+                      attention: str = "flash") -> LayoutPlan:
+    """The memory estimate of the layout ``cfg`` asks for (its own ``parallel.*``) on ``gpus``
+    GPUs of ``device``: what a launch of ``cfg`` will need. ConfigError when the layout is
+    invalid for ``gpus``."""
+    layout = validate(cfg, gpus, check_paths=False)
+    sp = cfg.parallel.sequence_parallel
+    memory = estimate_memory(cfg, layout.tp, layout.pp, layout.dp, sp, vpp=layout.vpp,
+                             attention=attention, num_microbatches=layout.num_microbatches)
+    return LayoutPlan(layout.dims, sp, memory, memory.total_gib <= usable_gib(device),
+                      configured=True)
+
+
+def require_fit(cfg: Config, gpus: int, device: str = "h100-sxm",
+                attention: str = "flash") -> LayoutPlan:
+    """:func:`configured_layout`, or ConfigError when it does not fit in ``device``'s memory,
+    with the GiB needed against those available and the preferred layout that fits, if any."""
+    lay = configured_layout(cfg, gpus, device, attention)
+    if lay.fits:
+        return lay
+    mem = lay.memory
+    try:
+        best = plan_layouts(cfg, gpus, device=device, attention=attention).best
+    except ConfigError:
+        best = None
+    t = cfg.train
+    remedies = ["more GPUs", *(["train.recompute=full"] if t.recompute != "full" else []),
+                *(["a smaller train.micro_batch_size"] if t.micro_batch_size > 1 else []),
+                "a shorter train.seq_length"]
+    advice = (f"The preferred layout that fits on {gpus} GPUs is tp={best.tp} pp={best.pp} "
+              f"dp={best.dp} ({best.memory.total_gib:.1f} GiB/GPU): set parallel.tp={best.tp} "
+              f"parallel.pp={best.pp}." if best else
+              f"No layout of this model fits on {gpus} GPUs: use {', or '.join(remedies)}.")
+    raise ConfigError(
+        f"Layout {lay.dims.describe()} needs {mem.total_gib:.1f} GiB per GPU on its "
+        f"{mem.stage} pipeline stage (weights {mem.params / GIB:.1f}, gradients "
+        f"{mem.grads / GIB:.1f}, optimizer {mem.optimizer / GIB:.1f}, activations "
+        f"{mem.activations / GIB:.1f}), but a {device} ({DEVICE_MEMORY_GIB[device]:g} GiB) has "
+        f"{usable_gib(device):.1f} GiB usable. {advice}")
 
 
 def plan_for(config: Optional[str], model: Optional[str], gpus: int, device: str = "h100-sxm",

@@ -113,7 +113,8 @@ def reshard(input: str | os.PathLike, output: str | os.PathLike, tp: Optional[in
     """
     start = time.perf_counter()
     plan = plan_reshard(input, output, tp, pp, dp, vpp)
-    with atomic_output_dir(plan.output, overwrite) as tmp:
+    with atomic_output_dir(plan.output, overwrite, command="reshard",
+                           inputs=[input, plan.source]) as tmp:
         work = tmp / ".work"
         work.mkdir()
         if plan.source_sharding != RESHARDABLE:

@@ -87,7 +87,7 @@ def _build_optimizer(cfg: Config, model):
 
     t, bf16 = cfg.train, cfg.model.params_dtype == "bf16"
     return get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+        optimizer="adam", lr=t.lr, min_lr=t.final_lr, weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
         clip_grad=t.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer), model)
@@ -99,7 +99,7 @@ def _build_scheduler(cfg: Config, optimizer):
     t = cfg.train
     decay = t.lr_decay_iterations or t.iterations
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
+        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.final_lr,
         lr_warmup_steps=t.warmup_iterations, lr_decay_steps=max(decay, t.warmup_iterations + 1),
         lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
         wd_incr_steps=decay, wd_incr_style="constant")

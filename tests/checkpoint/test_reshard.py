@@ -17,9 +17,10 @@ import yaml
 
 from flagscale.checkpoint import CheckpointMeta, read_run_state
 from flagscale.checkpoint.meta import check_resumable
+from flagscale.checkpoint.output import MARKER, write_marker
 from flagscale.checkpoint.reader import CheckpointReader
 from flagscale.config import ParallelDims
-from flagscale.errors import CheckpointError, ConfigError, FlagScaleError
+from flagscale.errors import CheckpointError, ConfigError, FlagScaleError, OutputError
 from flagscale.train.reshard import reshard, resave
 from tests.dist import run_cli, run_distributed
 
@@ -139,10 +140,17 @@ def test_output_is_refused_when_occupied_or_overlapping(source):
     out = source["tmp"] / "occupied"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(FlagScaleError, match="not empty. Pass --overwrite"):
+    with pytest.raises(FlagScaleError, match=f"is not empty and it has no {MARKER}"):
         reshard(source["checkpoint"], out, tp=2)
+    with pytest.raises(OutputError, match="replaces only its own earlier output, --overwrite or "
+                                          "not"):
+        reshard(source["checkpoint"], out, tp=2, overwrite=True)
     assert (out / "keep.txt").read_text() == "mine"
-    with pytest.raises(CheckpointError, match="overlaps --input"):
+    write_marker(out, "reshard", [source["checkpoint"]])
+    with pytest.raises(FlagScaleError, match="not empty .*Pass --overwrite"):
+        reshard(source["checkpoint"], out, tp=2)
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "keep.txt"]
+    with pytest.raises(OutputError, match="overlaps --input"):
         reshard(source["checkpoint"], source["checkpoint"].parent, tp=2, overwrite=True)
 
 
@@ -154,9 +162,10 @@ def test_failed_reshard_leaves_no_partial_output(source):
     out = source["tmp"] / "good"
     out.mkdir()
     (out / "keep.txt").write_text("previous good output")
+    write_marker(out, "reshard", [source["checkpoint"]])  # an earlier reshard's output
     proc = run_cli("reshard", "--input", broken, "--output", out, "--dp", "1", "--overwrite",
                    check=False)
     assert proc.returncode == 1
     assert "resharding worker process(es) at tp=1 pp=1 dp=1 failed" in proc.stderr
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "keep.txt"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".good.")]

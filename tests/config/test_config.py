@@ -91,9 +91,9 @@ def test_cli_reports_config_errors_in_one_paragraph_before_launching(tmp_path, c
     assert "has no" in capsys.readouterr().err
 
 
-def test_dry_run_prints_resolved_config_and_layout(tmp_path, capsys, tiny_corpus):
+def test_dry_run_prints_resolved_config_and_layout(tmp_path, capsys, tiny_corpus, tiny_tokenizer):
     cfg = _write(tmp_path, {"model": {"preset": "tiny"}, "parallel": {"tp": 2},
-                            "data": {"paths": [tiny_corpus]}})
+                            "data": {"paths": [tiny_corpus], "tokenizer": tiny_tokenizer}})
     assert main(["train", cfg, "--dry-run", "train.global_batch_size=4"]) == 0
     out = capsys.readouterr().out
     assert "world=2 tp=2 pp=1 dp=1 microbatches/step=4" in out

@@ -90,6 +90,30 @@ def test_cli_dry_run_prints_script_and_command(tmp_path, monkeypatch, capsys):
     assert "add --slurm" in capsys.readouterr().err
 
 
+def test_a_layout_that_does_not_fit_in_memory_is_refused_unless_forced(tmp_path, monkeypatch,
+                                                                        capsys):
+    monkeypatch.chdir(tmp_path)
+    llama8b = ROOT / "examples" / "llama3_8b" / "h100_1node.yaml"
+    args = ["launch", str(llama8b), "--slurm", "--nodes", "1", "--dry-run",
+            "model.preset=llama3_1_405b"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"on 1 node\(s\) x 8 h100-sxm: Layout tp=2 pp=1 dp=4 needs \d+\.\d GiB per "
+                     r"GPU .* but a h100-sxm \(80 GiB\) has 69\.3 GiB usable\. No layout of this "
+                     r"model fits on 8 GPUs", err), err
+    assert "pass --force" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+    assert main(args + ["--force"]) == 0
+    assert "(does not fit; launched with --force)" in capsys.readouterr().out
+    # The example's own layout fits one node, and the planner names a layout that would.
+    assert main(["launch", str(llama8b), "--slurm", "--nodes", "1", "--dry-run"]) == 0
+    assert re.search(r"# memory: \d+\.\d GiB per GPU planned for tp=2 pp=1 dp=4, 69\.3 usable on "
+                     r"a h100-sxm\n", capsys.readouterr().out)
+    assert main(["launch", str(llama8b), "--slurm", "--nodes", "1", "--dry-run",
+                 "parallel.tp=1", "parallel.sequence_parallel=false"]) == 1
+    assert "The preferred layout that fits on 8 GPUs is tp=2 pp=1 dp=4" in capsys.readouterr().err
+
+
 def _head_addr(host: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "-c", HEAD_ADDR_FUNCTION + '\nflagscale_head_addr "$1"', "-",
                            host], capture_output=True, text=True)

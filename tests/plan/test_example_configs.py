@@ -37,3 +37,13 @@ def test_aquila2_34b_recipe_conversion():
     assert (t.lr, t.min_lr, t.lr_decay_style) == (1.5e-4, 1.5e-5, "cosine")
     assert (t.adam_beta1, t.adam_beta2, t.weight_decay, t.clip_grad) == (0.9, 0.95, 0.1, 1.0)
     assert cfg.parallel.sequence_parallel and cfg.model.init_method_std == 0.0165
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.rglob("*.yaml")),
+                         ids=lambda p: str(p.relative_to(EXAMPLES)))
+def test_example_leaves_dp_to_the_world_size(path):
+    # A pinned dp makes `--nproc N parallel.tp=2` fail its own arithmetic (the README's command).
+    cfg = load_config(path)
+    assert cfg.parallel.dp is None
+    if cfg.model.preset == "tiny":
+        assert validate(load_config(path, ["parallel.tp=2"]), 2, check_paths=False).dp == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -83,8 +84,13 @@ def test_aquila2_34b_recipe_layout_fits_on_512_gpus():
 def test_405b_does_not_fit_on_8_gpus(capsys):
     plan = plan_for(None, "llama3_1_405b", 8)
     assert plan.best is None and plan.layouts and not any(lay.fits for lay in plan.layouts)
-    assert main(["plan", "--model", "llama3_1_405b", "--gpus", "8"]) == 0
-    assert "no layout fits" in capsys.readouterr().out
+    assert main(["plan", "--model", "llama3_1_405b", "--gpus", "8"]) == 1
+    out, err = capsys.readouterr()
+    assert "no layout fits" in out  # the table is still shown
+    assert re.search(r"error: No layout of llama3_1_405b fits on 8 x h100-sxm: the smallest needs "
+                     r"\d+\.\d GiB per GPU, 69\.3 are usable\. Raise --gpus", err), err
+    assert main(["plan", "--model", "llama3_1_405b", "--gpus", "8", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["layouts"]
 
 
 def test_json_has_the_contract_keys(capsys):
