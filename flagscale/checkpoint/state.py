@@ -166,7 +166,7 @@ def _reporting_disk_full(checkpoints: Path, partial: Path, coordinator: bool):
 
     try:
         yield
-    except Exception as exc:
+    except BaseException as exc:  # torch's CheckpointException is a BaseException
         if not is_disk_full(exc):
             if isinstance(exc, CheckpointException) and not exc.failures:
                 raise CheckpointError(f"Saving {partial} failed on another rank; rank 0's "
@@ -277,7 +277,9 @@ def _naming_damaged_files(path: Path):
     traceback of the read that tripped on it."""
     try:
         yield
-    except Exception as exc:
+    except BaseException as exc:  # torch's CheckpointException is a BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
         problem = checkpoint_problem(path, flagscale_files=False)
         if problem is None:
             raise

@@ -18,10 +18,10 @@ class CheckpointCallback(Callback):
     Runs after the callbacks that change their state in ``post_step`` (spike window, evaluation),
     so a checkpoint holds their state after the step it saves.
 
-    With ``checkpoint.keep_last``, the writer rank renames the checkpoints beyond the newest ``keep_last``
-    (:func:`~flagscale.checkpoint.retire_checkpoints`) right after each save, and deletes them in
-    a background thread, so training does not wait for the file system; :meth:`close` waits for
-    the deletion.
+    With ``checkpoint.keep_last``, the writer rank renames the checkpoints beyond the newest
+    ``keep_last`` (:func:`~flagscale.checkpoint.retire_checkpoints`) right after each save and
+    deletes them in a background thread, so training does not wait for the file system;
+    :meth:`close` waits for the deletion.
     """
 
     priority = 100
