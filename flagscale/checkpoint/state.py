@@ -20,8 +20,8 @@ import torch
 import yaml
 
 from flagscale.checkpoint.meta import RESHARDABLE, CheckpointMeta, check_resumable
-from flagscale.checkpoint.paths import (LATEST, checkpoint_problem, complete_checkpoints,
-                                        iteration_dir, partial_dir, write_latest)
+from flagscale.checkpoint.paths import (LATEST, iteration_dir, latest_checkpoint, partial_dir,
+                                        write_latest)
 from flagscale.config import padded_vocab_size
 from flagscale.errors import CheckpointError
 from flagscale.models import architecture_keys
@@ -176,10 +176,10 @@ def _reporting_disk_full(checkpoints: Path, partial: Path, coordinator: bool):
         if coordinator and partial.exists():
             written = _size(partial)
             shutil.rmtree(partial, ignore_errors=True)
-        previous = complete_checkpoints(checkpoints)
-        need = (f"the previous checkpoint {previous[-1].name} takes {_gib(_size(previous[-1]))}"
+        previous = latest_checkpoint(checkpoints)
+        need = (f"the previous checkpoint {previous.name} takes {_gib(_size(previous))}"
                 if previous else f"at least {_gib(written)} (written before it failed)")
-        keep = f"; {LATEST} still names {previous[-1].name}" if previous else ""
+        keep = f"; {LATEST} still names {previous.name}" if previous else ""
         raise CheckpointError(
             f"Disk full while saving {partial}: {need}, and {checkpoints} has "
             f"{_gib(shutil.disk_usage(checkpoints).free)} free. The partial save was "
@@ -254,7 +254,7 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler, model_config
                                                             metadata=content)
     if meta.dims == layout.dims and has_optimizer:
         sharded["rng_state"] = _rng_object(layout)
-    with megatron_quiet(), _naming_damaged_files(path):
+    with megatron_quiet():
         state = dist_checkpointing.load(sharded, str(path))
     for key, chunk in zip(model_keys(model_chunks), model_chunks):
         _unwrap(chunk).load_state_dict(state[key], strict=False)
@@ -269,23 +269,6 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler, model_config
             "consumed_samples": int(common.get("consumed_samples", 0)) if has_optimizer else 0,
             "has_optimizer": has_optimizer, "config": meta.config,
             "callbacks": common.get("callbacks") or {}}
-
-
-@contextlib.contextmanager
-def _naming_damaged_files(path: Path):
-    """A load that fails on a missing or cut-short file says which file, not megatron-core's
-    traceback of the read that tripped on it."""
-    try:
-        yield
-    except BaseException as exc:  # torch's CheckpointException is a BaseException
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
-        problem = checkpoint_problem(path, flagscale_files=False)
-        if problem is None:
-            raise
-        raise CheckpointError(f"Cannot load checkpoint {path}: {problem}. Restore that file, or "
-                              f"load an older checkpoint (checkpoint.load=auto falls back to "
-                              f"the newest complete one).") from exc
 
 
 def _materialize_optimizer_state(optimizer) -> None:

@@ -81,21 +81,26 @@ def test_kill_9_at_random_points_of_saves_never_breaks_latest(tmp_path, tiny_cor
                         train={"iterations": 1000}, checkpoint={"keep_last": 2})
     rng = random.Random(2024)
     log = tmp_path / "launcher.log"
+    save_s = None
     for attempt in range(KILLS):
         started = time.time()
         with open(log, "w") as out:
             launcher = subprocess.Popen([sys.executable, "-m", "flagscale", "train", str(config)],
                                         stdout=out, stderr=subprocess.STDOUT)
-        if attempt == 0:  # let the first save finish, so there is something to resume from
-            _wait_for(lambda: (checkpoints / "latest").is_file(), 300, "a first save",
-                      launcher, log)
 
         def saving() -> bool:
             return any(p.stat().st_ctime >= started for p in checkpoints.glob("*.partial")
                        if p.exists())
 
         _wait_for(saving, 300, "a save", launcher, log)
-        time.sleep(rng.uniform(0.0, 1.5))  # anywhere in the save, or just past it
+        if save_s is None:  # let the first save finish: something to resume from, and its time
+            begun = time.time()
+            _wait_for(lambda: (checkpoints / "latest").is_file(), 300, "a first save",
+                      launcher, log)
+            save_s, started = time.time() - begun, time.time()
+            _wait_for(saving, 300, "a second save", launcher, log)
+        # Anywhere in the save (writing shards, renaming, writing latest) or just past it.
+        time.sleep(rng.uniform(0.0, 1.25 * save_s))
         torchrun = [p for p in psutil.Process(launcher.pid).children()
                     if "torch.distributed.run" in " ".join(p.cmdline())]
         workers = torchrun[0].children() if torchrun else []
@@ -112,6 +117,8 @@ def test_kill_9_at_random_points_of_saves_never_breaks_latest(tmp_path, tiny_cor
                 if process.is_running():
                     process.kill()
         TRIED["kill -9 during a save"] += 1
+        print(f"kill {attempt + 1}: latest {_named_latest(checkpoints)}, first save took "
+              f"{save_s:.2f}s")
         _assert_intact(checkpoints, f"kill {attempt + 1}")
 
     resume_from = _named_latest(checkpoints)
