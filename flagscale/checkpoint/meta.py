@@ -48,8 +48,9 @@ class CheckpointMeta:
     def to_dict(self) -> dict:
         data = {"format": self.format, "config": self.config,
                 "layout": self.dims.to_dict() if self.dims else None,
-                "has_optimizer": self.has_optimizer, "data_fingerprint": self.data_fingerprint}
-        return {**data, "source": self.source} if self.source else data
+                "has_optimizer": self.has_optimizer}
+        optional = {"source": self.source, "data_fingerprint": self.data_fingerprint}
+        return {**data, **{key: value for key, value in optional.items() if value}}
 
     @classmethod
     def from_dict(cls, data: dict, has_optimizer: bool = True) -> "CheckpointMeta":

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from flagscale.checkpoint import CheckpointMeta, read_run_state
 from flagscale.config import load_config
 from flagscale.data import load_tokenizer, preprocess
 from flagscale.data.fingerprint import (check_data_unchanged, data_cache_dir, dataset_fingerprint,
@@ -66,6 +67,8 @@ def test_resume_and_trace_on_a_rebuilt_dataset_are_refused(tmp_path, tiny_corpus
     run_cli("train", config, "--nproc", "1")
     recorded = read_run_fingerprints(run_dir)
     assert recorded == {prefix: dataset_fingerprint(prefix)}
+    saved = read_run_state(run_dir / "checkpoints" / "iter_0000002")
+    assert CheckpointMeta.from_common(saved).data_fingerprint == recorded
     assert [p.name for p in (run_dir / "data_cache").iterdir()] == [
         data_cache_dir(run_dir, recorded).name]
     cfg = load_config(config)
