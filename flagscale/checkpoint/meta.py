@@ -41,12 +41,16 @@ class CheckpointMeta:
     format: int = FORMAT_VERSION
     source: Optional[str] = None
     """The Hugging Face directory an imported checkpoint was made from."""
+    data_fingerprint: dict = field(default_factory=dict)
+    """The datasets the run trained on, ``{prefix: fingerprint}`` (see
+    :mod:`flagscale.data.fingerprint`); empty when unknown."""
 
     def to_dict(self) -> dict:
         data = {"format": self.format, "config": self.config,
                 "layout": self.dims.to_dict() if self.dims else None,
                 "has_optimizer": self.has_optimizer}
-        return {**data, "source": self.source} if self.source else data
+        optional = {"source": self.source, "data_fingerprint": self.data_fingerprint}
+        return {**data, **{key: value for key, value in optional.items() if value}}
 
     @classmethod
     def from_dict(cls, data: dict, has_optimizer: bool = True) -> "CheckpointMeta":
@@ -58,7 +62,8 @@ class CheckpointMeta:
         return cls(config=data.get("config") or {},
                    dims=ParallelDims.from_dict(layout) if known else None,
                    has_optimizer=bool(data.get("has_optimizer", has_optimizer)),
-                   format=int(data.get("format", FORMAT_VERSION)), source=data.get("source"))
+                   format=int(data.get("format", FORMAT_VERSION)), source=data.get("source"),
+                   data_fingerprint=data.get("data_fingerprint") or {})
 
     @classmethod
     def from_common(cls, common: dict) -> "CheckpointMeta":

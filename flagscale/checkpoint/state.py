@@ -9,6 +9,8 @@ loads at any TP/PP/VPP/DP layout.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -18,7 +20,7 @@ import torch
 import yaml
 
 from flagscale.checkpoint.meta import RESHARDABLE, CheckpointMeta, check_resumable
-from flagscale.checkpoint.paths import (complete_checkpoints, iteration_dir, partial_dir,
+from flagscale.checkpoint.paths import (LATEST, iteration_dir, latest_checkpoint, partial_dir,
                                         write_latest)
 from flagscale.config import padded_vocab_size
 from flagscale.errors import CheckpointError
@@ -57,13 +59,18 @@ def _rng_object(layout):
 
 def save_checkpoint(checkpoints: Path, iteration: int, model_chunks, optimizer, scheduler,
                     consumed_samples: int, config: dict, layout,
-                    keep_last: Optional[int] = None,
                     optimizer_sharding: str = RESHARDABLE,
-                    callbacks: Optional[dict] = None) -> Path:
+                    callbacks: Optional[dict] = None,
+                    data_fingerprint: Optional[dict] = None) -> Path:
     """Collective: every rank calls it. Returns the final directory once it is complete.
 
     ``callbacks`` is the training loop's callback state (picklable, rank 0's copy is saved);
-    :func:`load_checkpoint` returns it.
+    :func:`load_checkpoint` returns it. ``data_fingerprint`` (the run's datasets, see
+    :mod:`flagscale.data.fingerprint`) is recorded in :class:`CheckpointMeta`.
+
+    A full disk (ENOSPC, EDQUOT) anywhere in the save raises CheckpointError "disk full" and
+    removes the partial directory (see :func:`_reporting_disk_full`); ``latest`` keeps naming
+    the previous checkpoint.
 
     ``optimizer_sharding`` is megatron-core's distributed-optimizer sharding type; anything but
     the default ``fully_reshardable`` (e.g. ``dp_reshardable``) only reloads at the same TP/PP.
@@ -88,26 +95,100 @@ def save_checkpoint(checkpoints: Path, iteration: int, model_chunks, optimizer, 
     sharded["consumed_samples"] = consumed_samples
     sharded["scheduler"] = scheduler.state_dict()
     sharded["callbacks"] = callbacks or {}
-    sharded["flagscale"] = CheckpointMeta(config, layout.dims, has_optimizer=True).to_dict()
-    with megatron_quiet():
-        dist_checkpointing.save(sharded, str(partial), content_metadata=sharding)
-    dist.barrier()
+    sharded["flagscale"] = CheckpointMeta(config, layout.dims, has_optimizer=True,
+                                          data_fingerprint=data_fingerprint or {}).to_dict()
+    with _reporting_disk_full(checkpoints, partial, coordinator=rank == 0):
+        with megatron_quiet():
+            dist_checkpointing.save(sharded, str(partial), content_metadata=sharding)
+        dist.barrier()
+        if rank == 0:
+            config_yaml = yaml.safe_dump(config, sort_keys=False)
+            (partial / "flagscale_config.yaml").write_text(config_yaml)
     if rank == 0:
-        (partial / "flagscale_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         if final.exists():
             # Re-saving an iteration (a rerun past it): the new copy is complete, swap it in.
             stale = final.with_name(final.name + ".old")
+            if stale.exists():  # left by a save killed inside this swap
+                shutil.rmtree(stale)
             os.replace(final, stale)
             os.replace(partial, final)
             shutil.rmtree(stale)
         else:
             os.replace(partial, final)
         write_latest(checkpoints, final)
-        if keep_last:
-            for old in complete_checkpoints(checkpoints)[:-keep_last]:
-                shutil.rmtree(old)
     dist.barrier()
     return final
+
+
+# ---- a full disk during a save -------------------------------------------------------------------
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# How a full disk reads once megatron-core's writer processes and torch's zip writer have wrapped
+# the OSError into text: "Worker failure: [Errno 28] No space left on device", and from
+# torch.save's PyTorchStreamWriter "[enforce fail at inline_container.cc:672] . unexpected pos".
+_DISK_FULL_TEXT = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), "unexpected pos")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` or anything it wraps (causes, contexts, torch's per-rank
+    ``CheckpointException.failures``) is an ENOSPC or EDQUOT."""
+    stack, seen = [exc], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(e) for text in _DISK_FULL_TEXT):
+            return True
+        stack += [e.__cause__, e.__context__]
+        for failure in (getattr(e, "failures", None) or {}).values():
+            # torch keeps (exception, traceback summary) pairs per rank
+            stack.append(failure[0] if isinstance(failure, tuple) else failure)
+    return False
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+@contextlib.contextmanager
+def _reporting_disk_full(checkpoints: Path, partial: Path, coordinator: bool):
+    """Turn a full disk inside the block into CheckpointError "disk full" naming the space
+    needed (the previous checkpoint's size, else what was written so far) and the space free,
+    after removing ``partial`` on the ``coordinator`` rank (megatron-core raises on every rank
+    only once all of them are past the collective write, so nothing writes into it any more).
+
+    Only megatron-core's coordinator (rank 0) learns why a write failed; the other ranks get an
+    empty ``CheckpointException`` and say where the reason is."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except BaseException as exc:  # torch's CheckpointException is a BaseException
+        if not is_disk_full(exc):
+            if isinstance(exc, CheckpointException) and not exc.failures:
+                raise CheckpointError(f"Saving {partial} failed on another rank; rank 0's "
+                                      f"message says why.") from exc
+            raise
+        written = 0
+        if coordinator and partial.exists():
+            written = _size(partial)
+            shutil.rmtree(partial, ignore_errors=True)
+        previous = latest_checkpoint(checkpoints)
+        need = (f"the previous checkpoint {previous.name} takes {_gib(_size(previous))}"
+                if previous else f"at least {_gib(written)} (written before it failed)")
+        keep = f"; {LATEST} still names {previous.name}" if previous else ""
+        raise CheckpointError(
+            f"Disk full while saving {partial}: {need}, and {checkpoints} has "
+            f"{_gib(shutil.disk_usage(checkpoints).free)} free. The partial save was "
+            f"removed{keep}. Free space there (or set checkpoint.keep_last), then resume with "
+            f"checkpoint.load=auto.") from exc
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
 def read_run_state(path: Path) -> dict:

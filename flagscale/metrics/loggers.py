@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from flagscale.errors import ConfigError
+from flagscale.metrics.jsonl import read_records
 
 
 def _fmt(value, spec: str) -> str:
@@ -66,7 +67,8 @@ class JsonlLogger:
 
     Lines are flushed as they are written, so a crashed run keeps every interval it logged. At
     open, records past the iteration the run starts from are dropped (they belong to work after
-    the checkpoint that is about to be redone), so the file always holds one history.
+    the checkpoint that is about to be redone), so the file always holds one history; so is a
+    last line cut short by a crash (:func:`~flagscale.metrics.jsonl.read_records`).
     """
 
     def __init__(self, path: Path):
@@ -76,10 +78,10 @@ class JsonlLogger:
     def open(self, start_iteration: int) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("iteration", 0) <= start_iteration]
+            kept = [record for record in read_records(self.path, "iteration")
+                    if record["iteration"] <= start_iteration]
             tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
             os.replace(tmp, self.path)
         self._file = open(self.path, "a", buffering=1)
 

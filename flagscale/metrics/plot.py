@@ -6,35 +6,29 @@ state are involved.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
 from flagscale.errors import DataError
+from flagscale.metrics.jsonl import read_records
 
 
 def read_metrics(path: Path) -> list[dict]:
     """The records of a ``metrics.jsonl``, one per iteration in order.
 
     A resumed run appends records for iterations it repeats; the last record of an iteration wins.
+    A last line cut short by a crash is dropped with a warning (see
+    :func:`~flagscale.metrics.jsonl.read_records`).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} does not exist: give the run directory of a run that logged at "
                         f"least one interval (it holds metrics.jsonl).")
     records: dict[int, dict] = {}
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                records[int(record["iteration"])] = record
-            except (ValueError, KeyError, TypeError) as exc:
-                raise DataError(f"{path}, line {number}: not a metrics record with an "
-                                f"'iteration' ({exc}); fix or delete that line.") from None
+    for record in read_records(path, "iteration"):
+        records[record["iteration"]] = record
     if not records:
         raise DataError(f"{path} holds no records yet; plot again after the first log interval.")
     return [records[i] for i in sorted(records)]

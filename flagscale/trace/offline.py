@@ -51,24 +51,45 @@ def trace_layout(cfg: Config, run_dir: Path, dp: Optional[int] = None) -> Layout
     return validate(cfg, dims.world_size, check_paths=False)
 
 
+def recorded_fingerprints(run_dir: Path) -> Optional[dict]:
+    """The fingerprints of the data the run read: its ``data_fingerprint.json``, else its latest
+    checkpoint's; None for a run from before fingerprints."""
+    from flagscale.checkpoint import CheckpointMeta, latest_checkpoint, read_run_state
+    from flagscale.data.fingerprint import read_run_fingerprints
+
+    recorded = read_run_fingerprints(run_dir)
+    if recorded is None:
+        checkpoint = latest_checkpoint(Path(run_dir) / "checkpoints")
+        if checkpoint is not None:
+            recorded = CheckpointMeta.from_common(read_run_state(checkpoint)).data_fingerprint
+    return recorded
+
+
 @contextmanager
 def open_tracer(cfg: Config, run_dir: Optional[Path] = None,
                 dp: Optional[int] = None) -> Iterator[Tracer]:
     """A :class:`Tracer` over the run's train dataset, built in this process.
 
-    Uses ``run_dir/data_cache`` (the run's index cache) when it exists, else a temporary cache,
-    so tracing never writes into a run directory.
+    Refuses data that changed since the run read it (DataError naming what changed). Uses the
+    run's index cache when it exists, else a temporary cache, so tracing never writes into a run
+    directory.
     """
     from flagscale.data.datasets import build_datasets, check_training_data
+    from flagscale.data.fingerprint import (check_data_unchanged, data_cache_dir,
+                                            fingerprint_data)
     from flagscale.data.tokenizer import load_tokenizer
 
     run_dir = Path(run_dir or cfg.run.dir)
     layout = trace_layout(cfg, run_dir, dp)
     check_training_data(cfg)
+    fingerprints = fingerprint_data(cfg)
+    check_data_unchanged(recorded_fingerprints(run_dir), fingerprints, f"Tracing {run_dir}",
+                         "Rebuild the dataset as the run had it (its samples are read again "
+                         "to name them), or trace a run trained on this data.")
     tokenizer = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
     # eod only shapes megatron's document masks, which do not touch the index arrays.
     eod = tokenizer.eod if tokenizer else 0
-    cache = run_dir / "data_cache"
+    cache = data_cache_dir(run_dir, fingerprints)
     with tempfile.TemporaryDirectory(prefix="flagscale-trace-") as scratch:
         with world_of_one():
             train, _ = build_datasets(cfg, layout, eod, cache if cache.is_dir() else Path(scratch))

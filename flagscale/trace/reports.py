@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from flagscale.errors import DataError
+from flagscale.metrics.jsonl import read_records
 
 
 def report_path(run_dir: Path, iteration: int) -> Path:
@@ -43,17 +43,11 @@ def recorded_losses(run_dir: Path, iteration: int) -> dict[int, float]:
     if not path.is_file():
         return {}
     losses = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise DataError(f"{path}:{number} is not a JSON trace record. Delete the file "
-                                f"to trace without its losses.") from None
-            if "loss_nonfinite" in record:
-                losses[record["global_sample"]] = float(record["loss_nonfinite"])
-            elif record.get("loss") is not None:
-                losses[record["global_sample"]] = float(record["loss"])
+    for record in read_records(path, "global_sample"):
+        if "loss_nonfinite" in record:
+            losses[record["global_sample"]] = float(record["loss_nonfinite"])
+        elif record.get("loss") is not None:
+            losses[record["global_sample"]] = float(record["loss"])
     return losses
 
 

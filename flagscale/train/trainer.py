@@ -22,10 +22,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from flagscale.checkpoint import (latest_checkpoint, load_checkpoint, resolve_checkpoint,
-                                  save_checkpoint)
+from flagscale.checkpoint import (CheckpointMeta, latest_checkpoint, load_checkpoint,
+                                  read_run_state, resolve_checkpoint, save_checkpoint)
 from flagscale.config import Config, config_to_dict, dump_config
 from flagscale.data.datasets import batch_index, build_datasets, microbatches
+from flagscale.data.fingerprint import (check_data_unchanged, data_cache_dir, shared_fingerprints,
+                                        write_run_fingerprints)
 from flagscale.platform import setup_platform
 from flagscale.train.callbacks import Callback, StepInfo, build_callbacks
 from flagscale.train.preflight import check_run
@@ -68,12 +70,16 @@ class Trainer:
         self.start_iteration = self.iteration = self.consumed_samples = 0
         self.end_iteration = min(cfg.train.iterations, cfg.train.stop_iteration or
                                  cfg.train.iterations)
+        self.data_fingerprints = shared_fingerprints(cfg)
         self._resume()
+        if self.is_writer:
+            write_run_fingerprints(self.run_dir, self.data_fingerprints)
 
         eval_passes = (cfg.train.iterations // cfg.train.eval_interval
                        if cfg.train.eval_interval else 0)
         self.train_dataset, self.valid_dataset = build_datasets(
-            cfg, self.layout, eod=_eod(cfg), cache_dir=self.run_dir / "data_cache",
+            cfg, self.layout, eod=_eod(cfg),
+            cache_dir=data_cache_dir(self.run_dir, self.data_fingerprints),
             valid_samples=eval_passes * cfg.train.eval_iterations * cfg.train.global_batch_size)
 
         from megatron.core import parallel_state
@@ -224,7 +230,7 @@ class Trainer:
         path = save_checkpoint(self.run_dir / "checkpoints", self.iteration, self.model,
                                self.optimizer, self.scheduler, self.consumed_samples,
                                config_to_dict(self.cfg), self.layout,
-                               keep_last=self.cfg.checkpoint.keep_last, callbacks=states)
+                               callbacks=states, data_fingerprint=self.data_fingerprints)
         self._call("post_checkpoint_saved", path)
         return path
 
@@ -234,6 +240,12 @@ class Trainer:
         checkpoint = _checkpoint_to_load(self.cfg, self.run_dir)
         if checkpoint is None:
             return
+        if checkpoint.resolve().parent == (self.run_dir / "checkpoints").resolve():
+            check_data_unchanged(
+                CheckpointMeta.from_common(read_run_state(checkpoint)).data_fingerprint,
+                self.data_fingerprints, f"Resuming from {checkpoint}",
+                f"Restore the data this run trained on, or train on the new data as a new run: "
+                f"run.dir=NEW_DIR checkpoint.load={checkpoint}.")
         loaded = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler,
                                  self.cfg.model, self.layout)
         self.start_iteration = self.iteration = loaded["iteration"]

@@ -97,6 +97,8 @@ def test_plot_writes_readable_pngs_from_metrics_jsonl(tmp_path, capsys):
 def test_plot_of_a_run_without_metrics_is_a_data_error(tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 1
     assert "metrics.jsonl does not exist" in capsys.readouterr().err
-    (tmp_path / "metrics.jsonl").write_text('{"iteration": 1, "loss": 2.0}\nnot json\n')
+    # A bad line before the last is not a write cut short by a crash: an error naming it.
+    (tmp_path / "metrics.jsonl").write_text('{"iteration": 1, "loss": 2.0}\nnot json\n'
+                                            '{"iteration": 2, "loss": 1.9}\n')
     assert main(["plot", str(tmp_path)]) == 1
     assert "line 2" in capsys.readouterr().err

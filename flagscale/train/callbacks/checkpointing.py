@@ -1,7 +1,14 @@
-"""Periodic and final checkpoints (``checkpoint.save_interval``, ``save_final``)."""
+"""Periodic and final checkpoints (``checkpoint.save_interval``, ``save_final``), and
+``checkpoint.keep_last``: older checkpoints deleted in the background."""
 
 from __future__ import annotations
 
+import shutil
+import threading
+from pathlib import Path
+from typing import Optional
+
+from flagscale.checkpoint import retire_checkpoints
 from flagscale.train.callbacks.base import Callback, StepInfo
 
 
@@ -10,6 +17,11 @@ class CheckpointCallback(Callback):
 
     Runs after the callbacks that change their state in ``post_step`` (spike window, evaluation),
     so a checkpoint holds their state after the step it saves.
+
+    With ``checkpoint.keep_last``, the writer rank renames the checkpoints beyond the newest
+    ``keep_last`` (:func:`~flagscale.checkpoint.retire_checkpoints`) right after each save and
+    deletes them in a background thread, so training does not wait for the file system;
+    :meth:`close` waits for the deletion.
     """
 
     priority = 100
@@ -17,6 +29,7 @@ class CheckpointCallback(Callback):
     def __init__(self, interval: int, save_final: bool):
         self.interval = interval
         self.save_final = save_final
+        self._deleting: Optional[threading.Thread] = None
 
     def should_run(self, iteration: int) -> bool:
         last = iteration == self.trainer.end_iteration
@@ -25,3 +38,29 @@ class CheckpointCallback(Callback):
     def post_step(self, step: StepInfo) -> None:
         if self.should_run(step.iteration):
             self.trainer.save_checkpoint()
+
+    def post_checkpoint_saved(self, path) -> None:
+        keep_last = self.trainer.cfg.checkpoint.keep_last
+        if not (keep_last and self.trainer.is_writer):
+            return
+        self._join()
+        retired = retire_checkpoints(Path(path).parent, keep_last)
+        if retired:
+            self._deleting = threading.Thread(target=_delete, args=(retired,),
+                                              name="flagscale-keep-last", daemon=False)
+            self._deleting.start()
+
+    def close(self) -> None:
+        self._join()
+
+    def _join(self) -> None:
+        if self._deleting is not None:
+            self._deleting.join()
+            self._deleting = None
+
+
+def _delete(paths: list[Path]) -> None:
+    for path in paths:
+        # A failed deletion leaves a .deleting directory, which nothing reads and the next
+        # retire_checkpoints removes again.
+        shutil.rmtree(path, ignore_errors=True)
