@@ -70,6 +70,11 @@ class Tokenizer:
         """Alias of ``eod`` (megatron-core checks both against ``pad``)."""
         return self.eod
 
+    def __reduce__(self):
+        # Pickled by path (e.g. to spawned preprocessing workers): the library objects inside
+        # are not all picklable, and loading from the file is what a new process does anyway.
+        return load_tokenizer, (self.path,)
+
     def identity(self) -> dict:
         """Identity stored in a dataset's provenance: kind, path, vocab size, eod, sha256."""
         return {"kind": self.kind, "path": self.path, "vocab_size": self.vocab_size,
