@@ -111,12 +111,53 @@ def open_decompressed(path: str | Path, compression: Optional[str]) -> BinaryIO:
     if compression == "gzip":
         return gzip.open(path, "rb")
     if compression == "zstd":
+        # Buffered so read(n) returns n bytes until the end and readline works.
+        return io.BufferedReader(_ZstdStream(path), buffer_size=1 << 20)
+    return open(path, "rb")
+
+
+class _ZstdStream(io.RawIOBase):
+    """The decompressed bytes of a zstd file of one or more frames. A file that ends inside a
+    frame raises EOFError, as gzip does: zstandard's own stream_reader returns the bytes decoded
+    so far without a word, which would make a truncated download look complete."""
+
+    def __init__(self, path: str | Path):
         import zstandard
 
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-        # Buffered so read(n) returns n bytes until the end and readline works.
-        return io.BufferedReader(raw, buffer_size=1 << 20)
-    return open(path, "rb")
+        self._file = open(path, "rb")
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._frame = self._decompressor.decompressobj()
+        self._in_frame = False
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._out:
+            chunk = self._file.read(1 << 20)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("the file ends inside a zstd frame")
+                return 0
+            pieces = []
+            while chunk:  # a chunk may finish one frame and start the next
+                self._in_frame = True
+                pieces.append(self._frame.decompress(chunk))
+                if not self._frame.eof:
+                    break
+                chunk = self._frame.unused_data
+                self._frame = self._decompressor.decompressobj()
+                self._in_frame = False
+            self._out = memoryview(b"".join(pieces))
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def _read_errors():
