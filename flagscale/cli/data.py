@@ -33,10 +33,12 @@ def format_report(info: dict, max_chars: int) -> str:
             if source["path"] in info["changed_sources"] else ""
         out.append(f"source: {source['path']} ({source['documents']:,} documents, "
                    f"{source['size']:,} bytes, sha256 {source['sha256'][:12]}){changed}")
-    out += [f"document {doc['id']}: {doc['tokens']} tokens from {doc['source']}:{doc['line']} "
-            f"(byte {doc['byte_offset']})",
+    where = (f"{doc['source']} row group {doc['row_group']} row {doc['row']}"
+             if doc.get("row_group") is not None
+             else f"{doc['source']}:{doc['line']} (byte {doc['byte_offset']})")
+    out += [f"document {doc['id']}: {doc['tokens']} tokens from {where}",
             "--- decoded ---", _clip(doc["text"], max_chars),
-            "--- source line ---", _clip(doc["source_line"], max_chars)]
+            "--- source record ---", _clip(doc["source_line"], max_chars)]
     return "\n".join(out)
 
 
