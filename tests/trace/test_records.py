@@ -232,7 +232,8 @@ def test_megatron_lm_dataset_without_sidecar_traces_to_documents(tmp_path, tiny_
     prefix = str(tmp_path / "megatron_text_document")
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
     for text in texts:
-        builder.add_document(torch.tensor(tokenizer.encode(text) + [tokenizer.eod]), [0])
+        ids = tokenizer.encode(text) + [tokenizer.eod]
+        builder.add_document(torch.tensor(ids), [len(ids)])
     builder.finalize(prefix + ".idx")
 
     cfg = _config(f"[{prefix}]", tiny_tokenizer, tmp_path / "run", "trace.text_chars=100000")
