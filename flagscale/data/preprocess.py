@@ -129,7 +129,7 @@ def _init_worker(tokenizer: Tokenizer) -> None:
     # tokenizers; sentencepiece is called with num_threads=1 and tiktoken one text at a time.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     # Under fork the tokenizer arrives as the parent's object, already loaded (a 128K-vocabulary
-    # tokenizer.json takes a second to load); under spawn it is unpickled, i.e. loaded from path.
+    # tokenizer.json takes a second to load); under spawn it arrives pickled.
     _worker_tokenizer = tokenizer
 
 
