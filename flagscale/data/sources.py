@@ -82,24 +82,25 @@ def expand_inputs(inputs) -> tuple[list[InputFile], list[str]]:
     named directly (or matched by a pattern) whose format is unknown.
     """
     files, skipped = [], []
+    kinds = "*.jsonl, *.txt, optionally .gz/.zst, *.parquet"
     for spec in inputs:
         path = Path(spec)
         if path.is_dir():
             found = sorted((p for p in path.rglob("*") if p.is_file()), key=str)
             skipped += [str(p) for p in found if not _known(p)]
             matched = [p for p in found if _known(p)]
-            what = f"Directory {path} holds no input files"
+            if not matched:
+                raise DataError(f"Directory {path} holds no input files ({kinds}). Check the "
+                                f"path.")
         elif path.is_file():
             matched = [path]
         elif glob.has_magic(str(spec)):
             matched = sorted((Path(p) for p in glob.glob(str(spec), recursive=True)
                               if Path(p).is_file()), key=str)
-            what = f"Pattern {spec} matches no files"
+            if not matched:
+                raise DataError(f"Pattern {spec} matches no files. Check the path.")
         else:
             raise DataError(f"Input {spec} does not exist.")
-        if not matched:
-            raise DataError(f"{what} (*.jsonl, *.txt, optionally .gz/.zst, *.parquet). Check "
-                            f"the path.")
         files += [InputFile(p, *input_format(p)) for p in matched]
     if not files:
         raise DataError("No input files given. Pass --input FILE|DIR|GLOB [...].")
@@ -160,10 +161,12 @@ class _ZstdStream(io.RawIOBase):
         super().close()
 
 
-def _read_errors():
+def _read_errors() -> tuple:
+    """What reading a damaged file raises: I/O, truncation, gzip, zstandard and Arrow errors."""
+    import pyarrow
     import zstandard
 
-    return (OSError, EOFError, gzip.BadGzipFile, zstandard.ZstdError)
+    return (OSError, EOFError, gzip.BadGzipFile, zstandard.ZstdError, pyarrow.ArrowException)
 
 
 def read_line_blocks(index: int, file: InputFile, key: str,
@@ -218,7 +221,7 @@ def read_parquet_blocks(index: int, file: InputFile, key: str) -> Iterator[tuple
                                               columns=[key], use_threads=False):
                 yield ("parquet", index, key, group, row, batch.column(0))
                 row += batch.num_rows
-    except (OSError, pa.ArrowException) as exc:
+    except _read_errors() as exc:
         yield ("unreadable", index, None, "unreadable file", f"cannot read it: {exc}")
 
 
@@ -252,9 +255,7 @@ def read_record(path: str | Path, compression: Optional[str], byte_offset: Optio
                     break
                 remaining -= skipped
             line = f.readline()
-    except DataError:
-        raise
-    except Exception as exc:  # OSError, EOFError, zstandard and pyarrow errors alike
+    except _read_errors() as exc:
         raise DataError(f"Cannot read {path} (byte {byte_offset}, row group {row_group}): "
                         f"{exc}. The source moved or changed since the dataset was built.") \
             from None

@@ -78,6 +78,12 @@ class Tokenizer:
         """Alias of ``eod`` (megatron-core checks both against ``pad``)."""
         return self.eod
 
+    @property
+    def unique_identifiers(self) -> dict:
+        """What megatron-core 0.16.1 serialises of a dataset config's tokenizer into the
+        description whose hash names its index caches: this tokenizer's identity."""
+        return self.identity()
+
     def identity(self) -> dict:
         """Identity stored in a dataset's provenance: kind, path, vocab size, eod, sha256."""
         return {"kind": self.kind, "path": self.path, "vocab_size": self.vocab_size,
