@@ -9,7 +9,7 @@ BPE, and a 128,000-token byte-level BPE with Llama 3's pre-tokenizer pattern (th
 small for 128K merges of its own, so generated words are added to the training text). Pass real
 tokenizers (Llama 2's tokenizer.model, Llama 3's tokenizer.json) where you have them.
 
-Input: the bundled corpus repeated to ``--megabytes`` of uncompressed JSONL. For each tokenizer,
+Input: the bundled corpus (5 MB) repeated to about ``--megabytes`` of uncompressed JSONL. For each tokenizer,
 alternated over ``--rounds`` rounds (the best of each is kept, which filters out other load):
 
 - bare, N processes: a pool of N processes (started inside the timed region, tokenizer loaded in

@@ -22,7 +22,7 @@ def format_report(info: dict, max_chars: int) -> str:
     lengths, doc, tok = info["lengths"], info["document"], info["tokenizer"]
     rejected = sum(info["rejected"].values())
     out = [f"dataset {info['prefix']}: {info['documents']:,} documents, {info['tokens']:,} tokens "
-           f"(eod included), {rejected:,} lines rejected at preprocessing",
+           f"(eod included), {rejected:,} records rejected at preprocessing",
            f"tokenizer: {tok['kind']} {tok['path']} (vocab {tok['vocab_size']}, eod {tok['eod']})",
            f"document length (tokens): min {lengths['min']}, mean {lengths['mean']:.1f}, "
            f"p50 {lengths['p50']:.0f}, p90 {lengths['p90']:.0f}, p99 {lengths['p99']:.0f}, "
