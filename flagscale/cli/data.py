@@ -22,7 +22,7 @@ def format_report(info: dict, max_chars: int) -> str:
     lengths, doc, tok = info["lengths"], info["document"], info["tokenizer"]
     rejected = sum(info["rejected"].values())
     out = [f"dataset {info['prefix']}: {info['documents']:,} documents, {info['tokens']:,} tokens "
-           f"(eod included), {rejected:,} lines rejected at preprocessing",
+           f"(eod included), {rejected:,} records rejected at preprocessing",
            f"tokenizer: {tok['kind']} {tok['path']} (vocab {tok['vocab_size']}, eod {tok['eod']})",
            f"document length (tokens): min {lengths['min']}, mean {lengths['mean']:.1f}, "
            f"p50 {lengths['p50']:.0f}, p90 {lengths['p90']:.0f}, p99 {lengths['p99']:.0f}, "
@@ -33,10 +33,12 @@ def format_report(info: dict, max_chars: int) -> str:
             if source["path"] in info["changed_sources"] else ""
         out.append(f"source: {source['path']} ({source['documents']:,} documents, "
                    f"{source['size']:,} bytes, sha256 {source['sha256'][:12]}){changed}")
-    out += [f"document {doc['id']}: {doc['tokens']} tokens from {doc['source']}:{doc['line']} "
-            f"(byte {doc['byte_offset']})",
+    where = (f"{doc['source']} row group {doc['row_group']} row {doc['row']}"
+             if doc.get("row_group") is not None
+             else f"{doc['source']}:{doc['line']} (byte {doc['byte_offset']})")
+    out += [f"document {doc['id']}: {doc['tokens']} tokens from {where}",
             "--- decoded ---", _clip(doc["text"], max_chars),
-            "--- source line ---", _clip(doc["source_line"], max_chars)]
+            "--- source record ---", _clip(doc["source_line"], max_chars)]
     return "\n".join(out)
 
 

@@ -3,11 +3,14 @@
     flagscale preprocess --input a.jsonl b.txt.gz --output-prefix out/mix --tokenizer tok.model
     flagscale preprocess --input corpus.jsonl --output-prefix out/c --tokenizer hf_dir/ --workers 8
     flagscale preprocess --input corpus.jsonl --output-prefix out/c --tokenizer tok.model --strict
+    flagscale preprocess --input fineweb/ 'pile/*.jsonl.zst' --output-prefix out/web --tokenizer hf/
 
 Writes PREFIX.bin/.idx (documents in input order: files as given, lines in order, each ending with
 the tokenizer's end-of-document id), the provenance sidecar PREFIX.prov.npy/.prov.json and
 PREFIX.rejected.jsonl. Inputs: *.jsonl (one JSON object per line, text under --json-key), *.txt
-(one document per non-blank line), either gzipped (*.gz). The output is byte-identical whatever
+(one document per non-blank line), either compressed (*.gz, *.zst), *.parquet (the --json-key
+column, by row group); files, directories (every such file below, in sorted path order) or glob
+patterns. Unreadable files are rejected like bad lines. The output is byte-identical whatever
 --workers.
 """
 
@@ -37,9 +40,12 @@ def report(result: PreprocessResult) -> str:
     lines = []
     total = sum(result.rejected.values())
     if total:
-        lines.append(f"rejected {total:,} lines (all in {result.prefix}.rejected.jsonl); "
+        lines.append(f"rejected {total:,} records (all in {result.prefix}.rejected.jsonl); "
                      f"first {len(result.first_rejections)}:")
         lines += [f"  {r}" for r in result.first_rejections]
+    if result.skipped_files:
+        lines.append(f"skipped {len(result.skipped_files):,} files of unknown format in input "
+                     f"directories, e.g. {result.skipped_files[0]}")
     lines.append(result.summary())
     return "\n".join(lines)
 
@@ -91,16 +97,18 @@ def register(subparsers) -> None:
                     "sidecar and a file of rejected lines.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=examples_epilog(__doc__))
-    parser.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                        help="input files (*.jsonl, *.txt, optionally .gz), in document order")
+    parser.add_argument("--input", nargs="+", required=True, metavar="FILE|DIR|GLOB",
+                        help="inputs (*.jsonl, *.txt, optionally .gz/.zst, *.parquet; "
+                             "directories and globs in sorted path order), in document order")
     parser.add_argument("--output-prefix", required=True, metavar="PREFIX",
                         help="writes PREFIX.bin, .idx, .prov.npy, .prov.json, .rejected.jsonl")
     parser.add_argument("--tokenizer", required=True, metavar="SPEC",
                         help="sentencepiece .model, HF tokenizer.json, or a directory holding one")
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="tokenizing processes (default: CPUs available, at most 32)")
-    parser.add_argument("--json-key", default="text", help="JSONL key holding the text")
+    parser.add_argument("--json-key", default="text",
+                        help="JSONL key (Parquet column) holding the text")
     parser.add_argument("--strict", action="store_true",
-                        help="stop with an error at the first rejected line")
+                        help="stop with an error at the first rejected record or unreadable file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)

@@ -1,7 +1,9 @@
 """``flagscale trace CONFIG --iteration N [--to M] [--format jsonl|text] [key=value ...]``
 
 Names the exact documents every row of iterations N..M read: dataset prefix, document id, source
-file, line, byte offset, the document's token span in the sample and its decoded text. jsonl
+file, line and byte offset (Parquet: row group and row), the document's token span in the sample
+and its decoded text. Datasets without a provenance sidecar (e.g. made by Megatron-LM's
+preprocess_data.py) are traced to dataset, document and span; file and line need the sidecar. jsonl
 prints one trace record per (row, document); text is for reading.
 
     flagscale trace runs/tiny/config.yaml --iteration 57            # the run's resolved config
@@ -61,8 +63,12 @@ def _row_heading(record: dict) -> str:
 
 
 def _document_line(record: dict) -> str:
-    where = (f"{record['source']}:{record['line']} (byte {record['byte_offset']})"
-             if record["source"] else "no provenance")
+    if record["source"] is None:
+        where = "no provenance sidecar: file and line need one (see `flagscale preprocess`)"
+    elif record.get("row_group") is not None:
+        where = f"{record['source']} row group {record['row_group']} row {record['row_in_group']}"
+    else:
+        where = f"{record['source']}:{record['line']} (byte {record['byte_offset']})"
     text = ("" if record["text"] is None
             else "\n      " + json.dumps(record["text"], ensure_ascii=False))
     return (f"  tokens [{record['token_start']}, {record['token_end']})  {record['dataset']} "

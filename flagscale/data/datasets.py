@@ -69,8 +69,9 @@ def check_training_data(cfg: Config) -> None:
             check_dataset(prefix)  # raises the missing-files error
         else:
             check_index(prefix)
-            warnings.warn(f"{prefix} has no provenance sidecar (it was not written by `flagscale "
-                          f"preprocess`): traces will name sample and document ids only.")
+            warnings.warn(f"{prefix} has no provenance sidecar (not written by `flagscale "
+                          f"preprocess`, e.g. by Megatron-LM): it trains as is; traces name its "
+                          f"documents, spans and text, but not file and line.")
 
 
 def _megatron_tokenizer(vocab_size: int, eod: int):

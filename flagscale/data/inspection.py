@@ -53,6 +53,7 @@ def inspect_dataset(prefix: str, document: int = 0, tokenizer: Optional[str] = N
             "tokenizer": prov.tokenizer, "rejected": prov.meta.get("rejected", {}),
             "lengths": length_summary(dataset.sequence_lengths),
             "document": {"id": document, "source": origin.source, "line": origin.line,
-                         "byte_offset": origin.byte_offset, "tokens": len(ids),
+                         "byte_offset": origin.byte_offset, "row_group": origin.row_group,
+                         "row": origin.row, "tokens": len(ids),
                          "ids": ids.tolist(), "text": tok.decode(ids),
                          "source_line": source_line}}

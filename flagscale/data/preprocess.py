@@ -1,29 +1,32 @@
 """Tokenize text files into a megatron-core indexed dataset with a provenance sidecar.
 
-    result = preprocess(["a.jsonl", "b.txt.gz"], "data/mix", load_tokenizer("tok.model"), workers=4)
+    result = preprocess(["a.jsonl", "shards/", "web/*.parquet"], "data/mix",
+                        load_tokenizer("tok.model"), workers=4)
 
-Inputs, in the order given, line by line:
-- ``.jsonl`` / ``.json`` / ``.ndjson``: one JSON object per line, the document is its ``json_key``.
-- ``.txt`` / ``.text``: one document per non-blank line (a trailing ``\\r`` is dropped).
-- any of these with ``.gz`` appended (line numbers and byte offsets refer to the decompressed text).
-Blank lines are not records and are skipped in both formats. Every other line that yields no
-document (invalid UTF-8, invalid JSON, not an object, missing or non-string key, empty text) is a
-rejection: counted by reason, written to ``PREFIX.rejected.jsonl``, or a DataError under ``strict``.
+Inputs (:mod:`flagscale.data.sources`): JSON lines, plain text, either gzip- or zstd-compressed,
+and Parquet; files, directories and glob patterns, in the order given, the files of a directory or
+pattern in sorted path order. In line formats the document is a JSON object's ``json_key`` or a
+non-blank text line (a trailing ``\\r`` dropped); in Parquet it is the ``json_key`` column's value.
+Blank lines are not records and are skipped. Every other record that yields no document (invalid
+UTF-8, invalid JSON, not an object, missing or non-string key, empty or null text) is a rejection,
+and so is a file that cannot be read (a truncated download: the records before the damage are
+kept): counted by reason, written to ``PREFIX.rejected.jsonl``, or a DataError under ``strict``.
 
 Each document is its tokens plus the tokenizer's end-of-document id, stored as one sequence of one
 document in ``PREFIX.bin``/``.idx`` (uint16 when the vocabulary has fewer than 65500 ids).
 
-Speed and determinism: the main process reads fixed-size blocks of whole lines and hands them to a
-pool of workers that decode, parse and tokenize them; results come back in block order and the main
-process only writes. Blocks depend on the input bytes alone, never on the worker count, so the
-output is byte-identical for any ``workers``. At most ``4 * workers`` blocks are in flight, so
-memory stays bounded for inputs of any size.
+Speed and determinism: the main process reads fixed-size blocks of whole lines (or fixed row
+counts of Parquet row groups) and hands them to a pool of workers that decode, parse and tokenize
+them; results come back in block order and the main process only writes. Blocks depend on the
+input bytes alone, never on the worker count, so the output is byte-identical for any
+``workers``. At most ``4 * workers`` blocks are in flight, so memory stays bounded for inputs of
+any size. Each worker runs its tokenizer on one thread: ``workers`` is the number of cores used
+(a tokenizer library's own thread pool in every worker would put workers x cores threads on the
+cores).
 """
 
 from __future__ import annotations
 
-import gzip
-import itertools
 import json
 import multiprocessing
 import os
@@ -36,43 +39,52 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from flagscale.data.provenance import RECORD_DTYPE, prov_paths, write_provenance
-from flagscale.data.tokenizer import Tokenizer, file_sha256, load_tokenizer
+from flagscale.data.sources import expand_inputs, read_tasks
+from flagscale.data.tokenizer import Tokenizer, file_sha256
 from flagscale.errors import DataError
 
-JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
-TEXT_SUFFIXES = (".txt", ".text")
 BLOCK_BYTES = 256 * 1024
 SHOWN_REJECTIONS = 5
 
 
-def input_format(path: str | Path) -> tuple[str, bool]:
-    """(``"json"`` or ``"text"``, gzipped?) of an input file, from its name."""
-    name = Path(path).name.lower()
-    gz = name.endswith(".gz")
-    if gz:
-        name = name[:-3]
-    if name.endswith(JSON_SUFFIXES):
-        return "json", gz
-    if name.endswith(TEXT_SUFFIXES):
-        return "text", gz
-    raise DataError(f"Input {path}: unknown format. Name it *.jsonl (one JSON object per line), "
-                    f"*.txt (one document per line), optionally with .gz appended.")
-
-
 @dataclass
 class Rejection:
-    """One input line that produced no document."""
+    """One input record (line, Parquet row) or file that produced no document."""
 
     source: str
-    line: int
-    byte_offset: int
+    line: Optional[int]
+    """1-based line (line formats); for an unreadable file, the first line not read."""
+    byte_offset: Optional[int]
     reason: str
     """Category, counted in the summary: ``invalid UTF-8``, ``invalid JSON``, ``not a JSON
-    object``, ``missing key``, ``non-string text``, ``empty text``."""
+    object``, ``missing key``, ``non-string text``, ``empty text``, ``null text``,
+    ``unreadable file``."""
     detail: str
+    row_group: Optional[int] = None
+    """Parquet: the record's row group (0-based)."""
+    row: Optional[int] = None
+    """Parquet: the record's row within its row group (0-based)."""
+
+    def where(self) -> str:
+        """``file:line``, ``file row group G row R``, or the file alone."""
+        if self.row is not None:
+            return f"{self.source} row group {self.row_group} row {self.row}"
+        if self.byte_offset is not None:
+            return f"{self.source}:{self.line}"
+        return self.source
+
+    def to_json(self) -> dict:
+        """The object written to PREFIX.rejected.jsonl (Parquet keys only for Parquet rows)."""
+        record = {"source": self.source, "line": self.line, "byte_offset": self.byte_offset,
+                  "reason": self.reason, "detail": self.detail}
+        if self.row is not None:
+            record.update(row_group=self.row_group, row=self.row)
+        return record
 
     def __str__(self) -> str:
-        return f"{self.source}:{self.line}: {self.reason} ({self.detail})"
+        if self.reason == "unreadable file":  # its detail says what could not be read
+            return f"{self.source}: {self.detail}"
+        return f"{self.where()}: {self.reason} ({self.detail})"
 
 
 @dataclass
@@ -83,13 +95,15 @@ class PreprocessResult:
     documents: int
     tokens: int
     input_bytes: int
-    """Bytes of input read (decompressed for .gz)."""
+    """Bytes of input read: decompressed for .gz/.zst, the text column's bytes for Parquet."""
     seconds: float
     rejected: Counter = field(default_factory=Counter)
-    """Rejected lines by reason."""
+    """Rejected records (and unreadable files) by reason."""
     first_rejections: list = field(default_factory=list)
     """The first few :class:`Rejection` objects, in input order."""
     outputs: list = field(default_factory=list)
+    skipped_files: list = field(default_factory=list)
+    """Files of unknown format found in input directories, not read."""
 
     def summary(self) -> str:
         """One line with the numbers a user wants."""
@@ -99,18 +113,23 @@ class PreprocessResult:
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.rejected.items()))
         return (f"{self.documents:,} documents, {self.tokens:,} tokens from "
                 f"{self.input_bytes / 1e6:.2f} MB in {self.seconds:.1f} s ({rate:,.0f} tokens/s, "
-                f"{mbs:.2f} MB/s); {rejected:,} lines rejected{f' ({reasons})' if reasons else ''}"
+                f"{mbs:.2f} MB/s); {rejected:,} records rejected{f' ({reasons})' if reasons else ''}"
                 f" -> {self.prefix}.bin/.idx")
 
 
-# ---- worker side: decode, parse and tokenize one block of lines --------------------------------
+# ---- worker side: decode, parse and tokenize one block of records -------------------------------
 
 _worker_tokenizer: Optional[Tokenizer] = None
 
 
-def _init_worker(tokenizer_path: str) -> None:
+def _init_worker(tokenizer: Tokenizer) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = load_tokenizer(tokenizer_path)
+    # One thread per worker (module docstring). The variable is read at each batch call by HF
+    # tokenizers; sentencepiece is called with num_threads=1 and tiktoken one text at a time.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Under fork the tokenizer arrives as the parent's object, already loaded (a 128K-vocabulary
+    # tokenizer.json takes a second to load); under spawn it arrives pickled.
+    _worker_tokenizer = tokenizer
 
 
 def _parse_line(raw: bytes, fmt: str, json_key: str) -> tuple[Optional[str], Optional[tuple]]:
@@ -140,11 +159,9 @@ def _parse_line(raw: bytes, fmt: str, json_key: str) -> tuple[Optional[str], Opt
     return text, None
 
 
-def encode_block(task: tuple, tokenizer: Optional[Tokenizer] = None) -> tuple:
-    """Tokenize one block: ``(source_index, fmt, json_key, first_line, first_offset, data)`` ->
-    ``(tokens, lengths, lines, offsets, rejections)``; tokens include each document's eod."""
-    tok = tokenizer or _worker_tokenizer
-    _, fmt, json_key, first_line, offset, data = task
+def _parse_lines(task: tuple) -> tuple[list, list, list, list]:
+    """Texts, lines, byte offsets and rejections ``(line, offset, reason, detail)`` of a block."""
+    _, _, fmt, json_key, first_line, offset, data = task
     texts, lines, offsets, rejections = [], [], [], []
     raw_lines = data.split(b"\n")
     if raw_lines[-1] == b"":
@@ -162,16 +179,48 @@ def encode_block(task: tuple, tokenizer: Optional[Tokenizer] = None) -> tuple:
         elif rejection is not None:
             rejections.append((number, offset) + rejection)
         offset += len(raw) + 1
-    encoded = tok.encode_batch(texts)
+    return texts, lines, offsets, rejections
+
+
+def _parse_rows(task: tuple) -> tuple[list, list, list, list]:
+    """Texts, row groups, rows and rejections ``(row_group, row, reason, detail)`` of a block of
+    Parquet rows."""
+    _, _, json_key, group, first_row, column = task
+    texts, rows, rejections = [], [], []
+    for row, text in enumerate(column.to_pylist(), first_row):
+        if text is None:
+            rejections.append((group, row, "null text", f"{json_key!r} is null"))
+        elif not text.strip():
+            rejections.append((group, row, "empty text", f"{json_key!r} is {text!r}"))
+        else:
+            texts.append(text)
+            rows.append(row)
+    return texts, [group] * len(rows), rows, rejections
+
+
+def encode_block(task: tuple, tokenizer: Optional[Tokenizer] = None) -> tuple:
+    """Tokenize one block (a task of :mod:`flagscale.data.sources`) -> ``(tokens, lengths,
+    where_a, where_b, rejections)``: tokens include each document's eod; ``where`` is (line, byte
+    offset) or (row group, row) per document, as in the provenance records."""
+    tok = tokenizer or _worker_tokenizer
+    kind = task[0]
+    if kind == "lines":
+        texts, where_a, where_b, rejections = _parse_lines(task)
+    elif kind == "parquet":
+        texts, where_a, where_b, rejections = _parse_rows(task)
+    else:  # "unreadable": the file's failure, reported in its place in the order
+        texts, where_a, where_b, rejections = [], [], [], [(task[2], None) + task[3:]]
     eod = tok.eod
-    for ids in encoded:
-        ids.append(eod)
-    lengths = np.fromiter(map(len, encoded), dtype=np.int32, count=len(encoded))
-    dtype = token_dtype(tok.vocab_size)
-    tokens = np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype,
-                         count=int(lengths.sum()))
-    return (tokens, lengths, np.asarray(lines, dtype=np.uint64),
-            np.asarray(offsets, dtype=np.uint64), rejections)
+    flat: list[int] = []
+    lengths = np.empty(len(texts), dtype=np.int32)
+    # One flat list, one conversion: per-document arrays would cost a numpy call per document.
+    for i, ids in enumerate(tok.encode_batch(texts)):
+        flat += ids
+        flat.append(eod)
+        lengths[i] = len(ids) + 1
+    tokens = np.array(flat, dtype=token_dtype(tok.vocab_size))
+    return (tokens, lengths, np.asarray(where_a, dtype=np.uint64),
+            np.asarray(where_b, dtype=np.uint64), rejections)
 
 
 def token_dtype(vocab_size: int):
@@ -180,29 +229,6 @@ def token_dtype(vocab_size: int):
 
 
 # ---- main side: read blocks, dispatch in order, write ------------------------------------------
-
-def read_blocks(path: Path, gz: bool, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple]:
-    """Yield ``(first_line, first_offset, data)`` blocks of whole lines of ``path``."""
-    opener = gzip.open if gz else open
-    line, offset, carry = 1, 0, []  # carry: pieces of a line longer than one block
-    try:
-        with opener(path, "rb") as f:
-            while block := f.read(block_bytes):
-                cut = block.rfind(b"\n")
-                if cut < 0:
-                    carry.append(block)
-                    continue
-                data = b"".join(carry + [block[:cut + 1]])
-                carry = [block[cut + 1:]]
-                yield line, offset, data
-                line += data.count(b"\n")
-                offset += len(data)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise DataError(f"Input {path}: cannot read it after line {line} ({exc}). Check the "
-                        f"file (a truncated .gz download?).") from None
-    if any(carry):
-        yield line, offset, b"".join(carry)
-
 
 def pool_context():
     """The multiprocessing context of the tokenizing workers: fork where the platform has it.
@@ -221,7 +247,7 @@ def _ordered_results(tasks: Iterator[tuple], tokenizer: Tokenizer, workers: int)
         for task in tasks:
             yield task, encode_block(task, tokenizer)
         return
-    with pool_context().Pool(workers, initializer=_init_worker, initargs=(tokenizer.path,)) as pool:
+    with pool_context().Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
         pending: deque = deque()
         for task in tasks:
             pending.append((task, pool.apply_async(encode_block, (task,))))
@@ -231,6 +257,17 @@ def _ordered_results(tasks: Iterator[tuple], tokenizer: Tokenizer, workers: int)
         while pending:
             head, result = pending.popleft()
             yield head, result.get()
+
+
+def _block_bytes(task: tuple) -> int:
+    """Input bytes a block stands for: its decompressed lines, or its Parquet text bytes."""
+    if task[0] == "lines":
+        return len(task[-1])
+    if task[0] == "parquet":
+        import pyarrow.compute as pc
+
+        return int(pc.sum(pc.binary_length(task[-1])).as_py() or 0)
+    return 0
 
 
 def _add_documents(builder, tokens: np.ndarray, lengths: np.ndarray) -> None:
@@ -254,25 +291,19 @@ def output_paths(prefix: str | Path) -> list[str]:
 def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tokenizer: Tokenizer,
                workers: int = 1, json_key: str = "text", strict: bool = False,
                progress: bool = False, block_bytes: int = BLOCK_BYTES) -> PreprocessResult:
-    """Tokenize ``inputs`` (in order) into ``PREFIX.bin``/``.idx`` with provenance sidecar
-    ``PREFIX.prov.npy``/``.prov.json`` and ``PREFIX.rejected.jsonl``.
+    """Tokenize ``inputs`` (files, directories, glob patterns; see :mod:`flagscale.data.sources`)
+    into ``PREFIX.bin``/``.idx`` with provenance sidecar ``PREFIX.prov.npy``/``.prov.json`` and
+    ``PREFIX.rejected.jsonl``.
 
     Every output is written under a temporary name and renamed only when all are complete, the
-    provenance metadata last. Raises DataError for unreadable inputs, for the first rejected line
-    when ``strict``, and when no document survives.
+    provenance metadata last. Raises DataError for missing inputs, for the first rejected record
+    or unreadable file when ``strict``, and when no document survives.
     """
     # megatron-core's first import takes seconds: keep it out of the throughput figures.
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     started = time.perf_counter()
-    paths = [Path(p) for p in inputs]
-    if not paths:
-        raise DataError("No input files given. Pass --input FILE [FILE ...].")
-    formats = []
-    for path in paths:
-        if not path.is_file():
-            raise DataError(f"Input {path} does not exist.")
-        formats.append(input_format(path))
+    files, skipped = expand_inputs(inputs)
     if workers < 1:
         raise DataError(f"--workers must be at least 1, got {workers}.")
     prefix = str(output_prefix)
@@ -280,51 +311,55 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tokenize
     suffix = f".tmp{os.getpid()}"
     finals = output_paths(prefix)
     temps = [f + suffix for f in finals]
-    sources = [{"path": str(p.resolve()), "format": fmt, "gzip": gz, "size": p.stat().st_size,
-                "sha256": file_sha256(p), "documents": 0}
-               for p, (fmt, gz) in zip(paths, formats)]
+    sources = [{"path": str(f.path.resolve()), "format": f.format,
+                "compression": f.compression, "size": f.path.stat().st_size,
+                "sha256": file_sha256(f.path), "documents": 0}
+               for f in files]
     dtype = token_dtype(tokenizer.vocab_size)
-    result = PreprocessResult(prefix, 0, 0, 0, 0.0, outputs=finals)
-    tasks = ((index, fmt, json_key, line, offset, data)
-             for index, (path, (fmt, gz)) in enumerate(zip(paths, formats))
-             for line, offset, data in read_blocks(path, gz, block_bytes))
-    # Decompressed sizes are unknown up front: with .gz inputs the bar shows no percentage.
-    total = None if any(gz for _, gz in formats) else sum(s["size"] for s in sources)
+    result = PreprocessResult(prefix, 0, 0, 0, 0.0, outputs=finals, skipped_files=skipped)
+    tasks = (task for index, file in enumerate(files)
+             for task in read_tasks(index, file, json_key, block_bytes))
+    # Decompressed sizes are unknown up front: with compressed or Parquet inputs the bar shows
+    # no percentage.
+    plain = all(f.compression is None and f.format != "parquet" for f in files)
+    total = sum(s["size"] for s in sources) if plain else None
     bar = None
     records = []
     builder = None
     try:
         builder = IndexedDatasetBuilder(temps[0], dtype=dtype)
         with open(temps[2], "w", encoding="utf-8") as rejected_file:
-            for task, (tokens, lengths, lines, offsets, rejections) in _ordered_results(
+            for task, (tokens, lengths, where_a, where_b, rejections) in _ordered_results(
                     tasks, tokenizer, workers):
-                index = task[0]
-                source = str(paths[index])
-                for line, offset, reason, detail in rejections:
-                    rejection = Rejection(source, line, offset, reason, detail)
+                index = task[1]
+                source = str(files[index].path)
+                for a, b, reason, detail in rejections:
+                    rejection = (Rejection(source, None, None, reason, detail, a, b)
+                                 if task[0] == "parquet" else
+                                 Rejection(source, a, b, reason, detail))
                     if strict:
                         raise DataError(f"{rejection}. --strict stops at the first rejected "
-                                        f"line; fix it or drop --strict to skip such lines.")
+                                        f"record; fix it or drop --strict to skip such records.")
                     result.rejected[reason] += 1
                     if len(result.first_rejections) < SHOWN_REJECTIONS:
                         result.first_rejections.append(rejection)
-                    rejected_file.write(json.dumps(
-                        {"source": source, "line": line, "byte_offset": offset,
-                         "reason": reason, "detail": detail}, ensure_ascii=False) + "\n")
+                    rejected_file.write(json.dumps(rejection.to_json(), ensure_ascii=False)
+                                        + "\n")
                 _add_documents(builder, tokens, lengths)
                 block = np.empty(len(lengths), dtype=RECORD_DTYPE)
-                block["source"], block["line"], block["byte_offset"] = index, lines, offsets
+                block["source"], block["line"], block["byte_offset"] = index, where_a, where_b
                 records.append(block)
                 sources[index]["documents"] += len(lengths)
                 result.documents += len(lengths)
                 result.tokens += int(tokens.size)
-                result.input_bytes += len(task[-1])
+                read = _block_bytes(task)
+                result.input_bytes += read
                 if progress:
                     if bar is None:  # created only now that the worker pool exists
                         from tqdm import tqdm
                         bar = tqdm(total=total, unit="B", unit_scale=True, desc="preprocess",
                                    mininterval=0.5, dynamic_ncols=True)
-                    bar.update(len(task[-1]))
+                    bar.update(read)
                     elapsed = max(time.perf_counter() - started, 1e-9)
                     bar.set_postfix(docs=f"{result.documents:,}",
                                     tokens=f"{result.tokens:,}",
@@ -332,8 +367,8 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tokenize
         builder.finalize(temps[1])
         if result.documents == 0:
             shown = "; ".join(map(str, result.first_rejections)) or "every line is blank"
-            raise DataError(f"No documents in {', '.join(map(str, paths))}: {shown}. Check "
-                            f"--json-key (now {json_key!r}) and the input format.")
+            raise DataError(f"No documents in {', '.join(str(f.path) for f in files)}: {shown}. "
+                            f"Check --json-key (now {json_key!r}) and the input format.")
         meta = {"documents": result.documents, "tokens": result.tokens,
                 "token_dtype": np.dtype(dtype).name, "json_key": json_key,
                 "sources": sources, "tokenizer": tokenizer.identity(),

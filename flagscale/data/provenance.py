@@ -4,24 +4,27 @@
 
 - ``PREFIX.prov.npy``: one record per document, ``(source, line, byte_offset)`` as
   ``uint32, uint64, uint64``: the index of its source file, the 1-based line number of its record
-  and the byte offset of that line's first byte (in the decompressed stream for ``.gz`` inputs).
-  Memory-mapped on read, so a lookup costs one page whatever the dataset size.
+  and the byte offset of that line's first byte (in the decompressed stream for ``.gz``/``.zst``
+  inputs). For a Parquet source the two numbers are the record's row group and its row within
+  that row group (both 0-based). Memory-mapped on read, so a lookup costs one page whatever the
+  dataset size.
 - ``PREFIX.prov.json``: the source files (path, format, size, sha256, documents), the tokenizer
   identity (kind, path, vocab size, eod, sha256), document and token counts, rejected counts.
   Written last: its presence marks a complete dataset.
 
     prov = Provenance.open("data/corpus")
-    source, line, offset = prov.lookup(42)
+    origin = prov.lookup(42)        # .source, .line, .byte_offset (or .row_group, .row: Parquet)
     check_dataset("data/corpus", tokenizer)    # DataError when missing or another tokenizer's
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
 import numpy as np
 
 from flagscale.errors import DataError
@@ -43,15 +46,21 @@ class Origin:
 
     source: str
     """Path of the input file, as it was when the dataset was built."""
-    line: int
-    """1-based line number of the document's record."""
-    byte_offset: int
-    """Offset of the record's first byte (decompressed offset for .gz inputs)."""
+    line: Optional[int]
+    """1-based line number of the document's record; None in Parquet."""
+    byte_offset: Optional[int]
+    """Offset of the record's first byte (decompressed offset for .gz/.zst); None in Parquet."""
+    row_group: Optional[int] = None
+    """Parquet: the record's row group (0-based); None in line formats."""
+    row: Optional[int] = None
+    """Parquet: the record's row within its row group (0-based); None in line formats."""
 
     def __iter__(self):
         return iter((self.source, self.line, self.byte_offset))
 
     def __str__(self) -> str:
+        if self.row_group is not None:
+            return f"{self.source} row group {self.row_group} row {self.row}"
         return f"{self.source}:{self.line} (byte {self.byte_offset})"
 
 
@@ -109,31 +118,30 @@ class Provenance:
         return int(self.tokenizer["vocab_size"])
 
     def lookup(self, doc_id: int) -> Origin:
-        """Source path, 1-based line and byte offset of document ``doc_id``."""
+        """Source path and location (line and byte offset, or Parquet row group and row) of
+        document ``doc_id``."""
         if not 0 <= doc_id < len(self.records):
             raise DataError(f"Document {doc_id} is out of range: dataset {self.prefix} has "
                             f"{len(self.records)} documents (0..{len(self.records) - 1}).")
         record = self.records[doc_id]
-        return Origin(self.sources[int(record["source"])]["path"], int(record["line"]),
-                      int(record["byte_offset"]))
+        source = self.sources[int(record["source"])]
+        a, b = int(record["line"]), int(record["byte_offset"])
+        if source["format"] == "parquet":
+            return Origin(source["path"], None, None, a, b)
+        return Origin(source["path"], a, b)
 
     def source_line(self, doc_id: int) -> bytes:
-        """The raw line (without its newline) that document ``doc_id`` was built from, read from
-        its source file now; DataError when the file is gone or too short."""
+        """The raw record document ``doc_id`` was built from, read from its source file now: the
+        line without its newline, or a Parquet row's text; DataError when the file is gone or
+        too short."""
+        from flagscale.data.sources import read_record
+
         origin = self.lookup(doc_id)
         source = self.sources[int(self.records[doc_id]["source"])]
-        opener = gzip.open if source["gzip"] else open
-        try:
-            with opener(origin.source, "rb") as f:
-                f.seek(origin.byte_offset)
-                line = f.readline()
-        except (OSError, EOFError) as exc:
-            raise DataError(f"Cannot read {origin}: {exc}. The source moved or changed since "
-                            f"the dataset was built.") from None
-        if not line:
-            raise DataError(f"{origin.source} ends before byte {origin.byte_offset}: it changed "
-                            f"since the dataset was built.")
-        return line.rstrip(b"\n")
+        # Datasets written before zstd support record only a gzip flag.
+        compression = source.get("compression", "gzip" if source.get("gzip") else None)
+        return read_record(origin.source, compression, origin.byte_offset, origin.row_group,
+                           origin.row, self.meta.get("json_key", "text"))
 
     def changed_sources(self) -> list[str]:
         """Paths of source files that are gone or whose size or sha256 differs from build time."""

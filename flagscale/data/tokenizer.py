@@ -1,6 +1,11 @@
-"""Tokenizers for preprocessing and training: a sentencepiece model or a Hugging Face tokenizer.
+"""Tokenizers for preprocessing and training: a sentencepiece model, a Hugging Face
+``tokenizer.json``, or a tiktoken BPE file (Meta's original Llama 3 ``tokenizer.model``).
 
     tok = load_tokenizer("flagscale/data/corpus/tokenizer.model")   # or tokenizer.json, or a dir
+
+The kind is recognised by the file's content, not its name (Llama 2 and Llama 3 both ship a
+``tokenizer.model``): a JSON object is a ``tokenizer.json``, lines of "base64 rank" are tiktoken,
+a protobuf starting with a piece field is sentencepiece.
     ids = tok.encode("hello 世界")            # no special tokens; preprocessing appends tok.eod
     tok.decode(ids)
 
@@ -12,8 +17,11 @@ can refuse data built with another tokenizer.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -69,6 +77,12 @@ class Tokenizer:
     def eos(self) -> int:
         """Alias of ``eod`` (megatron-core checks both against ``pad``)."""
         return self.eod
+
+    @property
+    def unique_identifiers(self) -> dict:
+        """What megatron-core 0.16.1 serialises of a dataset config's tokenizer into the
+        description whose hash names its index caches: this tokenizer's identity."""
+        return self.identity()
 
     def identity(self) -> dict:
         """Identity stored in a dataset's provenance: kind, path, vocab size, eod, sha256."""
@@ -176,6 +190,60 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
+# Llama 3's pre-tokenizer pattern and special tokens, as Meta's llama3 tokenizer.py defines them:
+# 256 special tokens numbered after the BPE ranks (128,000 in Llama 3: ids 128000..128255).
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>", "<|reserved_special_token_2|>",
+    "<|reserved_special_token_3|>", "<|start_header_id|>", "<|end_header_id|>",
+    "<|reserved_special_token_4|>", "<|eot_id|>",
+] + [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)]
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+")
+
+
+class TikTokenizer(Tokenizer):
+    """A tiktoken BPE file (one "base64-token rank" per line) with Llama 3's pattern and its 256
+    special tokens after the ranks; eod is ``<|end_of_text|>``, bos ``<|begin_of_text|>``, no pad.
+    Text is encoded as ordinary text: a special token's spelling inside a document stays text."""
+
+    kind = "tiktoken"
+
+    def __init__(self, path: Path):
+        import tiktoken
+
+        super().__init__(path)
+        ranks = {}
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token, validate=True)] = int(rank)
+                except (ValueError, binascii.Error):
+                    raise DataError(f"Tiktoken file {path}, line {number}: expected "
+                                    f"\"<base64 token> <rank>\", got {line[:60]!r}. The file is "
+                                    f"damaged; download it again.") from None
+        self._base = len(ranks)
+        specials = {name: self._base + i for i, name in enumerate(LLAMA3_SPECIAL_TOKENS)}
+        self._enc = tiktoken.Encoding(name=path.name, pat_str=LLAMA3_PATTERN,
+                                      mergeable_ranks=ranks, special_tokens=specials)
+        self.vocab_size = self._base + len(specials)
+        self.eod = specials["<|end_of_text|>"]
+        self.bos = specials["<|begin_of_text|>"]
+        self.pad = NO_PAD
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without any special token."""
+        return self._enc.encode_ordinary(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``; special tokens are dropped."""
+        return self._enc.decode([int(i) for i in ids if int(i) < self._base])
+
+
 def _read_tokenizer_config(path: Path) -> dict:
     if not path.is_file():
         return {}
@@ -206,14 +274,22 @@ def resolve_tokenizer_file(spec: str | Path) -> Path:
 
 def load_tokenizer(spec: str | Path) -> Tokenizer:
     """Load the tokenizer ``spec`` names: a sentencepiece ``.model`` file, a HF ``tokenizer.json``,
-    or a directory holding either. Raises DataError when it is missing or unreadable."""
+    a tiktoken BPE file, or a directory holding one. Raises DataError when it is missing,
+    unreadable or none of these."""
     path = resolve_tokenizer_file(spec)
     try:
         with open(path, "rb") as f:
-            head = f.read(64).lstrip()
+            head = f.read(1024)
     except OSError as exc:
         raise DataError(f"Tokenizer {path} cannot be read ({exc}).") from None
-    # tokenizer.json is a JSON object; a sentencepiece model is a binary protobuf.
-    if head.startswith(b"{"):
+    if head.lstrip().startswith(b"{"):
         return HFTokenizer(path)
-    return SentencePieceTokenizer(path)
+    if _TIKTOKEN_LINE.fullmatch(head.split(b"\n", 1)[0].rstrip(b"\r")):
+        return TikTokenizer(path)
+    # A sentencepiece ModelProto starts with its first piece: field 1, length-delimited (0x0a).
+    if head.startswith(b"\n"):
+        return SentencePieceTokenizer(path)
+    raise DataError(f"Tokenizer {path} is none of the known kinds: not a sentencepiece model "
+                    f"(binary protobuf), not a Hugging Face tokenizer.json (JSON object), not a "
+                    f"tiktoken BPE file (lines of \"<base64 token> <rank>\"); it starts with "
+                    f"{head[:16]!r}. Pass the model's tokenizer file.")

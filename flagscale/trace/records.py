@@ -3,7 +3,8 @@
 A row of a microbatch reads one global sample (:mod:`flagscale.data.datasets`); the sample is a
 window of ``seq_length + 1`` tokens over megatron-core's shuffled document stream, so it holds
 pieces of one or more documents. For each (row, document) pair a record names the dataset prefix,
-the document id, the source file, line and byte offset from the provenance sidecar, and the span:
+the document id, the source file and the record in it from the provenance sidecar (line and byte
+offset, or for Parquet ``row_group`` and ``row_in_group``), and the span:
 
     token_start, token_end   the document's tokens in the sample, over its seq_length + 1 tokens
                              (the model's inputs, then the last label): spans tile that range
@@ -120,14 +121,19 @@ class Tracer:
         return out
 
     def _record(self, iteration, microbatch, dp_rank, row, sample, span: Span, loss) -> dict:
-        source = line = byte_offset = None
+        # Line formats fill line/byte_offset, Parquet row_group/row_in_group (the contract's
+        # `row` is the microbatch row); all four are null without a provenance sidecar.
+        origin = None
         provenance = self._provenance_of(span.part)
         if provenance is not None:
-            source, line, byte_offset = provenance.lookup(span.document)
+            origin = provenance.lookup(span.document)
         record = {"iteration": iteration, "microbatch": microbatch, "dp_rank": dp_rank,
                   "row": row, "global_sample": sample,
                   "dataset": self.parts[span.part].dataset_path, "document": span.document,
-                  "source": source, "line": line, "byte_offset": byte_offset,
+                  "source": origin and origin.source, "line": origin and origin.line,
+                  "byte_offset": origin and origin.byte_offset,
+                  "row_group": origin and origin.row_group,
+                  "row_in_group": origin and origin.row,
                   "token_start": span.token_start, "token_end": span.token_end,
                   "doc_offset": span.doc_offset, "text": self._text(span)}
         if loss is not None:

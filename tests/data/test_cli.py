@@ -18,7 +18,7 @@ def test_preprocess_then_inspect(tmp_path, inputs, capsys):
     err = capsys.readouterr().err
     assert code == 0
     assert f"{len(expected):,} documents" in err
-    assert f"{len(rejections):,} lines rejected" in err
+    assert f"{len(rejections):,} records rejected" in err
     assert f"{files[0]}:4: invalid JSON" in err
     for ext in (".bin", ".idx", ".prov.npy", ".prov.json", ".rejected.jsonl"):
         assert (tmp_path / f"ds{ext}").is_file()

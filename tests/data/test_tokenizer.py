@@ -1,7 +1,8 @@
-"""Tokenizers: the bundled one, Hugging Face tokenizer.json, errors, and megatron-core's use."""
+"""Tokenizers: the bundled one, Hugging Face tokenizer.json, tiktoken, errors, megatron-core's use."""
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 
@@ -10,7 +11,8 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from flagscale.config.presets import MODEL_PRESETS
-from flagscale.data import check_dataset, default_corpus_path, load_tokenizer, preprocess
+from flagscale.data import (check_dataset, default_corpus_path, default_tokenizer_path,
+                            load_tokenizer, preprocess)
 from flagscale.errors import DataError
 
 SAMPLES = ["Hello, world.", "白日依山尽，黄河入海流。", "emoji 😀🚀 ok",
@@ -90,8 +92,14 @@ def test_tokenizer_errors(tmp_path, hf_dir):
     with pytest.raises(DataError, match="neither tokenizer.json nor tokenizer.model"):
         load_tokenizer(tmp_path)
     (tmp_path / "junk.model").write_bytes(b"\x00not a model")
-    with pytest.raises(DataError, match="not a readable sentencepiece model"):
+    with pytest.raises(DataError, match="junk.model is none of the known kinds"):
         load_tokenizer(tmp_path / "junk.model")
+    (tmp_path / "cut.model").write_bytes(default_tokenizer_path().read_bytes()[:100])
+    with pytest.raises(DataError, match="not a readable sentencepiece model"):
+        load_tokenizer(tmp_path / "cut.model")
+    (tmp_path / "bad.tiktoken").write_bytes(b"IQ== 0\nnot base64! 1\n")
+    with pytest.raises(DataError, match="bad.tiktoken, line 2: expected"):
+        load_tokenizer(tmp_path / "bad.tiktoken")
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(DataError, match="not a readable Hugging Face"):
         load_tokenizer(tmp_path / "bad.json")
@@ -125,3 +133,34 @@ def test_megatron_gpt_dataset_reads_our_tokenizer_and_data(tmp_path, inputs, sp_
     assert train._pad_token_id == sp_tokenizer.pad == 0
     assert bool(sample["loss_mask"].all())
     assert set(sample["tokens"].tolist()) <= set(all_tokens.tolist())
+
+
+def write_tiktoken(path):
+    """A small tiktoken BPE file: the 256 bytes, then merged pieces of common English words."""
+    pieces = [bytes([b]) for b in range(256)]
+    for word in ("th", "he", "the", " t", " th", " the", "in", "ing", "an", "and", " and", "er"):
+        pieces.append(word.encode())
+    path.write_bytes(b"".join(base64.b64encode(p) + b" %d\n" % rank
+                              for rank, p in enumerate(pieces)))
+    return path
+
+
+def test_tiktoken_file_is_recognised_with_llama3_special_tokens(tmp_path, inputs):
+    (tmp_path / "llama3").mkdir()
+    path = write_tiktoken(tmp_path / "llama3" / "tokenizer.model")
+    tok = load_tokenizer(tmp_path / "llama3")  # a directory holding it, as Meta ships it
+    base = 256 + 12
+    assert (tok.kind, tok.vocab_size, tok.bos, tok.eod, tok.pad) == ("tiktoken", base + 256,
+                                                                      base, base + 1, -1)
+    text = "the cat and the ring 白日依山尽 🚀"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and ids[:1] == [258]  # "the" is one token
+    # A special token's spelling inside a document is text, not a control token.
+    assert tok.eod not in tok.encode("end <|end_of_text|> here")
+    assert tok.decode(ids + [tok.eod, base + 9]) == text  # <|eot_id|> is base + 9, dropped
+    files, expected, _ = inputs
+    preprocess(files, tmp_path / "ds", tok, workers=2)
+    dataset = IndexedDataset(str(tmp_path / "ds"))
+    assert dataset.index.dtype == np.uint16
+    assert [tok.decode(dataset[i]) for i in range(len(dataset))] == [t for _, _, t in expected]
+    assert load_tokenizer(path).fingerprint == tok.fingerprint

@@ -214,3 +214,45 @@ def test_data_parallel_size_only_relabels_rows(tmp_path, tiny_corpus, tiny_token
     assert _what(two) == _what(four)
     assert {r["dp_rank"] for r in four} == {0, 1, 2, 3}
     assert {r["microbatch"] for r in four} == {0}
+
+
+def test_megatron_lm_dataset_without_sidecar_traces_to_documents(tmp_path, tiny_tokenizer,
+                                                                 capsys):
+    """A dataset written as Megatron-LM's preprocess_data.py writes it (IndexedDatasetBuilder, one
+    add_document per document, no sidecar) passes the pre-launch check with a note and traces to
+    dataset, document, span and text; file and line are null."""
+    from flagscale.cli.trace import run_trace
+    from flagscale.data import default_corpus_path
+    from flagscale.data.datasets import check_training_data
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    tokenizer = load_tokenizer(tiny_tokenizer)
+    with gzip.open(default_corpus_path(), "rt", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f][:400]
+    prefix = str(tmp_path / "megatron_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for text in texts:
+        ids = tokenizer.encode(text) + [tokenizer.eod]
+        builder.add_document(torch.tensor(ids), [len(ids)])
+    builder.finalize(prefix + ".idx")
+
+    cfg = _config(f"[{prefix}]", tiny_tokenizer, tmp_path / "run", "trace.text_chars=100000")
+    with pytest.warns(UserWarning, match="no provenance sidecar"):
+        check_training_data(cfg)
+    records = list(trace_iterations(cfg, 1, 2))
+    _assert_records_rebuild_fed_rows(cfg, records, tmp_path)
+    for r in records:
+        assert r["dataset"] == prefix
+        assert (r["source"], r["line"], r["byte_offset"], r["row_group"], r["row_in_group"]) == \
+            (None,) * 5
+        # The named document's text holds the decoded span.
+        assert r["text"].strip().strip("\ufffd").strip() in texts[r["document"]]
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model: {{preset: tiny}}\ndata: {{paths: [{prefix}], tokenizer: "
+                      f"{tiny_tokenizer}}}\nparallel: {{dp: 2}}\ntrain: {{micro_batch_size: 2, "
+                      f"global_batch_size: 8, seq_length: 32, iterations: 6}}\n"
+                      f"run: {{dir: {tmp_path / 'run'}}}\n")
+    run_trace(str(config), 1, fmt="text")
+    out = capsys.readouterr().out
+    assert f"{prefix} document {records[0]['document']}" in out
+    assert "file and line need one" in out
