@@ -131,7 +131,7 @@ def test_check_dataset_errors(tmp_path, inputs, sp_tokenizer, other_sp_tokenizer
     (tmp_path / "other.jsonl").write_text('{"text": "another run"}\n')
     preprocess([tmp_path / "other.jsonl"], tmp_path / "other", sp_tokenizer)
     (tmp_path / "ds.bin").write_bytes((tmp_path / "other.bin").read_bytes())
-    with pytest.raises(DataError, match="come from different runs"):
+    with pytest.raises(DataError, match="truncated or from another run"):
         check_dataset(tmp_path / "ds", sp_tokenizer)
     (tmp_path / "ds.prov.json").unlink()
     with pytest.raises(DataError, match="no provenance sidecar"):
