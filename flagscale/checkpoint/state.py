@@ -67,19 +67,23 @@ def _rng_object(layout):
                          replica_id=parallel_state.get_data_parallel_rank())
 
 
-def param_index_map(model_chunks, optimizer, layout) -> list[dict]:
+def param_index_map(model_chunks, optimizer, layout, model_state: dict) -> list[dict]:
     """Collective: where each parameter lies in the distributed optimizer's flat buffers, for
     every (tp, pp) rank, sorted by (pp_rank, tp_rank).
 
     Each entry is ``{"tp_rank", "pp_rank", "buckets": [...]}``; each bucket ``{"key",
-    "vpp_stage", "numel", "params": [{"name", "shape", "tp_axis", "start", "end"}]}`` where
-    ``key`` prefixes the bucket's ``.param``/``.exp_avg``/``.exp_avg_sq`` tensors of a
-    ``dp_reshardable`` save (each ``numel`` long), ``name`` is the parameter's layout-free name
-    (global layer number), ``shape`` its global shape, ``tp_axis`` the axis TP splits (None when
-    replicated; fc1's split keeps [gate; up] halves per shard) and ``[start, end)`` its range in
-    the bucket. Only these small maps travel (DP rank 0 of each (tp, pp) rank sends its own),
-    never the state.
+    "vpp_stage", "numel", "params": [{"name", "key", "layer", "shape", "tp_axis", "start",
+    "end"}]}`` where the bucket's ``key`` prefixes its ``.param``/``.exp_avg``/``.exp_avg_sq``
+    tensors of a ``dp_reshardable`` save (each ``numel`` long); per parameter, ``name`` is its
+    layout-free module name (global layer number), ``key`` the checkpoint tensor holding its
+    weights (layer-stacked: ``layer`` indexes the leading axis, None for the rest), ``shape``
+    its global shape, ``tp_axis`` the axis TP splits (None when replicated; a shard of fc1 holds
+    [gate; up] halves) and ``[start, end)`` its range in the bucket. ``model_state`` is the
+    model's sharded state dict (:func:`model_sharded_state`), which names the keys. Only these
+    small maps travel (DP rank 0 of each (tp, pp) rank sends its own), never the state.
     """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -87,14 +91,16 @@ def param_index_map(model_chunks, optimizer, layout) -> list[dict]:
     if parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0:
         local = {"tp_rank": parallel_state.get_tensor_model_parallel_rank(),
                  "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
-                 "buckets": _bucket_maps(model_chunks, optimizer, layout.tp)}
+                 "buckets": _bucket_maps(model_chunks, optimizer, layout.tp,
+                                         {id(sh.data): sh.key for sh in nested_values(model_state)
+                                          if hasattr(sh, "key")})}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
     return sorted((g for g in gathered if g is not None),
                   key=lambda g: (g["pp_rank"], g["tp_rank"]))
 
 
-def _bucket_maps(model_chunks, optimizer, tp: int) -> list[dict]:
+def _bucket_maps(model_chunks, optimizer, tp: int, keys: dict[int, str]) -> list[dict]:
     buckets = []
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
         for gbuf_idx, buffer in enumerate(getattr(inner, "buffers", [])):
@@ -112,18 +118,21 @@ def _bucket_maps(model_chunks, optimizer, tp: int) -> list[dict]:
                                 key=lambda item: item[0])
                 buckets.append({"key": f"{prefix}.bucket_idx_{bucket_idx}", "vpp_stage": stage,
                                 "numel": bucket.numel_unpadded,
-                                "params": [_param_entry(names[param], param, tp,
+                                "params": [_param_entry(names[param], keys[id(param)], param, tp,
                                                         start - bucket.offset, end - bucket.offset)
                                            for start, end, param in params]})
     return buckets
 
 
-def _param_entry(name: str, param, tp: int, start: int, end: int) -> dict:
+def _param_entry(name: str, key: str, param, tp: int, start: int, end: int) -> dict:
     shape = list(param.shape)
     axis = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
     if axis is not None:
         shape[axis] *= tp
-    return {"name": name, "shape": shape, "tp_axis": axis, "start": start, "end": end}
+    parts = name.split(".")
+    layer = int(parts[2]) if parts[:2] == ["decoder", "layers"] else None
+    return {"name": name, "key": key, "layer": layer, "shape": shape, "tp_axis": axis,
+            "start": start, "end": end}
 
 
 class AsyncSaves:
@@ -206,7 +215,8 @@ def save_checkpoint(checkpoints: Path, iteration: int, model_chunks, optimizer, 
     sharded["consumed_samples"] = consumed_samples
     sharded["scheduler"] = scheduler.state_dict()
     sharded["callbacks"] = callbacks or {}
-    index_maps = (param_index_map(model_chunks, optimizer, layout)
+    index_maps = (param_index_map(model_chunks, optimizer, layout,
+                                  {key: sharded[key] for key in model_keys(model_chunks)})
                   if optimizer_sharding == TRAINING_SHARDING else None)
     sharded["flagscale"] = CheckpointMeta(config, layout.dims, has_optimizer=True,
                                           param_index_maps=index_maps).to_dict()
