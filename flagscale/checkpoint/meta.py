@@ -19,8 +19,13 @@ FORMAT_VERSION = 1
 """Version of the ``flagscale`` entry; readers accept every older entry (missing keys default)."""
 
 RESHARDABLE = "fully_reshardable"
-"""The distributed-optimizer sharding flagscale saves: every optimizer state in its parameter's
-global shape, so it loads at any TP/PP/DP."""
+"""Distributed-optimizer sharding with every optimizer state in its parameter's global shape: it
+loads at any TP/PP/DP, but saving it gathers each (tp, pp) rank's whole optimizer state onto
+every DP rank. ``flagscale reshard`` writes it, and a resume at another TP/PP/VPP converts to it."""
+TRAINING_SHARDING = "dp_reshardable"
+"""The sharding training saves (Megatron-LM's default): each rank writes its own slice of the
+flat DDP-bucket buffers, no gather, so a save costs at most the rank's own optimizer shard. It
+reloads at any DP size; at another TP/PP/VPP it is converted first (:func:`needs_conversion`)."""
 LOADABLE_SHARDINGS = ("fully_reshardable", "dp_reshardable", "fully_sharded_model_space",
                       "dp_zero_gather_scatter")
 """Sharding types a same-layout load understands (megatron-core 0.16.1 DistributedOptimizer)."""
@@ -44,12 +49,17 @@ class CheckpointMeta:
     data_fingerprint: dict = field(default_factory=dict)
     """The datasets the run trained on, ``{prefix: fingerprint}`` (see
     :mod:`flagscale.data.fingerprint`); empty when unknown."""
+    param_index_maps: Optional[list] = None
+    """Where every parameter lies in the flat optimizer buffers of a bucket-space
+    (``dp_reshardable``) save, one entry per (tp, pp) rank: what an offline tool needs to cut the
+    buffers into parameters (:func:`flagscale.checkpoint.state.param_index_map`)."""
 
     def to_dict(self) -> dict:
         data = {"format": self.format, "config": self.config,
                 "layout": self.dims.to_dict() if self.dims else None,
                 "has_optimizer": self.has_optimizer}
-        optional = {"source": self.source, "data_fingerprint": self.data_fingerprint}
+        optional = {"source": self.source, "data_fingerprint": self.data_fingerprint,
+                    "param_index_maps": self.param_index_maps}
         return {**data, **{key: value for key, value in optional.items() if value}}
 
     @classmethod
@@ -63,7 +73,8 @@ class CheckpointMeta:
                    dims=ParallelDims.from_dict(layout) if known else None,
                    has_optimizer=bool(data.get("has_optimizer", has_optimizer)),
                    format=int(data.get("format", FORMAT_VERSION)), source=data.get("source"),
-                   data_fingerprint=data.get("data_fingerprint") or {})
+                   data_fingerprint=data.get("data_fingerprint") or {},
+                   param_index_maps=data.get("param_index_maps"))
 
     @classmethod
     def from_common(cls, common: dict) -> "CheckpointMeta":
@@ -87,17 +98,24 @@ def optimizer_sharding(common: dict) -> str:
     return content.get("distrib_optim_sharding_type", RESHARDABLE)
 
 
-def check_resumable(path: Path, common: dict, dims: ParallelDims) -> None:
-    """Refuse up front, before any tensor is read, to resume ``path`` at ``dims`` when its
-    optimizer state only reloads at the TP/PP/VPP it was saved at."""
+def needs_conversion(common: dict, dims: ParallelDims) -> bool:
+    """Whether a checkpoint's optimizer state is in bucket space (``dp_reshardable``) at another
+    TP/PP/VPP than ``dims``, so it must be converted to ``fully_reshardable`` before it loads."""
     meta = CheckpointMeta.from_common(common)
     if not meta.has_optimizer or meta.dims is None:
-        return
-    sharding = optimizer_sharding(common)
+        return False
     saved = meta.dims
-    if sharding not in DP_ONLY_SHARDINGS or (saved.tp, saved.pp, saved.vpp) == (
-            dims.tp, dims.pp, dims.vpp):
+    return optimizer_sharding(common) in DP_ONLY_SHARDINGS and (
+        saved.tp, saved.pp, saved.vpp) != (dims.tp, dims.pp, dims.vpp)
+
+
+def check_resumable(path: Path, common: dict, dims: ParallelDims) -> None:
+    """Refuse up front, before any tensor is read, to load ``path`` at ``dims`` when its
+    optimizer state only reloads at the TP/PP/VPP it was saved at (training converts such a
+    checkpoint first; this guards every other loader)."""
+    if not needs_conversion(common, dims):
         return
+    sharding, saved = optimizer_sharding(common), CheckpointMeta.from_common(common).dims
     raise CheckpointError(
         f"{path} holds '{sharding}' distributed-optimizer state, which megatron-core reloads "
         f"only at the TP/PP it was saved at ({saved.describe()}); this run is "

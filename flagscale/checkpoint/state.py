@@ -1,10 +1,20 @@
 """Save and load megatron-core ``torch_dist`` checkpoints of a training run.
 
 A checkpoint holds the model (every tensor a ShardedTensor with its global shape and offset), the
-distributed optimizer's state saved ``fully_reshardable`` (fp32 master weights and Adam moments in
-the shape of their parameters), the LR scheduler, per-rank RNG states, the iteration, the consumed
-samples and the resolved flagscale config. Because every tensor is stored globally, a checkpoint
-loads at any TP/PP/VPP/DP layout.
+distributed optimizer's state (fp32 master weights and Adam moments), the LR scheduler, per-rank
+RNG states, the iteration, the consumed samples and the resolved flagscale config.
+
+Training saves the optimizer state ``dp_reshardable`` (:data:`~flagscale.checkpoint.meta.
+TRAINING_SHARDING`): every rank writes its own slice of the flat DDP-bucket buffers, so a save
+needs no gather and at most the rank's own shard of extra memory, and replicated tensors (the
+model weights on every DP rank) are split over the DP ranks by megatron-core's fully parallel
+save strategy. Such a checkpoint reloads at any DP size; at another TP/PP/VPP a resume converts
+it first (:func:`flagscale.train.reshard.prepare_resume`). The common state records where every
+parameter lies in the buffers (:func:`param_index_map`), for offline tools.
+
+With ``checkpoint.async_save`` (:class:`AsyncSaves`) the tensors are copied to host and written
+by a background process; the directory gets its final name and ``latest`` moves only once every
+rank's write has finished.
 """
 
 from __future__ import annotations
@@ -14,17 +24,19 @@ import errno
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import yaml
 
-from flagscale.checkpoint.meta import RESHARDABLE, CheckpointMeta, check_resumable
+from flagscale.checkpoint.meta import (RESHARDABLE, TRAINING_SHARDING, CheckpointMeta,
+                                       check_resumable)
 from flagscale.checkpoint.paths import (LATEST, iteration_dir, latest_checkpoint, partial_dir,
                                         write_latest)
 from flagscale.config import padded_vocab_size
 from flagscale.errors import CheckpointError
 from flagscale.models import architecture_keys
+from flagscale.models.gpt import global_param_name
 from flagscale.platform import device_rng_state, megatron_quiet, set_device_rng_state
 
 
@@ -57,12 +69,122 @@ def _rng_object(layout):
                          replica_id=parallel_state.get_data_parallel_rank())
 
 
+def param_index_map(model_chunks, optimizer, layout, model_state: dict) -> list[dict]:
+    """Collective: where each parameter lies in the distributed optimizer's flat buffers, for
+    every (tp, pp) rank, sorted by (pp_rank, tp_rank).
+
+    Each entry is ``{"tp_rank", "pp_rank", "buckets": [...]}``; each bucket ``{"key",
+    "vpp_stage", "numel", "params": [{"name", "key", "layer", "shape", "tp_axis", "start",
+    "end"}]}`` where the bucket's ``key`` prefixes its ``.param``/``.exp_avg``/``.exp_avg_sq``
+    tensors of a ``dp_reshardable`` save (each ``numel`` long); per parameter, ``name`` is its
+    layout-free module name (global layer number), ``key`` the checkpoint tensor holding its
+    weights (layer-stacked: ``layer`` indexes the leading axis, None for the rest), ``shape``
+    its global shape, ``tp_axis`` the axis TP splits (None when replicated; a shard of fc1 holds
+    [gate; up] halves) and ``[start, end)`` its range in the bucket. ``model_state`` is the
+    model's sharded state dict (:func:`model_sharded_state`), which names the keys. Only these
+    small maps travel (DP rank 0 of each (tp, pp) rank sends its own), never the state.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    local = None
+    if parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0:
+        local = {"tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+                 "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+                 "buckets": _bucket_maps(model_chunks, optimizer, layout.tp,
+                                         {id(sh.data): sh.key for sh in nested_values(model_state)
+                                          if hasattr(sh, "key")})}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return sorted((g for g in gathered if g is not None),
+                  key=lambda g: (g["pp_rank"], g["tp_rank"]))
+
+
+def _bucket_maps(model_chunks, optimizer, tp: int, keys: dict[int, str]) -> list[dict]:
+    buckets = []
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for gbuf_idx, buffer in enumerate(getattr(inner, "buffers", [])):
+            stage, chunk = next((i, _unwrap(c)) for i, c in enumerate(model_chunks)
+                                if any(b is buffer for b in [*c.buffers,
+                                                             *c.expert_parallel_buffers]))
+            names = {param: global_param_name(chunk, name)
+                     for name, param in chunk.named_parameters()}
+            # The key megatron-core's sharded_param_state_dp_reshardable gives this bucket.
+            prefix = (f"optimizer.distributed.dp_group_idx_{inner.data_parallel_group_idx}"
+                      f".gbuf_idx_{gbuf_idx}.dtype_{(buffer.param_dtype, buffer.grad_dtype)}")
+            for bucket_idx, bucket in enumerate(buffer.buckets):
+                params = sorted(((start, end, param) for param, (start, end, b)
+                                 in buffer.param_index_map.items() if b == bucket_idx),
+                                key=lambda item: item[0])
+                buckets.append({"key": f"{prefix}.bucket_idx_{bucket_idx}", "vpp_stage": stage,
+                                "numel": bucket.numel_unpadded,
+                                "params": [_param_entry(names[param], keys[id(param)], param, tp,
+                                                        start - bucket.offset, end - bucket.offset)
+                                           for start, end, param in params]})
+    return buckets
+
+
+def _param_entry(name: str, key: str, param, tp: int, start: int, end: int) -> dict:
+    shape = list(param.shape)
+    axis = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+    if axis is not None:
+        shape[axis] *= tp
+    parts = name.split(".")
+    layer = int(parts[2]) if parts[:2] == ["decoder", "layers"] else None
+    return {"name": name, "key": key, "layer": layer, "shape": shape, "tp_axis": axis,
+            "start": start, "end": end}
+
+
+class AsyncSaves:
+    """Checkpoints being written in the background (``checkpoint.async_save``), through
+    megatron-core's AsyncCallsQueue: each save's tensors are staged to host memory when it is
+    scheduled and written by a forked process, so training goes on meanwhile.
+
+    :meth:`finish` is collective (one small all-reduce per pending save) and returns the
+    checkpoints it completed: renamed to their final names, ``latest`` pointing at the newest.
+    """
+
+    def __init__(self):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self._queue = AsyncCallsQueue()
+        self._paths: dict[int, Path] = {}
+
+    @property
+    def pending(self) -> int:
+        """Saves scheduled and not yet finished (the same on every rank)."""
+        return self._queue.get_num_unfinalized_calls()
+
+    def schedule(self, request, final: Path) -> None:
+        self._paths[self._queue.schedule_async_request(request)] = final
+
+    def finish(self, blocking: bool) -> list[Path]:
+        """Complete the saves every rank has finished writing (with ``blocking``, wait for all
+        of them); returns their directories."""
+        if not self.pending:
+            return []
+        with megatron_quiet():
+            done = self._queue.maybe_finalize_async_calls(blocking=blocking)
+        return [self._paths.pop(index) for index in done]
+
+    def abandon(self) -> None:
+        """Stop background writes without completing them (after an error on some rank, when
+        the collective completion could hang); their ``.partial`` directories stay unnamed."""
+        self._queue.close(abort=True)
+        self._paths.clear()
+
+
 def save_checkpoint(checkpoints: Path, iteration: int, model_chunks, optimizer, scheduler,
                     consumed_samples: int, config: dict, layout,
-                    optimizer_sharding: str = RESHARDABLE,
+                    optimizer_sharding: str = TRAINING_SHARDING,
                     callbacks: Optional[dict] = None,
-                    data_fingerprint: Optional[dict] = None) -> Path:
-    """Collective: every rank calls it. Returns the final directory once it is complete.
+                    data_fingerprint: Optional[dict] = None,
+                    background: Optional[AsyncSaves] = None) -> Path:
+    """Collective: every rank calls it. Returns the final directory; without ``background`` it
+    is complete on return, with it the write goes on in the background and the directory
+    appears once ``background.finish`` completes it.
 
     ``callbacks`` is the training loop's callback state (picklable, rank 0's copy is saved);
     :func:`load_checkpoint` returns it. ``data_fingerprint`` (the run's datasets, see
@@ -72,11 +194,16 @@ def save_checkpoint(checkpoints: Path, iteration: int, model_chunks, optimizer, 
     removes the partial directory (see :func:`_reporting_disk_full`); ``latest`` keeps naming
     the previous checkpoint.
 
-    ``optimizer_sharding`` is megatron-core's distributed-optimizer sharding type; anything but
-    the default ``fully_reshardable`` (e.g. ``dp_reshardable``) only reloads at the same TP/PP.
+    ``optimizer_sharding`` is megatron-core's distributed-optimizer sharding type: the default
+    ``dp_reshardable`` writes each rank's own shard (reloads at any DP; converted before a load
+    at another TP/PP/VPP), ``fully_reshardable`` gathers each (tp, pp) rank's state to save it
+    in parameter shapes (reloads anywhere as is).
     """
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper)
 
     checkpoints = Path(checkpoints)
     rank = dist.get_rank()
@@ -95,29 +222,57 @@ def save_checkpoint(checkpoints: Path, iteration: int, model_chunks, optimizer, 
     sharded["consumed_samples"] = consumed_samples
     sharded["scheduler"] = scheduler.state_dict()
     sharded["callbacks"] = callbacks or {}
+    index_maps = (param_index_map(model_chunks, optimizer, layout,
+                                  {key: sharded[key] for key in model_keys(model_chunks)})
+                  if optimizer_sharding == TRAINING_SHARDING else None)
     sharded["flagscale"] = CheckpointMeta(config, layout.dims, has_optimizer=True,
-                                          data_fingerprint=data_fingerprint or {}).to_dict()
+                                          data_fingerprint=data_fingerprint or {},
+                                          param_index_maps=index_maps).to_dict()
+    # Replicated tensors (weights on every DP rank) are written once, spread over the DP ranks.
+    strategy = FullyParallelSaveStrategyWrapper(
+        get_default_save_sharded_strategy(),
+        parallel_state.get_data_parallel_group(with_context_parallel=True))
     with _reporting_disk_full(checkpoints, partial, coordinator=rank == 0):
         with megatron_quiet():
-            dist_checkpointing.save(sharded, str(partial), content_metadata=sharding)
-        dist.barrier()
-        if rank == 0:
-            config_yaml = yaml.safe_dump(config, sort_keys=False)
-            (partial / "flagscale_config.yaml").write_text(config_yaml)
-    if rank == 0:
-        if final.exists():
-            # Re-saving an iteration (a rerun past it): the new copy is complete, swap it in.
-            stale = final.with_name(final.name + ".old")
-            if stale.exists():  # left by a save killed inside this swap
-                shutil.rmtree(stale)
-            os.replace(final, stale)
-            os.replace(partial, final)
-            shutil.rmtree(stale)
-        else:
-            os.replace(partial, final)
-        write_latest(checkpoints, final)
-    dist.barrier()
+            request = dist_checkpointing.save(sharded, str(partial), sharded_strategy=strategy,
+                                              content_metadata=sharding,
+                                              async_sharded_save=background is not None)
+    publish = _publisher(checkpoints, partial, final, config)
+    if background is None:
+        publish()
+    else:
+        request.add_finalize_fn(publish)
+        background.schedule(request, final)
     return final
+
+
+def _publisher(checkpoints: Path, partial: Path, final: Path,
+               config: dict) -> Callable[[], None]:
+    """The collective last step of a save, run once every rank's tensors are written: rank 0
+    renames the directory to its final name and moves ``latest``."""
+    def publish() -> None:
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+        with _reporting_disk_full(checkpoints, partial, coordinator=rank == 0):
+            dist.barrier()
+            if rank == 0:
+                config_yaml = yaml.safe_dump(config, sort_keys=False)
+                (partial / "flagscale_config.yaml").write_text(config_yaml)
+        if rank == 0:
+            if final.exists():
+                # Re-saving an iteration (a rerun past it): the new copy is complete, swap it in.
+                stale = final.with_name(final.name + ".old")
+                if stale.exists():  # left by a save killed inside this swap
+                    shutil.rmtree(stale)
+                os.replace(final, stale)
+                os.replace(partial, final)
+                shutil.rmtree(stale)
+            else:
+                os.replace(partial, final)
+            write_latest(checkpoints, final)
+        dist.barrier()
+    return publish
 
 
 # ---- a full disk during a save -------------------------------------------------------------------
@@ -203,8 +358,14 @@ def read_run_state(path: Path) -> dict:
 
 
 def check_compatible(path: Path, common: dict, model_config, layout) -> None:
-    """Refuse, before any tensor is read, a checkpoint of another architecture or whose
-    embedding is padded to another size than this layout's."""
+    """Refuse, before any tensor is read, a checkpoint of another architecture.
+
+    A vocabulary padded to another size (TP changes the padding: Megatron pads to a multiple of
+    ``make_vocab_size_divisible_by * tp``) is not refused: megatron-core loads embedding and
+    output rows with ``allow_shape_mismatch``, so rows past the saved padding come in as zeros
+    and saved padding rows past this layout's are dropped, for the weights and (saved
+    ``fully_reshardable``) for the master weights and Adam moments alike; every real row is
+    kept."""
     saved_config = CheckpointMeta.from_common(common).config
     saved = saved_config.get("model", {})
     diffs = [f"model.{k}: checkpoint {saved.get(k)}, this run {getattr(model_config, k)}"
@@ -216,29 +377,33 @@ def check_compatible(path: Path, common: dict, model_config, layout) -> None:
         raise CheckpointError(f"{path} holds a different architecture: {'; '.join(diffs)}. Load it "
                               f"with the model config it was trained with (its "
                               f"flagscale_config.yaml).")
-    saved_tp = saved_config.get("parallel", {}).get("tp")
-    if saved_tp and "vocab_size" in saved:
-        rows = padded_vocab_size(saved["vocab_size"],
-                                 saved.get("make_vocab_size_divisible_by", 128), saved_tp)
-        if rows != layout.padded_vocab_size:
-            raise CheckpointError(
-                f"{path} stores its embedding padded to {rows} rows (vocab {saved['vocab_size']} "
-                f"at tp={saved_tp}); this run at tp={layout.tp} pads to "
-                f"{layout.padded_vocab_size} (a multiple of model.make_vocab_size_divisible_by "
-                f"{model_config.make_vocab_size_divisible_by} * tp, Megatron's convention). Choose a "
-                f"tp whose padding gives {rows} rows (tp={saved_tp} does).")
+
+
+def saved_vocab_rows(common: dict) -> Optional[int]:
+    """Embedding rows a checkpoint stores (its vocabulary padded at its TP), when known."""
+    saved_config = CheckpointMeta.from_common(common).config
+    saved, tp = saved_config.get("model", {}), saved_config.get("parallel", {}).get("tp")
+    if not tp or "vocab_size" not in saved:
+        return None
+    return padded_vocab_size(saved["vocab_size"], saved.get("make_vocab_size_divisible_by", 128),
+                             tp)
 
 
 def load_checkpoint(path: Path, model_chunks, optimizer, scheduler, model_config,
                     layout) -> dict:
     """Collective: load ``path`` into this rank's model chunks, optimizer and scheduler.
 
-    Returns ``{"iteration", "consumed_samples", "has_optimizer", "config", "callbacks"}`` (the
-    saved run's resolved config and its callback state, {} when it has none). A model-only
-    checkpoint (e.g. imported from Hugging Face) loads the weights and leaves optimizer and
-    schedule fresh.
+    Returns ``{"iteration", "consumed_samples", "has_optimizer", "config", "callbacks",
+    "vocab_rows"}`` (the saved run's resolved config and its callback state, {} when it has
+    none; ``vocab_rows`` is (saved, loaded) embedding rows when the padding changed, else None).
+    A model-only checkpoint (e.g. imported from Hugging Face) loads the weights and leaves
+    optimizer and schedule fresh. Each tensor is read once per DP group (megatron-core's fully
+    parallel load) and sent to the other DP ranks.
     """
-    from megatron.core import dist_checkpointing
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelLoadStrategyWrapper)
 
     common = read_run_state(path)
     check_compatible(path, common, model_config, layout)
@@ -254,8 +419,11 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler, model_config
                                                             metadata=content)
     if meta.dims == layout.dims and has_optimizer:
         sharded["rng_state"] = _rng_object(layout)
+    strategy = FullyParallelLoadStrategyWrapper(
+        get_default_load_sharded_strategy(str(path)),
+        parallel_state.get_data_parallel_group(with_context_parallel=True))
     with megatron_quiet():
-        state = dist_checkpointing.load(sharded, str(path))
+        state = dist_checkpointing.load(sharded, str(path), sharded_strategy=strategy)
     for key, chunk in zip(model_keys(model_chunks), model_chunks):
         _unwrap(chunk).load_state_dict(state[key], strict=False)
     if has_optimizer:
@@ -268,7 +436,10 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler, model_config
     return {"iteration": int(common.get("iteration", 0)) if has_optimizer else 0,
             "consumed_samples": int(common.get("consumed_samples", 0)) if has_optimizer else 0,
             "has_optimizer": has_optimizer, "config": meta.config,
-            "callbacks": common.get("callbacks") or {}}
+            "callbacks": common.get("callbacks") or {},
+            "vocab_rows": (rows, layout.padded_vocab_size)
+            if (rows := saved_vocab_rows(common)) not in (None, layout.padded_vocab_size)
+            else None}
 
 
 def _materialize_optimizer_state(optimizer) -> None:

@@ -160,6 +160,11 @@ class CheckpointConfig:
     """Also save after the last iteration (when saving is enabled)."""
     keep_last: Optional[int] = None
     """Keep only this many newest checkpoints; ``None`` keeps all."""
+    async_save: bool = False
+    """Write checkpoints in the background: each save's tensors are copied to host memory and
+    written by a separate process while training goes on; the checkpoint gets its final name and
+    ``latest`` moves once every rank has finished writing (checked at each following step, and
+    waited for at the end of the run or before the next save)."""
 
 
 @dataclass

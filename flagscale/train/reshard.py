@@ -12,10 +12,16 @@ GPUs), building model, DDP and optimizer exactly as training does.
 
 The output is one checkpoint directory (pass it as ``checkpoint.load``), written beside itself
 under a temporary name and renamed when complete; the input is only read.
+
+Training needs none of this by hand: :func:`prepare_resume` converts a checkpoint whose optimizer
+state only reloads at another TP/PP/VPP inside the resuming run's own processes, before it builds
+its model.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
 import os
 import shutil
@@ -27,11 +33,13 @@ from typing import Callable, Optional
 
 from flagscale.checkpoint import (complete_checkpoints, load_checkpoint, read_run_state,
                                   save_checkpoint)
-from flagscale.checkpoint.meta import RESHARDABLE, CheckpointMeta
+from flagscale.checkpoint.meta import (RESHARDABLE, CheckpointMeta, needs_conversion,
+                                       optimizer_sharding)
 from flagscale.checkpoint.output import atomic_output_dir
 from flagscale.checkpoint.reader import CheckpointReader
 from flagscale.checkpoint.reshard import ReshardPlan, layout_config, plan_reshard
-from flagscale.config import ParallelDims, config_to_dict, load_config, validate
+from flagscale.config import (Config, Layout, ParallelDims, config_to_dict, load_config,
+                              validate)
 from flagscale.errors import CheckpointError
 
 WORKER_MODULE = "flagscale.train.reshard_worker"
@@ -137,7 +145,7 @@ def resave(source: str | os.PathLike, checkpoints: str | os.PathLike, dims: Para
     sharding), and save it under ``checkpoints`` with ``sharding``. Returns the saved directory.
     """
     from flagscale.platform import setup_platform
-    from flagscale.train.setup import build_training, init_model_parallel, init_process_group
+    from flagscale.train.setup import init_process_group
 
     source = Path(source)
     meta = CheckpointMeta.from_common(read_run_state(source))
@@ -145,9 +153,88 @@ def resave(source: str | os.PathLike, checkpoints: str | os.PathLike, dims: Para
     platform = setup_platform(platform or cfg.platform)
     _, world_size = init_process_group(platform)
     derived = validate(cfg, world_size, check_paths=False)
-    init_model_parallel(cfg, derived)
-    t = build_training(cfg, derived, platform)
-    loaded = load_checkpoint(source, t.model, t.optimizer, t.scheduler, cfg.model, derived)
-    return save_checkpoint(Path(checkpoints), loaded["iteration"], t.model, t.optimizer,
-                           t.scheduler, loaded["consumed_samples"], config_to_dict(cfg), derived,
+    return _load_and_save(source, Path(checkpoints), cfg, derived, platform, sharding,
+                          config_to_dict(cfg))
+
+
+def _load_and_save(source: Path, checkpoints: Path, cfg: Config, layout: Layout, platform,
+                   sharding: str, config: dict) -> Path:
+    """Collective: build ``layout``'s model, load ``source``, save it under ``checkpoints`` with
+    ``sharding``, recording ``config``."""
+    from flagscale.train.setup import build_training, init_model_parallel
+
+    init_model_parallel(cfg, layout)
+    t = build_training(cfg, layout, platform)
+    loaded = load_checkpoint(source, t.model, t.optimizer, t.scheduler, cfg.model, layout)
+    return save_checkpoint(checkpoints, loaded["iteration"], t.model, t.optimizer,
+                           t.scheduler, loaded["consumed_samples"], config, layout,
                            optimizer_sharding=sharding, callbacks=loaded["callbacks"])
+
+
+def converted_dir(checkpoint: Path, run_dir: Path, dims: ParallelDims) -> Path:
+    """Where a resume at ``dims`` keeps its conversion of ``checkpoint``:
+    ``run.dir/checkpoints/resharded/iter_XXXXXXX.tp2pp1`` (outside ``latest``'s reach)."""
+    tag = f"tp{dims.tp}pp{dims.pp}" + (f"vpp{dims.vpp}" if dims.vpp else "")
+    return Path(run_dir) / "checkpoints" / "resharded" / f"{checkpoint.name}.{tag}"
+
+
+_SOURCE_FILE = "resharded_from.txt"
+
+
+def prepare_resume(checkpoint: Path, cfg: Config, layout: Layout, run_dir: Path, platform,
+                   log: Callable[[str], None] = print) -> Path:
+    """Collective, before this run builds its model: the checkpoint to load at ``layout``.
+
+    That is ``checkpoint`` itself, unless its optimizer state is bucket-space
+    (``dp_reshardable``, training's default) saved at another TP/PP/VPP: then the run's own
+    processes load it at its saved TP/PP/VPP (DP takes what the world allows) and save it
+    ``fully_reshardable`` under :func:`converted_dir`, which is returned, and reused by the next
+    resume from the same checkpoint. ``log`` gets one line saying so.
+    """
+    import torch.distributed as dist
+
+    checkpoint = Path(checkpoint)
+    common = read_run_state(checkpoint)
+    if not needs_conversion(common, layout.dims):
+        return checkpoint
+    meta = CheckpointMeta.from_common(common)
+    src, target = meta.dims, converted_dir(checkpoint, run_dir, layout.dims)
+    if (target / "metadata.json").is_file() and (target / _SOURCE_FILE).is_file() and (
+            (target / _SOURCE_FILE).read_text().strip() == str(checkpoint.resolve())):
+        log(f"flagscale: {checkpoint} was saved at {src.describe()}; loading its conversion "
+            f"for {layout.dims.describe()} made earlier, {target}")
+        return target
+    world = dist.get_world_size()
+    model_parallel = src.tp * src.pp * src.cp
+    if world % model_parallel:
+        raise CheckpointError(
+            f"{checkpoint} holds '{optimizer_sharding(common)}' optimizer state saved at "
+            f"{src.describe()}, which converts only on a world that tp*pp*cp = {model_parallel} "
+            f"divides; this run has {world} processes. Convert it once: flagscale reshard "
+            f"--input {checkpoint} --output NEW_DIR --tp {layout.tp} --pp {layout.pp}, then set "
+            f"checkpoint.load=NEW_DIR.")
+    log(f"flagscale: {checkpoint} was saved at {src.describe()} with optimizer state that "
+        f"reloads only there; converting it for {layout.dims.describe()} into {target} "
+        f"(reused next time)")
+    stage = ParallelDims(tp=src.tp, pp=src.pp, cp=src.cp, vpp=src.vpp,
+                         dp=world // model_parallel)
+    saved = layout_config(load_config(base=meta.config), stage)
+    # Converting reads no data: one microbatch per DP rank fits any world the layout does.
+    stage_cfg = dataclasses.replace(saved, train=dataclasses.replace(
+        saved.train, global_batch_size=saved.train.micro_batch_size * stage.dp))
+    stage_layout = validate(stage_cfg, world, check_paths=False)
+    work = target.with_name(f".{target.name}.work")
+    if dist.get_rank() == 0 and work.exists():
+        shutil.rmtree(work)
+    dist.barrier()
+    done = _load_and_save(checkpoint, work, stage_cfg, stage_layout, platform, RESHARDABLE,
+                          meta.config)
+    gc.collect()  # the source layout's model and optimizer go before this layout's are built
+    if dist.get_rank() == 0:
+        (done / _SOURCE_FILE).write_text(f"{checkpoint.resolve()}\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(done, target)
+        shutil.rmtree(work)
+    dist.barrier()
+    return target

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from flagscale.checkpoint import (CheckpointMeta, latest_checkpoint, load_checkpoint,
+from flagscale.checkpoint import (AsyncSaves, CheckpointMeta, latest_checkpoint, load_checkpoint,
                                   read_run_state, resolve_checkpoint, save_checkpoint)
 from flagscale.config import Config, config_to_dict, dump_config
 from flagscale.data.datasets import batch_index, build_datasets, microbatches
@@ -51,7 +51,6 @@ class Trainer:
         # fits".
         self.cfg = cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(
             cfg.parallel, dp=self.layout.dp, vpp=self.layout.vpp))
-        init_model_parallel(cfg, self.layout)
         self.run_dir = Path(cfg.run.dir)
         # The one place that decides which rank writes the run's files and prints its progress.
         self.is_writer = rank == 0
@@ -59,6 +58,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
             print(f"flagscale: {self.platform.describe()}; {self.layout.describe()}", flush=True)
+        # Before this layout's model exists: a conversion builds the source layout's.
+        checkpoint = self._checkpoint_to_resume()
+        init_model_parallel(cfg, self.layout)
 
         built = build_training(cfg, self.layout, self.platform)
         self.model, self.optimizer, self.scheduler = built.model, built.optimizer, built.scheduler
@@ -71,7 +73,8 @@ class Trainer:
         self.end_iteration = min(cfg.train.iterations, cfg.train.stop_iteration or
                                  cfg.train.iterations)
         self.data_fingerprints = shared_fingerprints(cfg)
-        self._resume()
+        self.saves = AsyncSaves()
+        self._resume(checkpoint)
         if self.is_writer:
             write_run_fingerprints(self.run_dir, self.data_fingerprints)
 
@@ -223,24 +226,47 @@ class Trainer:
         loss_sum, tokens = totals.tolist()
         return loss_sum / tokens if tokens else float("nan")
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, background: bool = False) -> Path:
         """Collective: save the run at this iteration, with every callback's state; returns the
-        checkpoint directory once it is complete."""
+        checkpoint directory, complete on return. With ``background`` the tensors are copied to
+        host and written while training goes on: the directory appears (and callbacks get
+        ``post_checkpoint_saved``) when :meth:`finish_saves` finds every rank done. A save
+        first completes the previous background save, so at most one is in flight."""
+        self.finish_saves(blocking=True)
         states = {type(c).__name__: state for c in self.callbacks if (state := c.state_dict())}
         path = save_checkpoint(self.run_dir / "checkpoints", self.iteration, self.model,
                                self.optimizer, self.scheduler, self.consumed_samples,
                                config_to_dict(self.cfg), self.layout,
-                               callbacks=states, data_fingerprint=self.data_fingerprints)
-        self._call("post_checkpoint_saved", path)
+                               callbacks=states, data_fingerprint=self.data_fingerprints,
+                               background=self.saves if background else None)
+        if not background:
+            self._call("post_checkpoint_saved", path)
         return path
+
+    def finish_saves(self, blocking: bool) -> None:
+        """Collective: complete the background saves every rank has finished writing (all of
+        them with ``blocking``)."""
+        for path in self.saves.finish(blocking):
+            self._call("post_checkpoint_saved", path)
 
     # ---- set-up helpers ------------------------------------------------------------------------
 
-    def _resume(self) -> None:
+    def _checkpoint_to_resume(self) -> Optional[Path]:
+        """The checkpoint to load: ``checkpoint.load`` resolved, converted first when its
+        optimizer state only reloads at another TP/PP/VPP (collective; no flag needed)."""
+        from flagscale.train.reshard import prepare_resume
+
         checkpoint = _checkpoint_to_load(self.cfg, self.run_dir)
         if checkpoint is None:
+            return None
+        log = partial(print, flush=True) if self.is_writer else (lambda line: None)
+        return prepare_resume(checkpoint, self.cfg, self.layout, self.run_dir, self.platform, log)
+
+    def _resume(self, checkpoint: Optional[Path]) -> None:
+        if checkpoint is None:
             return
-        if checkpoint.resolve().parent == (self.run_dir / "checkpoints").resolve():
+        # This run's own checkpoints (and their layout conversions under checkpoints/resharded).
+        if checkpoint.resolve().is_relative_to((self.run_dir / "checkpoints").resolve()):
             check_data_unchanged(
                 CheckpointMeta.from_common(read_run_state(checkpoint)).data_fingerprint,
                 self.data_fingerprints, f"Resuming from {checkpoint}",
@@ -259,6 +285,11 @@ class Trainer:
             what = "resuming at iteration" if loaded["has_optimizer"] else (
                 "weights only (no optimizer state in it); starting at iteration")
             print(f"flagscale: loaded {checkpoint}: {what} {self.iteration}", flush=True)
+            if loaded["vocab_rows"]:
+                saved, rows = loaded["vocab_rows"]
+                print(f"flagscale: embedding and output layer padded to {rows} rows here, "
+                      f"{saved} in the checkpoint (vocab {self.cfg.model.vocab_size}): padding "
+                      f"rows {'trimmed' if rows < saved else 'added as zeros'}", flush=True)
 
     def _call(self, method: str, *args) -> None:
         for callback in self.callbacks:

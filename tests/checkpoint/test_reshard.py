@@ -1,8 +1,9 @@
 """Resuming at another TP/PP/DP layout, and ``flagscale reshard``, on real gloo process groups.
 
-One tiny run at dp=2 saves iteration 5 and continues to 8; its losses at 6-8 are the reference a
-resume at any other layout must reproduce. Adam moments and fp32 master weights are compared
-tensor for tensor, read offline from the source and the resharded checkpoints.
+One tiny run at dp=2 saves iteration 5 (``dp_reshardable``, training's default) and continues to
+8; its losses at 6-8 are the reference a resume at any other layout must reproduce. Adam moments
+and fp32 master weights are compared tensor for tensor, read offline from the resharded
+checkpoints and from the source's state saved ``fully_reshardable`` at its own layout.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import torch
 import yaml
 
 from flagscale.checkpoint import CheckpointMeta, read_run_state
-from flagscale.checkpoint.meta import check_resumable
+from flagscale.checkpoint.meta import check_resumable, optimizer_sharding
 from flagscale.checkpoint.output import MARKER, write_marker
 from flagscale.checkpoint.reader import CheckpointReader
 from flagscale.config import ParallelDims
 from flagscale.errors import CheckpointError, ConfigError, FlagScaleError, OutputError
-from flagscale.train.reshard import reshard, resave
+from flagscale.train.reshard import converted_dir, reshard, resave
 from tests.dist import run_cli, run_distributed
 
 SAVED, LAST = 5, 8
@@ -57,10 +58,22 @@ def source(tmp_path_factory, tiny_corpus, tiny_tokenizer):
             "losses": {i: loss for i, loss in _losses(tmp / "source").items() if i > SAVED}}
 
 
-def _resume(source: dict, name: str, checkpoint: Path, *layout: str) -> dict[int, float]:
+@pytest.fixture(scope="module")
+def reference(source):
+    """The source's state saved fully_reshardable at its own layout: parameter-shaped optimizer
+    tensors to compare resharded checkpoints with."""
+    run_distributed(resave, 2, source["checkpoint"], source["tmp"] / "reference",
+                    ParallelDims(tp=1, pp=1, dp=2), "fully_reshardable")
+    return source["tmp"] / "reference" / f"iter_{SAVED:07d}"
+
+
+def _resume(source: dict, name: str, checkpoint: Path, *layout: str,
+            stdout: list | None = None) -> dict[int, float]:
     run_dir = source["tmp"] / name
-    run_cli("train", source["config"], *layout, f"checkpoint.load={checkpoint}",
-            "checkpoint.save_interval=0", f"run.dir={run_dir}")
+    proc = run_cli("train", source["config"], *layout, f"checkpoint.load={checkpoint}",
+                   "checkpoint.save_interval=0", f"run.dir={run_dir}")
+    if stdout is not None:
+        stdout.append(proc.stdout)
     return _losses(run_dir)
 
 
@@ -85,17 +98,82 @@ def _assert_same_state(resharded: Path, original: Path) -> None:
     assert steps == {float(SAVED)}
 
 
-def test_resume_at_tp2_matches_continuing_at_dp2(source):
-    resumed = _resume(source, "tp2", source["checkpoint"], "parallel.tp=2", "parallel.dp=1")
+def _prepare_again(checkpoint: Path, config: Path, run_dir: Path) -> tuple[Path, list[str]]:
+    """One rank of a tp=2 world: what a second resume from ``checkpoint`` would load."""
+    from flagscale.config import load_config, validate
+    from flagscale.platform import setup_platform
+    from flagscale.train.reshard import prepare_resume
+    from flagscale.train.setup import init_process_group
+
+    cfg = load_config(config, ["parallel.tp=2", "parallel.dp=1"])
+    platform = setup_platform(cfg.platform)
+    init_process_group(platform)
+    lines: list[str] = []
+    path = prepare_resume(checkpoint, cfg, validate(cfg, 2, check_paths=False), run_dir,
+                          platform, lines.append)
+    return path, lines
+
+
+def test_training_saves_each_ranks_own_optimizer_shard(source):
+    assert optimizer_sharding(read_run_state(source["checkpoint"])) == "dp_reshardable"
+
+
+def test_resume_at_tp2_converts_once_and_matches_continuing_at_dp2(source):
+    out: list = []
+    resumed = _resume(source, "tp2", source["checkpoint"], "parallel.tp=2", "parallel.dp=1",
+                      stdout=out)
     _assert_same_losses(resumed, source["losses"], "resumed at tp=2")
+    converted = converted_dir(source["checkpoint"], source["tmp"] / "tp2",
+                              ParallelDims(tp=2, pp=1, dp=1))
+    assert converted.name == "iter_0000005.tp2pp1"
+    assert f"converting it for tp=2 pp=1 dp=1 into {converted}" in out[0]
+    assert optimizer_sharding(read_run_state(converted)) == "fully_reshardable"
+    # The next resume from the same checkpoint loads the conversion without redoing it.
+    results = run_distributed(_prepare_again, 2, source["checkpoint"], source["config"],
+                              source["tmp"] / "tp2")
+    assert [path for path, _ in results] == [converted, converted]
+    assert "made earlier" in results[0][1][0]
 
 
-def test_reshard_to_pp2_keeps_optimizer_state_and_resumes_exactly(source):
+def test_resume_at_another_dp_loads_directly(source):
+    out: list = []
+    resumed = _resume(source, "dp1", source["checkpoint"], "--nproc", "1", "parallel.dp=1",
+                      stdout=out)
+    _assert_same_losses(resumed, source["losses"], "resumed at dp=1")
+    assert "converting" not in out[0]
+    assert not (source["tmp"] / "dp1" / "checkpoints" / "resharded").exists()
+
+
+def test_index_maps_place_every_byte_of_the_flat_buffers(source, reference):
+    """An offline tool cuts each rank's bucket tensors into parameters with the saved maps and
+    finds the same master weights and moments as the parameter-shaped save."""
+    maps = CheckpointMeta.from_common(read_run_state(source["checkpoint"])).param_index_maps
+    assert [(m["tp_rank"], m["pp_rank"]) for m in maps] == [(0, 0)]
+    flat, shaped = CheckpointReader(source["checkpoint"]), CheckpointReader(reference)
+    names = set()
+    for bucket in maps[0]["buckets"]:
+        ranges = sorted((p["start"], p["end"]) for p in bucket["params"])
+        assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:])) and \
+            ranges[-1][1] <= bucket["numel"]
+        for kind in ("param", "exp_avg", "exp_avg_sq"):
+            buffer = flat.read_full(f"{bucket['key']}.{kind}")
+            assert buffer.numel() == bucket["numel"]
+            for p in bucket["params"]:
+                expected = shaped.read_full(f"optimizer.state.{kind}.{p['key']}")
+                expected = expected if p["layer"] is None else expected[p["layer"]]
+                assert list(expected.shape) == p["shape"] and p["tp_axis"] in (None, 0, 1)
+                assert torch.equal(buffer[p["start"]:p["end"]].view(p["shape"]), expected), \
+                    (p["name"], kind)
+                names.add(p["name"])
+    assert len(names) == 4 * 6 + 3  # 6 per layer, embedding, final norm, output layer
+
+
+def test_reshard_to_pp2_keeps_optimizer_state_and_resumes_exactly(source, reference):
     out = source["tmp"] / "pp2"
-    proc = run_cli("reshard", "--input", source["checkpoint"], "--output", out, "--pp", "2")
+    proc = run_cli("reshard", "--input", reference, "--output", out, "--pp", "2")
     assert ("tp=1 pp=1 dp=2 (fully_reshardable) -> tp=1 pp=2 dp=1 (fully_reshardable); 9 model "
             "tensors, 27 optimizer state tensors") in proc.stdout
-    _assert_same_state(out, source["checkpoint"])
+    _assert_same_state(out, reference)
     assert read_run_state(out)["flagscale"]["layout"] == {"tp": 1, "pp": 2, "cp": 1, "dp": 1,
                                                           "vpp": None}
     assert CheckpointMeta.from_common(read_run_state(out)).dims == ParallelDims(tp=1, pp=2, dp=1)
@@ -104,12 +182,10 @@ def test_reshard_to_pp2_keeps_optimizer_state_and_resumes_exactly(source):
     _assert_same_losses(resumed, source["losses"], "resharded to pp=2")
 
 
-def test_dp_reshardable_checkpoint_reshards_to_tp2(source):
+def test_dp_reshardable_checkpoint_reshards_to_tp2(source, reference):
     tmp = source["tmp"]
-    # The same state saved in megatron-core's bucket-space format (Megatron-LM's default).
-    run_distributed(resave, 2, source["checkpoint"], tmp / "dp_format",
-                    ParallelDims(tp=1, pp=1, dp=2), "dp_reshardable")
-    dp_checkpoint = tmp / "dp_format" / f"iter_{SAVED:07d}"
+    # Training's own save: megatron-core's bucket-space format (Megatron-LM's default).
+    dp_checkpoint = source["checkpoint"]
     common = read_run_state(dp_checkpoint)
     with pytest.raises(CheckpointError, match="flagscale reshard --input"):
         check_resumable(dp_checkpoint, common, ParallelDims(tp=2, pp=1, dp=1))
@@ -118,7 +194,7 @@ def test_dp_reshardable_checkpoint_reshards_to_tp2(source):
     out = tmp / "dp_to_tp2"
     proc = run_cli("reshard", "--input", dp_checkpoint, "--output", out, "--tp", "2")
     assert "tp=1 pp=1 dp=2 (dp_reshardable) -> tp=2 pp=1 dp=1 (fully_reshardable)" in proc.stdout
-    _assert_same_state(out, source["checkpoint"])
+    _assert_same_state(out, reference)
     resumed = _resume(source, "dp_to_tp2_run", out, "parallel.tp=2", "parallel.dp=1")
     _assert_same_losses(resumed, source["losses"], "dp_reshardable resharded to tp=2")
 
@@ -166,6 +242,7 @@ def test_failed_reshard_leaves_no_partial_output(source):
     proc = run_cli("reshard", "--input", broken, "--output", out, "--dp", "1", "--overwrite",
                    check=False)
     assert proc.returncode == 1
-    assert "resharding worker process(es) at tp=1 pp=1 dp=1 failed" in proc.stderr
+    # A dp_reshardable input first loads at its own layout, where the truncated shard fails.
+    assert "resharding worker process(es) at tp=1 pp=1 dp=2 failed" in proc.stderr
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "keep.txt"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".good.")]
