@@ -129,3 +129,13 @@ def test_sdpa_core_attention_is_chosen_on_gpus_without_transformer_engine():
             parallel_state.destroy_model_parallel()
     assert gpu.submodules.self_attention.submodules.core_attention is SDPAttention
     assert cpu.submodules.self_attention.submodules.core_attention is not SDPAttention
+
+
+def test_fp8_runs_report_mfu_against_the_fp8_peak():
+    from flagscale.metrics.devices import mfu_precision, peak_tflops
+
+    cfg = load_config(None, ["model.preset=llama3_8b", "model.params_dtype=bf16",
+                             "model.fp8=hybrid"])
+    assert peak_tflops("h100-sxm", mfu_precision(cfg.model)) == 1979.0
+    cfg.model.fp8 = None
+    assert peak_tflops("h100-sxm", mfu_precision(cfg.model)) == 989.0
