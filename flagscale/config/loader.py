@@ -468,12 +468,14 @@ def pipeline_split(cfg: Config, dims: ParallelDims) -> tuple[int, ...]:
                      last if i == pp - 1 and last is not None else per_middle for i in range(pp))
     counted = layers + int(embedding) + int(loss)
     if counted % (pp * vpp):
-        what = f"model.num_layers ({layers})" + (" + embedding (1)" if embedding else "") + \
-            (" + loss (1)" if loss else "")
+        what = f"model.num_layers ({layers})"
+        if embedding or loss:
+            what = (f"({what}" + (" + embedding (1)" if embedding else "")
+                    + (" + loss (1)" if loss else "") + f" = {counted})")
         hint = (" or set parallel.num_layers_in_first/last_pipeline_stage, or count the "
                 "embedding/loss as layers (parallel.account_for_*_in_pipeline_split)"
                 if not (embedding or loss) else "")
-        raise ConfigError(f"{what} = {counted} % (parallel.pp ({pp}){vpp_note}) = "
+        raise ConfigError(f"{what} % parallel.pp ({pp}){vpp_note} = "
                           f"{counted % (pp * vpp)}: every pipeline stage needs the same number of "
                           f"layers. Choose pp/vpp dividing {counted}{hint}.")
     per_rank = counted // pp

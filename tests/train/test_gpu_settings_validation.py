@@ -27,8 +27,8 @@ def test_405b_counts_embedding_and_loss_as_layers_over_eight_stages():
 
 
 def test_even_split_error_names_the_arithmetic_and_the_uneven_options():
-    with pytest.raises(ConfigError, match=r"model.num_layers \(126\) = 126 % \(parallel.pp \(8\)\) "
-                                          r"= 6: .*num_layers_in_first/last_pipeline_stage"):
+    with pytest.raises(ConfigError, match=r"model.num_layers \(126\) % parallel.pp \(8\) = 6: "
+                                          r".*num_layers_in_first/last_pipeline_stage"):
         validate(_cfg("parallel.pp=8"), 1024, check_paths=False)
 
 
@@ -45,6 +45,10 @@ def test_first_and_last_stage_sizes():
                                           r"positive multiple of parallel.vpp \(2\)"):
         validate(_cfg("parallel.pp=8", "parallel.vpp=2",
                       "parallel.num_layers_in_first_pipeline_stage=15"), 1024, check_paths=False)
+    with pytest.raises(ConfigError, match=r"\(model.num_layers \(126\) \+ embedding \(1\) = 127\) "
+                                          r"% parallel.pp \(8\) = 7"):
+        validate(_cfg("parallel.pp=8", "parallel.account_for_embedding_in_pipeline_split=true"),
+                 1024, check_paths=False)
     with pytest.raises(ConfigError, match="megatron-core accepts only one"):
         validate(_cfg("parallel.pp=8", "parallel.num_layers_in_first_pipeline_stage=15",
                       "parallel.account_for_loss_in_pipeline_split=true"), 1024,
