@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.flagscale-installed
 DEMO   ?= runs/tiny
 HF     ?= hf/tiny
 
-.PHONY: install demo test lint-imports bench clean-demo
+.PHONY: install demo test lint-imports bench gpu-check clean-demo
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ bench: install
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/preprocess.py
 	$(PY) benchmarks/convert.py
+
+# On NVIDIA GPUs: train a ~1B Llama in bf16, print tokens/s/GPU, TFLOP/s/GPU and MFU, save, reload,
+# export and validate; exits non-zero without a GPU, if the loss does not fall or the export fails.
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py
 
 clean-demo:
 	rm -rf $(DEMO) $(HF) data/tiny

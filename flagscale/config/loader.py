@@ -258,6 +258,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.lr_decay_style": ("cosine", "linear", "constant"),
     "train.recompute": ("none", "selective", "full"),
     "platform": ("auto", "cuda", "cpu"),
+    "train.recompute_method": ("uniform", "block"),
+    "model.fp8_recipe": ("tensorwise", "delayed"),
+    "parallel.grad_reduce_dtype": ("fp32", "bf16"),
+    "parallel.cp_comm_type": ("p2p", "all_gather", "a2a", "a2a+p2p"),
 }
 """The allowed values of the config keys that take one of a few names."""
 
@@ -302,6 +306,7 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> Layout:
                           f"interleaved schedule.")
     _check_schedule(cfg)
     _check_sections(cfg)
+    _check_performance(cfg, dims)
     if check_paths:
         _check_paths(cfg)
     return Layout(dims=dims, num_microbatches=num_micro,
@@ -356,12 +361,7 @@ def _check_model_split(cfg: Config, dims: ParallelDims) -> None:
     if m.ffn_hidden_size % dims.tp:
         raise ConfigError(f"model.ffn_hidden_size ({m.ffn_hidden_size}) % parallel.tp ({dims.tp}) "
                           f"!= 0.")
-    if m.num_layers % dims.stages:
-        what = (f"parallel.pp ({dims.pp}) * parallel.vpp ({dims.vpp})" if dims.vpp
-                else f"parallel.pp ({dims.pp})")
-        raise ConfigError(f"model.num_layers ({m.num_layers}) % {what} = "
-                          f"{m.num_layers % dims.stages}: every pipeline stage needs the same "
-                          f"number of layers.")
+    pipeline_split(cfg, dims)
     if dims.vpp and dims.pp < 2:
         raise ConfigError(f"parallel.vpp={dims.vpp} needs parallel.pp >= 2 (interleaved pipeline "
                           f"schedule); got pp={dims.pp}.")
@@ -371,11 +371,12 @@ def _check_model_split(cfg: Config, dims: ParallelDims) -> None:
     if p.sequence_parallel and t.seq_length % dims.tp:
         raise ConfigError(f"train.seq_length ({t.seq_length}) % parallel.tp ({dims.tp}) != 0, "
                           f"needed by sequence parallelism.")
-    if dims.cp > 1:
-        raise ConfigError(f"parallel.cp={dims.cp}: context parallelism is not wired into "
-                          f"flagscale's training loop yet (each sequence would have to be split "
-                          f"across the cp ranks, and it needs Transformer Engine's attention). "
-                          f"Set parallel.cp=1.")
+    if dims.cp > 1 and t.seq_length % (2 * dims.cp * dims.tp):
+        raise ConfigError(f"train.seq_length ({t.seq_length}) % (2 * parallel.cp ({dims.cp}) * "
+                          f"parallel.tp ({dims.tp})) = {t.seq_length % (2 * dims.cp * dims.tp)}: "
+                          f"context parallelism splits each sequence into 2*cp chunks (two per "
+                          f"rank, balancing the causal mask), each divisible by tp. Use a "
+                          f"sequence length that is a multiple of {2 * dims.cp * dims.tp}.")
 
 
 def _check_schedule(cfg: Config) -> None:
@@ -414,10 +415,10 @@ def _check_schedule(cfg: Config) -> None:
 def _check_sections(cfg: Config) -> None:
     """The trace and metrics sections (read only inside the workers, so checked here)."""
     tr, me = cfg.trace, cfg.metrics
-    if tr.spike_factor <= 1:
-        raise ConfigError(f"trace.spike_factor ({tr.spike_factor}) must be > 1: a spike is a loss "
-                          f"above spike_factor times the median of recent losses, so a factor "
-                          f"<= 1 would report ordinary steps (1.5 is the default).")
+    if tr.spike_factor <= 0:
+        raise ConfigError(f"trace.spike_factor ({tr.spike_factor}) must be > 0: a spike is a loss "
+                          f"above spike_factor times the median of recent losses (1.5 is the "
+                          f"default; a factor <= 1 reports ordinary steps, which tests use).")
     if tr.window < 1:
         raise ConfigError(f"trace.window ({tr.window}) must be at least 1: it is the number of "
                           f"recent losses whose median is the spike reference (50 is the "
@@ -451,3 +452,120 @@ def _check_paths(cfg: Config) -> None:
     if load and load != "auto" and not Path(load).is_dir():
         raise ConfigError(f"checkpoint.load: '{load}' is not a directory. Give a checkpoint "
                           f"directory, 'auto', or leave it empty to start fresh.")
+
+
+def pipeline_split(cfg: Config, dims: ParallelDims) -> tuple[int, ...]:
+    """Transformer layers held by each pipeline rank, first to last, as megatron-core 0.16.1 splits
+    them (``TransformerConfig`` / ``get_num_layers_to_build``): evenly, or with the first/last
+    stage sizes given (``parallel.num_layers_in_first/last_pipeline_stage``, the others even), or
+    with the embedding and/or the loss counted as one layer of the first/last stage. Raises
+    :class:`ConfigError` with the arithmetic when the layers do not split that way."""
+    m, p = cfg.model, cfg.parallel
+    layers, pp, vpp = m.num_layers, dims.pp, dims.vpp or 1
+    first, last = p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage
+    embedding, loss = p.account_for_embedding_in_pipeline_split, p.account_for_loss_in_pipeline_split
+    vpp_note = f" * parallel.vpp ({vpp})" if vpp > 1 else ""
+    if (first is not None or last is not None) and (embedding or loss):
+        raise ConfigError("parallel.num_layers_in_first/last_pipeline_stage and parallel."
+                          "account_for_embedding/loss_in_pipeline_split are two ways to split "
+                          "layers unevenly; megatron-core accepts only one. Set one of them.")
+    if (first is not None or last is not None or embedding or loss) and pp < 2:
+        raise ConfigError(f"An uneven pipeline split needs parallel.pp >= 2, got pp={pp}. Drop "
+                          f"parallel.num_layers_in_*_pipeline_stage / account_for_*.")
+    if first is not None or last is not None:
+        ends = {"first": first, "last": last}
+        for name, value in ends.items():
+            if value is not None and (value < 1 or value % vpp):
+                raise ConfigError(f"parallel.num_layers_in_{name}_pipeline_stage ({value}) must be "
+                                  f"a positive multiple of parallel.vpp ({vpp}): each virtual "
+                                  f"stage of the {name} pipeline rank holds whole layers.")
+        middle_stages = pp - sum(v is not None for v in ends.values())
+        middle = layers - (first or 0) - (last or 0)
+        arithmetic = (f"model.num_layers ({layers}) - first ({first or 0}) - last ({last or 0}) = "
+                      f"{middle} layers over {middle_stages} middle stage(s)")
+        if (middle > 0) != (middle_stages > 0) or middle < 0 or (
+                middle_stages and middle % (middle_stages * vpp)):
+            raise ConfigError(f"Uneven pipeline split: {arithmetic}; they must split evenly "
+                              f"(a multiple of {middle_stages or 1}{vpp_note}, and no layers "
+                              f"without stages). Adjust the first/last stage layer counts.")
+        per_middle = middle // middle_stages if middle_stages else 0
+        return tuple(first if i == 0 and first is not None else
+                     last if i == pp - 1 and last is not None else per_middle for i in range(pp))
+    counted = layers + int(embedding) + int(loss)
+    if counted % (pp * vpp):
+        what = f"model.num_layers ({layers})"
+        if embedding or loss:
+            what = (f"({what}" + (" + embedding (1)" if embedding else "")
+                    + (" + loss (1)" if loss else "") + f" = {counted})")
+        hint = (" or set parallel.num_layers_in_first/last_pipeline_stage, or count the "
+                "embedding/loss as layers (parallel.account_for_*_in_pipeline_split)"
+                if not (embedding or loss) else "")
+        raise ConfigError(f"{what} % parallel.pp ({pp}){vpp_note} = "
+                          f"{counted % (pp * vpp)}: every pipeline stage needs the same number of "
+                          f"layers. Choose pp/vpp dividing {counted}{hint}.")
+    per_rank = counted // pp
+    split = [per_rank] * pp
+    split[0] -= int(embedding)
+    split[-1] -= int(loss)
+    return tuple(split)
+
+
+def transformer_engine_features(cfg: Config) -> list[str]:
+    """The settings of ``cfg`` that only Transformer Engine implements (empty when none)."""
+    p, m = cfg.parallel, cfg.model
+    features = []
+    if p.cp > 1:
+        features.append(f"parallel.cp={p.cp} (megatron-core's context-parallel attention is "
+                        f"Transformer Engine's; its local attention asserts cp == 1)")
+    if m.fp8:
+        features.append(f"model.fp8={m.fp8} (FP8 GEMMs)")
+    if p.tp_comm_overlap:
+        features.append("parallel.tp_comm_overlap=true (userbuffers)")
+    return features
+
+
+def _check_performance(cfg: Config, dims: ParallelDims) -> None:
+    """Communication overlap, recomputation, FP8 and garbage-collection settings."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if m.fp8 not in (None, "hybrid", "e4m3"):
+        raise ConfigError(f"model.fp8={m.fp8!r} is not one of hybrid, e4m3 (or null).")
+    if m.fp8 and m.params_dtype != "bf16":
+        raise ConfigError(f"model.fp8={m.fp8} needs model.params_dtype=bf16 (FP8 GEMMs keep bf16 "
+                          f"weights and activations between them), got {m.params_dtype}.")
+    if p.tp_comm_overlap and (dims.tp < 2 or not p.sequence_parallel):
+        raise ConfigError(f"parallel.tp_comm_overlap=true overlaps the all-gather/reduce-scatter "
+                          f"of sequence parallelism: it needs parallel.tp >= 2 (got {dims.tp}) "
+                          f"and parallel.sequence_parallel=true (got {p.sequence_parallel}).")
+    if p.overlap_param_gather and not p.distributed_optimizer:
+        raise ConfigError("parallel.overlap_param_gather=true needs parallel."
+                          "distributed_optimizer=true (only the distributed optimizer gathers "
+                          "parameters).")
+    if p.align_param_gather and p.overlap_param_gather is False:
+        raise ConfigError("parallel.align_param_gather=true needs parallel.overlap_param_gather "
+                          "(it aligns the overlapped gathers); drop one of them.")
+    if p.overlap_p2p_comm and not dims.vpp:
+        raise ConfigError("parallel.overlap_p2p_comm=true needs parallel.vpp >= 2 (megatron-core "
+                          "overlaps pipeline send/receive only in the interleaved schedule).")
+    if p.ddp_bucket_size is not None and p.ddp_bucket_size < 1:
+        raise ConfigError(f"parallel.ddp_bucket_size must be at least 1 parameter (or unset for "
+                          f"megatron-core's default), got {p.ddp_bucket_size}.")
+    if t.manual_gc_interval is not None and t.manual_gc_interval < 0:
+        raise ConfigError(f"train.manual_gc_interval must be >= 0 (0 keeps automatic GC), got "
+                          f"{t.manual_gc_interval}.")
+    allowed = ("core_attn", "layernorm", "mlp")
+    if t.recompute_modules is not None:
+        bad = [x for x in t.recompute_modules if x not in allowed]
+        if t.recompute != "selective" or bad or not t.recompute_modules:
+            raise ConfigError(f"train.recompute_modules={t.recompute_modules} needs train."
+                              f"recompute=selective (got {t.recompute}) and a non-empty list "
+                              f"of {', '.join(allowed)}" + (f"; unknown: {bad}" if bad else "")
+                              + ".")
+    if t.recompute_num_layers is not None:
+        per_stage = min(pipeline_split(cfg, dims)) // (dims.vpp or 1)
+        if t.recompute != "full":
+            raise ConfigError(f"train.recompute_num_layers={t.recompute_num_layers} applies to "
+                              f"train.recompute=full only (got {t.recompute}).")
+        if not 1 <= t.recompute_num_layers <= per_stage:
+            raise ConfigError(f"train.recompute_num_layers ({t.recompute_num_layers}) must lie in "
+                              f"1..{per_stage}, the layers of the smallest pipeline "
+                              f"{'virtual ' if dims.vpp else ''}stage.")

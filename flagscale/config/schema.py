@@ -55,6 +55,13 @@ class ModelConfig:
     """Training precision: ``fp32``, or ``bf16`` (bf16 weights and activations, fp32 master weights)."""
     make_vocab_size_divisible_by: int = 128
     """The embedding is padded to a multiple of this times ``parallel.tp`` (Megatron's convention)."""
+    fp8: Optional[str] = None
+    """FP8 matrix multiplies through Transformer Engine: ``hybrid`` (E4M3 forward, E5M2 gradients,
+    what Megatron-LM and NeMo train with) or ``e4m3``; ``None`` trains in ``params_dtype`` only.
+    Needs Transformer Engine on the cuda platform and ``params_dtype: bf16``."""
+    fp8_recipe: str = "tensorwise"
+    """FP8 scaling (megatron-core ``fp8_recipe``): ``tensorwise`` (current per-tensor scaling) or
+    ``delayed`` (scales from an amax history)."""
 
 
 @dataclass
@@ -67,8 +74,8 @@ class ParallelConfig:
     """Pipeline-parallel size."""
     cp: int = 1
     """Context-parallel size: each sequence split across ``cp`` ranks (megatron-core's context
-    parallelism; needs Transformer Engine's attention). Only 1 is accepted so far: the training loop
-    does not split sequences across cp ranks yet."""
+    parallelism, for long contexts). Needs Transformer Engine's attention (cuda platform) and
+    ``train.seq_length`` divisible by ``2 * cp * tp``."""
     dp: Optional[int] = None
     """Data-parallel size; ``None`` takes whatever the world size leaves (world / (tp*pp*cp))."""
     vpp: Optional[int] = None
@@ -77,6 +84,43 @@ class ParallelConfig:
     """Shard layer-norm and dropout activations along the sequence across the TP group (needs tp > 1)."""
     distributed_optimizer: bool = True
     """Shard optimizer state and fp32 master weights across data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: Optional[bool] = None
+    """Overlap the data-parallel gradient reduction with the backward pass (megatron-core DDP
+    buckets reduced as soon as they are complete). ``None``: on for the cuda platform, off on
+    cpu."""
+    overlap_param_gather: Optional[bool] = None
+    """Overlap the distributed optimizer's parameter all-gather with the next forward pass.
+    ``None``: on for the cuda platform with ``distributed_optimizer``, off otherwise."""
+    align_param_gather: Optional[bool] = None
+    """With ``overlap_param_gather`` and virtual pipeline stages, start every chunk's parameter
+    all-gather together at the first forward (fewer, aligned collectives). ``None``: on exactly
+    then."""
+    ddp_bucket_size: Optional[int] = None
+    """Parameters per data-parallel communication bucket; ``None`` is megatron-core's default
+    (``max(40M, 1M * dp)``)."""
+    grad_reduce_dtype: str = "fp32"
+    """Precision of the gradient buffer and its data-parallel reduction: ``fp32`` (default) or
+    ``bf16`` (half the communication volume of a bf16 run, less precise sums)."""
+    tp_comm_overlap: bool = False
+    """Overlap tensor-parallel communication with the GEMMs (Transformer Engine userbuffers);
+    needs Transformer Engine, ``tp > 1`` and ``sequence_parallel``."""
+    overlap_p2p_comm: Optional[bool] = None
+    """Overlap pipeline send/receive with compute in the interleaved schedule (needs ``vpp``).
+    ``None``: on for the cuda platform with ``vpp``, off otherwise."""
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    """Uneven pipeline split: layers of the first stage (the rest split evenly over the others);
+    ``None`` splits evenly."""
+    num_layers_in_last_pipeline_stage: Optional[int] = None
+    """Uneven pipeline split: layers of the last stage; ``None`` splits evenly."""
+    account_for_embedding_in_pipeline_split: bool = False
+    """Count the input embedding as one layer when splitting layers over pipeline stages (the
+    first stage gets one layer fewer): ``(num_layers + 1)`` must split evenly."""
+    account_for_loss_in_pipeline_split: bool = False
+    """Count the output layer and loss as one layer when splitting (the last stage gets one layer
+    fewer)."""
+    cp_comm_type: str = "p2p"
+    """Context-parallel attention communication (megatron-core ``cp_comm_type``): ``p2p`` (ring),
+    ``all_gather``, ``a2a`` or ``a2a+p2p``."""
 
 
 @dataclass
@@ -118,13 +162,32 @@ class TrainConfig:
     clip_grad: float = 1.0
     """Global gradient-norm clip; 0 disables."""
     recompute: str = "none"
-    """Activation recomputation: ``none``, ``selective`` (attention core) or ``full`` (whole layers)."""
+    """Activation recomputation: ``none``, ``selective`` (the modules of ``recompute_modules``) or
+    ``full`` (whole layers, see ``recompute_method``)."""
     log_interval: int = 1
     """Iterations between console/metrics lines."""
     eval_interval: int = 0
     """Iterations between validation passes; 0 disables."""
     eval_iterations: int = 2
     """Batches per validation pass."""
+    recompute_method: str = "uniform"
+    """With ``recompute: full``: ``uniform`` checkpoints every layer in groups of
+    ``recompute_num_layers``; ``block`` recomputes only the first ``recompute_num_layers`` layers of
+    each pipeline stage (virtual stage with ``vpp``) and stores the rest."""
+    recompute_num_layers: Optional[int] = None
+    """With ``recompute: full``: layers per checkpoint (``uniform``, default 1) or layers recomputed
+    per stage (``block``, default all)."""
+    recompute_modules: Optional[list] = None
+    """With ``recompute: selective``: megatron-core modules recomputed in the backward pass,
+    among ``core_attn``, ``layernorm``, ``mlp``; ``None`` is ``[core_attn]`` (which saves
+    nothing with flash attention: prefer ``[layernorm, mlp]`` there)."""
+    manual_gc_interval: Optional[int] = None
+    """Disable Python's automatic garbage collection and collect every this many steps on every
+    rank at once (a collection on one rank stalls every collective); 0 keeps automatic GC.
+    ``None``: 100 on the cuda platform, 0 on cpu."""
+    check_for_nan_in_grad: bool = True
+    """Stop with an error naming the rank when a gradient is NaN or infinite, before the optimizer
+    step (megatron-core DDP's check), instead of training on it."""
 
     @property
     def final_lr(self) -> float:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator
+from concurrent.futures import Future
+from typing import Iterator, Optional
 
 import torch
 
@@ -130,14 +131,80 @@ def build_datasets(cfg: Config, layout: Layout, eod: int, cache_dir: Path,
     return train, valid
 
 
+FIELDS = ("tokens", "labels", "loss_mask", "position_ids")
+"""The tensors of a microbatch, each ``[micro_batch_size, seq_length]``."""
+
+
+def host_microbatches(dataset, cfg: Config, layout: Layout, dp_rank: int, batch: int,
+                      pin: bool = False) -> list[dict]:
+    """This data-parallel rank's microbatches of global batch ``batch`` in host memory, in page-
+    locked (pinned) memory with ``pin`` so copies to a GPU can run asynchronously."""
+    result = []
+    for m in range(layout.num_microbatches):
+        tensors = _read_microbatch(dataset, cfg, layout, dp_rank, batch, m)
+        result.append({k: v.pin_memory() for k, v in tensors.items()} if pin else tensors)
+    return result
+
+
+def _read_microbatch(dataset, cfg: Config, layout: Layout, dp_rank: int, batch: int,
+                     m: int) -> dict:
+    t = cfg.train
+    rows = [dataset[global_sample_index(batch, m, dp_rank, j, t.micro_batch_size, layout.dp,
+                                        t.global_batch_size)]
+            for j in range(t.micro_batch_size)]
+    return {key: torch.stack([r[key] for r in rows]) for key in FIELDS}
+
+
+def to_device(microbatch: dict, device: torch.device, cp: int = 1) -> dict:
+    """A host microbatch on ``device`` (asynchronous from pinned memory), then, under context
+    parallelism, this rank's share of each sequence: megatron-core's
+    ``get_batch_on_this_cp_rank`` keeps chunks ``r`` and ``2*cp-1-r`` of ``2*cp``, which balances
+    the causal mask's work across the context-parallel ranks."""
+    on_device = {k: v.to(device, non_blocking=v.is_pinned()) for k, v in microbatch.items()}
+    if cp == 1:
+        return on_device
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    return get_batch_on_this_cp_rank(on_device)
+
+
 def microbatches(dataset, cfg: Config, layout: Layout, dp_rank: int, batch: int,
                  device: torch.device) -> Iterator[dict]:
-    """Yield this data-parallel rank's microbatches of global batch ``batch``, on ``device``."""
-    t = cfg.train
+    """Yield this data-parallel rank's microbatches of global batch ``batch``, on ``device``,
+    read one at a time on the calling thread."""
     for m in range(layout.num_microbatches):
-        rows = [dataset[global_sample_index(batch, m, dp_rank, j, t.micro_batch_size,
-                                            layout.dp, t.global_batch_size)]
-                for j in range(t.micro_batch_size)]
-        yield {key: torch.stack([r[key] for r in rows]).to(device)
-               for key in ("tokens", "labels", "loss_mask", "position_ids")}
+        yield to_device(_read_microbatch(dataset, cfg, layout, dp_rank, batch, m), device,
+                        layout.cp)
 
+
+class BatchPrefetcher:
+    """Reads the next global batch into pinned host memory on a background thread while the
+    current step computes, so a GPU step neither waits on the dataset's reads nor on pageable,
+    blocking copies.
+
+        prefetcher.device_microbatches(batch, device)   # this step's, copied asynchronously
+        prefetcher.prefetch(next_batch)                 # starts reading the next one
+    """
+
+    def __init__(self, dataset, cfg: Config, layout: Layout, dp_rank: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._read = lambda batch: host_microbatches(dataset, cfg, layout, dp_rank, batch,
+                                                     pin=True)
+        self._cp = layout.cp
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flagscale-data")
+        self._pending: Optional[tuple[int, Future]] = None
+
+    def prefetch(self, batch: int) -> None:
+        """Start reading global batch ``batch`` (replacing any other pending read)."""
+        self._pending = (batch, self._executor.submit(self._read, batch))
+
+    def device_microbatches(self, batch: int, device: torch.device) -> list[dict]:
+        """Global batch ``batch``'s microbatches on ``device``: the prefetched ones when they are
+        for this batch, otherwise read now."""
+        pending, self._pending = self._pending, None
+        host = pending[1].result() if pending and pending[0] == batch else self._read(batch)
+        return [to_device(mb, device, self._cp) for mb in host]
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)

@@ -143,6 +143,13 @@ set -euo pipefail
 # Megatron's tensor/sequence-parallel communication overlap needs kernels to reach the GPU in
 # issue order: one hardware work queue.
 export CUDA_DEVICE_MAX_CONNECTIONS=1
+# Megatron-LM / NeMo H100 recipes: growable allocator segments instead of fragmentation between
+# microbatch shapes; NCCL frees buffers on its own stream instead of recording every tensor on the
+# communication stream (less allocator churn with overlapped gradient reduction); NVLink SHARP
+# off, as the recipes run (it reserves memory and the pipeline p2p gains nothing from it).
+export PYTORCH_CUDA_ALLOC_CONF=${{PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}}
+export TORCH_NCCL_AVOID_RECORD_STREAMS=${{TORCH_NCCL_AVOID_RECORD_STREAMS:-1}}
+export NCCL_NVLS_ENABLE=${{NCCL_NVLS_ENABLE:-0}}
 export NCCL_DEBUG=${{NCCL_DEBUG:-WARN}}
 # Turn a hung or failed collective into an error (and a failed job) instead of a silent hang.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${{TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}}

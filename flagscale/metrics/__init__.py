@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from flagscale.config.loader import config_to_dict
-from flagscale.metrics.devices import PEAK_TFLOPS, canonical_device, peak_tflops, resolve_peak
+from flagscale.metrics.devices import (PEAK_TFLOPS, canonical_device, mfu_precision, peak_tflops,
+                                       resolve_peak)
 from flagscale.metrics.flops import (CONVENTIONS, FlopsEstimate, ParamCount, count_params,
                                      flops_for_config, flops_per_token, padded_vocab, preset_model)
 from flagscale.metrics.loggers import (ConsoleLogger, JsonlLogger, TensorBoardLogger, WandbLogger,
@@ -26,7 +27,7 @@ __all__ = ["CONVENTIONS", "PEAK_TFLOPS", "ConsoleLogger", "FlopsEstimate", "Json
 
 def build_throughput_meter(cfg, layout) -> ThroughputMeter:
     """The meter for a run: Megatron-convention FLOPs of its config and its device's peak."""
-    device, peak, why = resolve_peak(cfg.metrics.device, cfg.model.params_dtype,
+    device, peak, why = resolve_peak(cfg.metrics.device, mfu_precision(cfg.model),
                                      cfg.metrics.peak_tflops)
     return ThroughputMeter(tokens_per_step=cfg.train.global_batch_size * cfg.train.seq_length,
                            world_size=layout.world_size, flops=flops_for_config(cfg),

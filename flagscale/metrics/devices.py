@@ -115,3 +115,10 @@ def resolve_peak(device: Optional[str], dtype: str,
         why = f"no {dtype} peak for {canonical_device(name)} in the peak-throughput table"
     return name, None, (why + "; give the dense TFLOP/s peak per GPU (metrics.peak_tflops, or "
                         "--peak-tflops of flagscale flops) to report MFU")
+
+
+def mfu_precision(model) -> str:
+    """The precision a run's MFU is measured against: ``fp8`` when its GEMMs run in FP8
+    (``model.fp8``; the FP8 peak is twice the bf16 one, so an FP8 run reported against the bf16
+    peak would look twice as efficient), else ``model.params_dtype``."""
+    return "fp8" if getattr(model, "fp8", None) else model.params_dtype

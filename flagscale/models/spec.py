@@ -120,18 +120,28 @@ class ModelSpec:
 
     def transformer_config(self, cfg: Config, layout: Layout, platform: Platform):
         """Translate the flagscale config into megatron-core's ``TransformerConfig``."""
-        import torch
-        import torch.nn.functional as F
         from megatron.core.transformer import TransformerConfig
 
-        m, p, t = cfg.model, cfg.parallel, cfg.train
+        return TransformerConfig(**self.transformer_config_kwargs(cfg, layout, platform))
+
+    def transformer_config_kwargs(self, cfg: Config, layout: Layout,
+                                  platform: Platform) -> dict[str, Any]:
+        """The arguments of :meth:`transformer_config`: the architecture, the layout, and the
+        performance settings Megatron-LM trains dense Llama models with on GPUs, each fused kernel
+        only where ``platform`` really has it (on cpu none, so CPU runs stay exact)."""
+        import torch
+        import torch.nn.functional as F
+
+        m, p = cfg.model, cfg.parallel
         bf16 = m.params_dtype == "bf16"
         dtype = torch.bfloat16 if bf16 else torch.float32
-        fused = platform.kind == "cuda"
-        recompute = {"none": {}, "selective": dict(recompute_granularity="selective"),
-                     "full": dict(recompute_granularity="full", recompute_method="uniform",
-                                  recompute_num_layers=1)}[t.recompute]
-        return TransformerConfig(
+        cuda = platform.kind == "cuda"
+        te = platform.transformer_engine
+        # Megatron-LM (arguments.py) overlaps pipeline p2p with compute in the interleaved
+        # schedule, which requires unbatched p2p.
+        overlap_p2p = bool(layout.vpp) and (cuda if p.overlap_p2p_comm is None
+                                            else p.overlap_p2p_comm)
+        return dict(
             num_layers=m.num_layers,
             hidden_size=m.hidden_size,
             num_attention_heads=m.num_attention_heads,
@@ -154,35 +164,70 @@ class ModelSpec:
             tensor_model_parallel_size=p.tp,
             pipeline_model_parallel_size=p.pp,
             virtual_pipeline_model_parallel_size=layout.vpp,
+            context_parallel_size=layout.cp,
+            cp_comm_type=p.cp_comm_type if layout.cp > 1 else None,
             sequence_parallel=p.sequence_parallel,
+            num_layers_in_first_pipeline_stage=p.num_layers_in_first_pipeline_stage,
+            num_layers_in_last_pipeline_stage=p.num_layers_in_last_pipeline_stage,
+            account_for_embedding_in_pipeline_split=p.account_for_embedding_in_pipeline_split,
+            account_for_loss_in_pipeline_split=p.account_for_loss_in_pipeline_split,
             params_dtype=dtype,
             pipeline_dtype=dtype,
             bf16=bf16,
+            fp8=m.fp8,
+            fp8_recipe=m.fp8_recipe,
             # The loss is a token mean over the whole global batch, whatever the microbatch split.
             calculate_per_token_loss=True,
-            bias_activation_fusion=fused,
+            # megatron-core's own jit-fused SwiGLU: no library beyond torch, but a different
+            # rounding than the unfused ops, so GPU only.
+            bias_activation_fusion=cuda,
             masked_softmax_fusion=False,
-            persist_layer_norm=fused,
-            apply_rope_fusion=False,
-            gradient_accumulation_fusion=fused and platform.apex,
+            persist_layer_norm=cuda,
+            # megatron-core's fused RoPE is Transformer Engine's kernel.
+            apply_rope_fusion=cuda and te,
+            cross_entropy_loss_fusion=cuda,
+            cross_entropy_fusion_impl="te" if te else "native",
+            # The output layer is megatron-core's own ColumnParallelLinear even under the TE spec,
+            # and it needs apex's fused_weight_gradient_mlp_cuda for this fusion.
+            gradient_accumulation_fusion=cuda and platform.fused_wgrad,
+            tp_comm_overlap=p.tp_comm_overlap,
             deallocate_pipeline_outputs=True,
             # gloo matches messages between two ranks by posting order only. Batched p2p posts a
             # forward activation and a backward gradient of equal shape to the same peer (pp=2:
             # previous == next stage) in an order the receiver does not mirror, silently swapping
             # them under the interleaved schedule; megatron's ordered even/odd p2p path does not.
-            batch_p2p_comm=platform.kind == "cuda",
-            **recompute,
+            batch_p2p_comm=cuda and not overlap_p2p,
+            # The device-wide sync after each batched p2p works around a torch < 1.13 bug.
+            batch_p2p_sync=False,
+            overlap_p2p_comm=overlap_p2p,
+            **self._recompute_kwargs(cfg),
         )
 
+    @staticmethod
+    def _recompute_kwargs(cfg: Config) -> dict[str, Any]:
+        """megatron-core's recomputation arguments for ``train.recompute*``."""
+        t = cfg.train
+        if t.recompute == "selective":
+            return dict(recompute_granularity="selective",
+                        recompute_modules=list(t.recompute_modules or ["core_attn"]))
+        if t.recompute == "full":
+            # block without a count recomputes every layer of the stage (megatron-core caps it).
+            default = 1 if t.recompute_method == "uniform" else cfg.model.num_layers
+            return dict(recompute_granularity="full", recompute_method=t.recompute_method,
+                        recompute_num_layers=t.recompute_num_layers or default)
+        return {}
+
     def layer_spec(self, platform: Platform, tconfig, vp_stage: Optional[int]):
-        """Transformer Engine spec when TE is importable, megatron-core's local spec otherwise."""
+        """Transformer Engine spec when TE imports, megatron-core's local spec otherwise, with
+        torch's fused attention on GPUs (on cpu megatron-core's own attention keeps CPU runs
+        bit-exact against earlier results; the two agree to rounding, see the parity test)."""
         from flagscale.models.layers import local_layer_spec
 
         if platform.transformer_engine:
             from megatron.core.models.gpt import gpt_layer_specs
 
             return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-        return local_layer_spec(tconfig, vp_stage)
+        return local_layer_spec(tconfig, vp_stage, fused_attention=platform.kind == "cuda")
 
     def gpt_model_kwargs(self, cfg: Config) -> dict[str, Any]:
         """``GPTModel`` arguments beyond the config: embeddings, position embedding, RoPE."""

@@ -15,10 +15,12 @@ last stage's output layer, so only a single-stage model holds the matrix once):
 
 - weights: 2 bytes (bf16) or 4 (fp32);
 - gradients: 4 bytes: megatron-core's DDP accumulates into an fp32 ``main_grad`` buffer, because
-  flagscale sets ``grad_reduce_in_fp32`` for bf16 runs (fp32 runs are fp32 anyway);
+  flagscale sets ``grad_reduce_in_fp32`` for bf16 runs (fp32 runs are fp32 anyway); 2 bytes with
+  ``parallel.grad_reduce_dtype: bf16``;
 - optimizer: Adam's ``m`` and ``v`` in fp32 (4 + 4 bytes) plus, for bf16, the fp32 master copy
   (4 bytes): 12 bytes, or 8 for fp32. The distributed optimizer (ZeRO-1) shards all of it over the
-  data-parallel group, so it is divided by ``dp``; the gradient buffer is not sharded.
+  data-parallel group (with the context-parallel ranks), so it is divided by ``dp * cp``; the
+  gradient buffer is not sharded.
 
 Activations follow Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
 Models" (arXiv:2205.05198), section 4: a GPT layer stores ``s*b*h*(34 + 5*a*s/h)`` bytes (16-bit
@@ -46,9 +48,19 @@ the attention core; for Llama-3-8B (``g/a = 1/4``, ``f = 3.5h``) that is ``34*s*
 figure for its GPT layer (SwiGLU's wider MLP takes the place of the dropout masks).
 
 Recomputation (megatron-core, as ``ModelSpec.transformer_config`` in ``flagscale.models`` sets it):
-``selective`` recomputes the attention core, removing its term; ``full`` (uniform, one layer per
-checkpoint) keeps only each layer's input (``s*b*h`` elements, divided by ``t`` with SP) and, while
-one layer is recomputed in the backward pass, that layer's full activations once.
+``selective`` keeps only the input of each module in ``train.recompute_modules`` (``core_attn``
+removes the attention-core term, ``layernorm`` the two norm outputs, ``mlp`` the SwiGLU terms);
+``full`` keeps only the input of each recomputed layer (``s*b*h`` elements, divided by ``t`` with
+SP): every layer with ``uniform``, the first ``recompute_num_layers`` of each (virtual) stage with
+``block``, the others fully; while one checkpointed group (``uniform``) or layer (``block``) is
+recomputed in the backward pass, its full activations exist once.
+
+Context parallelism gives each rank ``s/cp`` tokens of every sequence: every activation term is
+divided by ``cp`` (with unfused attention each rank's score matrix is ``s/cp x s``).
+
+Uneven pipeline splits (``parallel.num_layers_in_first/last_pipeline_stage``, or the embedding and
+loss counted as layers) give the first and last stage their own layer counts
+(:func:`flagscale.config.pipeline_split`).
 
 Pipelining (1F1B, section 4.2.3): stage ``i`` of ``p`` holds ``p - i`` microbatches in flight, at
 most the number of microbatches per step, so the first stage holds ``min(p, m)`` microbatches of
@@ -67,7 +79,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from flagscale.config.loader import padded_vocab_size
+from flagscale.config.loader import padded_vocab_size, pipeline_split
+from flagscale.config.parallel_dims import ParallelDims
 from flagscale.config.schema import Config
 from flagscale.errors import ConfigError
 from flagscale.metrics.flops import count_params
@@ -131,35 +144,58 @@ class MemoryEstimate:
                 for name in ("params", "grads", "optimizer", "activations", "total")}
 
 
-def _layer_activation_bytes(cfg: Config, tp: int, sequence_parallel: bool, recompute: str,
-                            attention: str) -> tuple[float, float]:
-    """(bytes one microbatch keeps per layer, bytes of one fully stored layer) on one TP rank."""
+def _layer_activation_bytes(cfg: Config, tp: int, cp: int, sequence_parallel: bool,
+                            recompute: str, attention: str) -> tuple[float, float, float]:
+    """(bytes one microbatch keeps per layer, bytes of one fully stored layer, bytes of a layer
+    whose whole forward is recomputed: its input only) on one TP/CP rank."""
     m, t = cfg.model, cfg.train
-    s, b, h, f = t.seq_length, t.micro_batch_size, m.hidden_size, m.ffn_hidden_size
+    # Context parallelism gives each rank s/cp tokens of every sequence.
+    s, b, h, f = t.seq_length / cp, t.micro_batch_size, m.hidden_size, m.ffn_hidden_size
     a = m.num_attention_heads
     g = m.num_query_groups or a
     e = 2 if m.params_dtype == "bf16" else 4
     sbh = s * b * h
-    replicated = 4 * sbh * e
-    split = (sbh + 2 * sbh * g / a + sbh + 3 * s * b * f) * e
-    core = 4 * a * s * b if attention == "flash" else 6 * a * s * s * b
-    full_layer = replicated / (tp if sequence_parallel else 1) + (split + core) / tp
-    if recompute == "full":
-        return sbh * e / (tp if sequence_parallel else 1), full_layer
+    sp = tp if sequence_parallel else 1
+    norm_inputs, norm_outputs = 2 * sbh * e, 2 * sbh * e  # replicated over TP unless SP
+    split = (sbh + 2 * sbh * g / a + sbh) * e           # Q, K, V, attention output
+    mlp = 3 * s * b * f * e                              # SwiGLU input (gate, up) and fc2 input
+    # Local queries attend to all s*cp keys: the score matrix is (s/cp) x s per rank.
+    core = 4 * a * s * b if attention == "flash" else 6 * a * s * (s * cp) * b
+    full_layer = (norm_inputs + norm_outputs) / sp + (split + mlp + core) / tp
+    layer_input = sbh * e / sp
     if recompute == "selective":
-        return full_layer - core / tp, full_layer
-    return full_layer, full_layer
+        # megatron-core's recompute_modules: each listed module keeps only its input.
+        modules = cfg.train.recompute_modules or ["core_attn"]
+        saved = (("core_attn" in modules) * core / tp + ("layernorm" in modules) * norm_outputs / sp
+                 + ("mlp" in modules) * mlp / tp)
+        return full_layer - saved, full_layer, layer_input
+    return full_layer, full_layer, layer_input
+
+
+def recomputed_layers(cfg: Config, stage_layers: int, recompute: str) -> int:
+    """Layers of a (virtual) stage of ``stage_layers`` whose whole forward is recomputed:
+    ``full`` + ``uniform`` all of them (in groups of ``recompute_num_layers``), ``full`` +
+    ``block`` the first ``recompute_num_layers`` (default all), otherwise none."""
+    t = cfg.train
+    if recompute != "full":
+        return 0
+    if t.recompute_method == "block":
+        return min(stage_layers, t.recompute_num_layers or stage_layers)
+    return stage_layers
 
 
 def estimate_memory(cfg: Config, tp: int, pp: int, dp: int, sequence_parallel: bool,
                     vpp: Optional[int] = None, recompute: Optional[str] = None,
-                    attention: str = "flash", num_microbatches: Optional[int] = None
-                    ) -> MemoryEstimate:
-    """Per-GPU memory of ``cfg``'s model trained at ``tp x pp x dp`` (see the module docstring).
+                    attention: str = "flash", num_microbatches: Optional[int] = None,
+                    cp: int = 1) -> MemoryEstimate:
+    """Per-GPU memory of ``cfg``'s model trained at ``tp x pp x cp x dp`` (see the module
+    docstring).
 
-    ``recompute`` defaults to ``cfg.train.recompute``; ``num_microbatches`` (per step) caps the
-    microbatches in flight, None meaning at least ``pp``. Sequence length, micro batch, precision
-    and the distributed optimizer come from ``cfg``.
+    ``recompute`` defaults to ``cfg.train.recompute`` (method, layer count and modules always
+    come from ``cfg.train``); ``num_microbatches`` (per step) caps the microbatches in flight,
+    None meaning at least ``pp``. Sequence length, micro batch, precision, the pipeline split
+    (``parallel.num_layers_in_*`` / ``account_for_*``) and the distributed optimizer come from
+    ``cfg``.
     """
     if attention not in ("flash", "unfused"):
         raise ConfigError(f"attention '{attention}' is not one of flash, unfused.")
@@ -169,36 +205,54 @@ def estimate_memory(cfg: Config, tp: int, pp: int, dp: int, sequence_parallel: b
     m = cfg.model
     vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp)
     counts = count_params(m, vocab_size=vocab)
-    layers = m.num_layers // pp
+    split = pipeline_split(cfg, ParallelDims(tp=tp, pp=pp, cp=cp, dp=dp, vpp=vpp))
     replicated = counts.per_layer_replicated
-    layer_params = layers * ((counts.per_layer - replicated) / tp + replicated)
+    per_layer_params = (counts.per_layer - replicated) / tp + replicated
     vocab_params = counts.embedding / tp
     # The input embedding on the first stage; the final norm and output layer on the last (a tied
     # output layer there is megatron-core's copy of the embedding, the same size).
-    stage_params = {"first": layer_params + vocab_params,
-                    "last": layer_params + m.hidden_size + vocab_params}
+    stage_params = {"first": split[0] * per_layer_params + vocab_params,
+                    "last": split[-1] * per_layer_params + m.hidden_size + vocab_params}
 
-    per_layer, full_layer = _layer_activation_bytes(cfg, tp, sequence_parallel, recompute,
-                                                    attention)
+    per_layer, full_layer, layer_input = _layer_activation_bytes(
+        cfg, tp, cp, sequence_parallel, recompute, attention)
+    chunks = vpp or 1
+
+    def stage_bytes(layers: int) -> tuple[float, float]:
+        """(bytes one microbatch keeps on a stage of ``layers``, working set while recomputing)."""
+        chunk_layers = layers // chunks
+        recomputed = recomputed_layers(cfg, chunk_layers, recompute)
+        kept = chunks * (recomputed * layer_input + (chunk_layers - recomputed) * per_layer)
+        group = cfg.train.recompute_num_layers or 1
+        # While one checkpointed group is recomputed in the backward pass its activations exist
+        # once in full: one group of ``uniform``, one layer of ``block``.
+        working = full_layer * (group if cfg.train.recompute_method == "uniform" else 1)
+        return kept, working if recomputed else 0.0
+
     in_flight = pp if num_microbatches is None else min(pp, num_microbatches)
     if vpp and vpp > 1:
         in_flight *= 1 + (pp - 1) / (pp * vpp)
-    working_set = full_layer if recompute == "full" else 0.0
-    s, b, e = cfg.train.seq_length, cfg.train.micro_batch_size, 2 if m.params_dtype == "bf16" else 4
+    s, b, e = (cfg.train.seq_length / cp, cfg.train.micro_batch_size,
+               2 if m.params_dtype == "bf16" else 4)
     # Final-norm and output-layer inputs (sequence-sharded under SP) and the fp32 softmax the
     # vocabulary-parallel cross entropy saves for its backward.
     sp_shards = tp if sequence_parallel else 1
     logits = 2 * s * b * m.hidden_size * e / sp_shards + 4 * s * b * vocab / tp
-    stage_activations = {"first": in_flight * layers * per_layer + working_set,
-                         "last": layers * per_layer + working_set + logits}
+    first_kept, first_working = stage_bytes(split[0])
+    last_kept, last_working = stage_bytes(split[-1])
+    stage_activations = {"first": in_flight * first_kept + first_working,
+                         "last": last_kept + last_working + logits}
     if pp == 1:
         stage_params = {"only": stage_params["last"] + counts.output / tp}
-        stage_activations = {"only": in_flight * layers * per_layer + working_set + logits}
+        stage_activations = {"only": in_flight * first_kept + first_working + logits}
 
     weight_bytes = 2 if m.params_dtype == "bf16" else 4
     optimizer_bytes = 12 if m.params_dtype == "bf16" else 8
-    shards = dp if cfg.parallel.distributed_optimizer else 1
-    estimates = [MemoryEstimate(params=n * weight_bytes, grads=n * 4,
+    # megatron-core's distributed optimizer shards over the data- and context-parallel ranks
+    # together (its dp-cp group): CP ranks hold the same weights.
+    shards = dp * cp if cfg.parallel.distributed_optimizer else 1
+    grad_bytes = 2 if m.params_dtype == "bf16" and cfg.parallel.grad_reduce_dtype == "bf16" else 4
+    estimates = [MemoryEstimate(params=n * weight_bytes, grads=n * grad_bytes,
                                 optimizer=n * optimizer_bytes / shards,
                                 activations=stage_activations[stage], stage=stage)
                  for stage, n in stage_params.items()]

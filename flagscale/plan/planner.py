@@ -8,8 +8,10 @@
 
 A layout is valid when :func:`flagscale.config.validate` accepts it for the world size: ``tp`` a
 divisor of 8 (one node's NVLink domain) dividing the heads and query groups, ``pp`` dividing the
-layers, ``dp = gpus / (tp * pp)`` (:meth:`ParallelDims.from_world`) and, for a run config, the
-global batch split evenly over ``dp``.
+layers (the configured layout may split them unevenly, ``parallel.num_layers_in_*`` /
+``account_for_*``), the config's ``parallel.cp``, ``dp = gpus / (tp * pp * cp)``
+(:meth:`ParallelDims.from_world`) and, for a run config, the global batch split evenly over
+``dp``.
 Sequence parallelism is on wherever ``tp > 1``: it divides the activations the TP group would
 otherwise replicate at no extra communication volume (the configured layout keeps the config's
 ``parallel.sequence_parallel`` and ``parallel.vpp``). Layouts are ordered by preference: those
@@ -44,6 +46,14 @@ class LayoutPlan:
     fits: bool
     configured: bool = False
     """The layout the run config asks for (``parallel.*``)."""
+    num_microbatches: int = 1
+    """Microbatches per step on each data-parallel rank."""
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Pipeline bubble of the (interleaved) 1F1B schedule relative to the ideal step:
+        ``(pp - 1) / (vpp * microbatches)`` (Narayanan et al. 2021, section 2.2)."""
+        return (self.dims.pp - 1) / ((self.dims.vpp or 1) * self.num_microbatches)
 
     @property
     def tp(self) -> int:
@@ -62,6 +72,7 @@ class LayoutPlan:
         ``fits``) plus ``sequence_parallel``, ``worst_stage`` and ``configured``."""
         return {**self.dims.to_dict(), "sequence_parallel": self.sequence_parallel,
                 "memory_gib_per_gpu": self.memory.as_dict(), "worst_stage": self.memory.stage,
+                "bubble_fraction": round(self.bubble_fraction, 4),
                 "fits": self.fits, "configured": self.configured}
 
 
@@ -102,10 +113,13 @@ def _candidate(cfg: Config, dims: ParallelDims, configured: bool,
     virtual-pipeline settings, the others get SP wherever tp > 1 and no interleaving."""
     candidate = copy.deepcopy(cfg)
     p = cfg.parallel
+    uneven = {} if configured else dict(
+        num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=None,
+        account_for_embedding_in_pipeline_split=False, account_for_loss_in_pipeline_split=False)
     candidate.parallel = dataclasses.replace(
         p, tp=dims.tp, pp=dims.pp, dp=None,
         sequence_parallel=p.sequence_parallel if configured else dims.tp > 1,
-        vpp=p.vpp if configured else None)
+        vpp=p.vpp if configured else None, **uneven)
     if not batch_from_config:
         # A bare model has no batch: assume enough microbatches to fill the pipeline.
         candidate.train.global_batch_size = candidate.train.micro_batch_size * dims.dp * dims.pp
@@ -129,15 +143,16 @@ def plan_layouts(cfg: Config, gpus: int, device: str = "h100-sxm",
     recompute = recompute or cfg.train.recompute
     m = cfg.model
     layouts, rejected = [], {}
+    cp = cfg.parallel.cp
     for tp in TP_SIZES:
         for pp in range(1, m.num_layers + 1):
-            if m.num_layers % pp:
-                continue
-            try:
-                dims = ParallelDims.from_world(gpus, tp=tp, pp=pp)
-            except ConfigError:
-                continue  # gpus is not a multiple of tp * pp
             configured = batch_from_config and (tp, pp) == (cfg.parallel.tp, cfg.parallel.pp)
+            if m.num_layers % pp and not configured:
+                continue  # only the configured layout carries an uneven split
+            try:
+                dims = ParallelDims.from_world(gpus, tp=tp, pp=pp, cp=cp)
+            except ConfigError:
+                continue  # gpus is not a multiple of tp * pp * cp
             candidate = _candidate(cfg, dims, configured, batch_from_config)
             sp = candidate.parallel.sequence_parallel
             try:
@@ -147,9 +162,9 @@ def plan_layouts(cfg: Config, gpus: int, device: str = "h100-sxm",
                 continue
             memory = estimate_memory(candidate, layout.tp, layout.pp, layout.dp, sp,
                                      vpp=layout.vpp, recompute=recompute, attention=attention,
-                                     num_microbatches=layout.num_microbatches)
+                                     num_microbatches=layout.num_microbatches, cp=layout.cp)
             layouts.append(LayoutPlan(layout.dims, sp, memory, memory.total_gib <= budget,
-                                      configured))
+                                      configured, layout.num_microbatches))
     if not layouts:
         reasons = "; ".join(f"{k}: {v}" for k, v in list(rejected.items())[:3])
         raise ConfigError(f"No parallel layout of {m.preset or 'the model'} fits the arithmetic "
@@ -239,21 +254,23 @@ def format_plan(plan: Plan, limit: Optional[int] = None) -> str:
              f"{plan.gpus} x {plan.device} ({DEVICE_MEMORY_GIB[plan.device]:g} GiB): planning for "
              f"{plan.usable_gib:.1f} GiB per GPU (capacity - {RESERVED_GIB:g} GiB context/NCCL, "
              f"- {100 * FRAGMENTATION:.0f}% fragmentation)",
-             f"{'tp':>3} {'pp':>4} {'dp':>5} {'sp':>3} {'weights':>8} {'grads':>8} "
-             f"{'optim':>8} {'activ':>8} {'total':>8}  GiB/GPU  {'stage':<6}fits"]
+             f"{'tp':>3} {'pp':>4} {'cp':>3} {'vpp':>3} {'dp':>5} {'sp':>3} {'weights':>8} "
+             f"{'grads':>8} {'optim':>8} {'activ':>8} {'total':>8}  GiB/GPU  {'bubble':>6}  "
+             f"{'stage':<6}fits"]
     shown = plan.layouts if limit is None else plan.layouts[:limit]
     for lay in shown:
         mem = lay.memory
         gib = [v / GIB for v in (mem.params, mem.grads, mem.optimizer, mem.activations, mem.total)]
         mark = "  <- config" if lay.configured else ""
         sp = "on" if lay.sequence_parallel else "-"
-        lines.append(f"{lay.tp:>3} {lay.pp:>4} {lay.dp:>5} {sp:>3} "
-                     + " ".join(f"{v:>8.1f}" for v in gib)
-                     + f"           {mem.stage:<6}{'yes' if lay.fits else 'no'}{mark}")
+        lines.append(f"{lay.tp:>3} {lay.pp:>4} {lay.dims.cp:>3} {lay.dims.vpp or '-':>3} "
+                     f"{lay.dp:>5} {sp:>3} " + " ".join(f"{v:>8.1f}" for v in gib)
+                     + f"           {lay.bubble_fraction:>6.1%}  {mem.stage:<6}"
+                     f"{'yes' if lay.fits else 'no'}{mark}")
     if len(shown) < len(plan.layouts):
         lines.append(f"... {len(plan.layouts) - len(shown)} more (--all to show every layout)")
     best = plan.best
-    lines.append(f"preferred: tp={best.tp} pp={best.pp} dp={best.dp}"
+    lines.append(f"preferred: {best.dims.describe()}"
                  f"{' sequence_parallel' if best.sequence_parallel else ''} "
                  f"({best.memory.total_gib:.1f} GiB/GPU)" if best else
                  "no layout fits: raise the GPU count, use --recompute selective or full, or a "

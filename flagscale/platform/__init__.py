@@ -17,7 +17,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Optional
 
-from flagscale.errors import ConfigError
+from flagscale.errors import ConfigError, PlatformError
 
 if TYPE_CHECKING:
     import torch
@@ -59,15 +59,65 @@ class Platform:
     backend: str
     """torch.distributed backend (``nccl`` or ``gloo``)."""
     transformer_engine: bool
-    """Transformer Engine layer spec in use."""
+    """Transformer Engine layer spec in use (``transformer_engine.pytorch`` imports)."""
     apex: bool
     """apex fused kernels importable."""
+    fused_wgrad: bool = False
+    """``fused_weight_gradient_mlp_cuda`` importable: megatron-core's gradient-accumulation
+    fusion can run."""
+    missing_kernels: tuple[str, ...] = ()
+    """``name: reason`` of each optional kernel library that is absent or broken (cuda only)."""
 
     def describe(self) -> str:
         kernels = [n for n, on in (("transformer_engine", self.transformer_engine),
-                                   ("apex", self.apex)) if on]
+                                   ("apex", self.apex), ("fused_wgrad", self.fused_wgrad)) if on]
+        attention = ("Transformer Engine" if self.transformer_engine else
+                     "torch scaled_dot_product_attention (megatron-core local layer spec)")
+        missing = f"; unavailable: {'; '.join(self.missing_kernels)}" if self.missing_kernels else ""
         return (f"platform {self.kind}: device {self.device}, backend {self.backend}, optional "
-                f"kernels: {', '.join(kernels) or 'none (megatron-core local layer spec)'}")
+                f"kernels: {', '.join(kernels) or 'none (megatron-core local layer spec)'}"
+                f"{missing}; attention: {attention}")
+
+    def require_transformer_engine(self, features: list[str]) -> None:
+        """Refuse ``features`` (settings only Transformer Engine implements) when it is not in
+        use here, naming why (PlatformError)."""
+        if not features or self.transformer_engine:
+            return
+        why = next((note for note in self.missing_kernels
+                    if note.startswith("transformer_engine")), "it is not in use")
+        raise _te_refusal(features, why if self.kind == "cuda" else _no_te_on(self.kind))
+
+
+def _no_te_on(kind: str) -> str:
+    return f"the {kind} platform has none (Transformer Engine runs on NVIDIA GPUs only)"
+
+
+def _te_refusal(features: list[str], why: str) -> PlatformError:
+    return PlatformError(f"{'; '.join(features)}: needs Transformer Engine, but {why}. Install a "
+                         f"Transformer Engine built for this torch and CUDA (pip install "
+                         f"transformer_engine[pytorch]) on a GPU machine, or turn the setting "
+                         f"off.")
+
+
+def require_transformer_engine(features: list[str], name: str = "auto") -> None:
+    """Refuse, before any process starts, ``features`` (settings only Transformer Engine
+    implements) where platform ``name`` would run without it: the active platform's answer, or,
+    in a launcher that has not set one up, the same decision made without binding a GPU."""
+    if not features:
+        return
+    if _ACTIVE is not None:
+        _ACTIVE.require_transformer_engine(features)
+        return
+    import torch
+
+    from flagscale.platform.kernels import probe_kernel
+
+    kind = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    if kind != "cuda":
+        raise _te_refusal(features, _no_te_on(kind))
+    status = probe_kernel("transformer_engine")
+    if not status.available:
+        raise _te_refusal(features, status.describe())
 
 
 _ACTIVE: Platform | None = None
@@ -103,8 +153,9 @@ def setup_platform(name: str = "auto") -> Platform:
             from flagscale.platform import cuda
             device = cuda.install()
             kernels = cuda.optional_kernels()
-            platform = Platform("cuda", device, "nccl", kernels["transformer_engine"],
-                                kernels["apex"])
+            platform = Platform("cuda", device, "nccl", kernels["transformer_engine"].available,
+                                kernels["apex"].available, kernels["fused_wgrad"].available,
+                                tuple(k.describe() for k in kernels.values() if not k.available))
         else:
             from flagscale.platform import cpu
             cpu.install()

@@ -1,17 +1,18 @@
-"""The CUDA backend: NCCL, one GPU per local rank, Transformer Engine and apex when importable."""
+"""The CUDA backend: NCCL, one GPU per local rank, Transformer Engine and apex when they really
+import (:mod:`flagscale.platform.kernels`)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
 
+from flagscale.platform.kernels import KernelStatus, probe_kernels
 
-def optional_kernels() -> dict[str, bool]:
-    """Which optional fused-kernel libraries can be imported (no import side effects)."""
-    return {"transformer_engine": importlib.util.find_spec("transformer_engine") is not None,
-            "apex": importlib.util.find_spec("apex") is not None}
+
+def optional_kernels() -> dict[str, KernelStatus]:
+    """The status of each optional fused-kernel library (imported for real)."""
+    return probe_kernels()
 
 
 def install() -> torch.device:

@@ -32,10 +32,11 @@ class TrainingObjects:
 
 def build_training(cfg: Config, layout: Layout, platform: Platform) -> TrainingObjects:
     """Build, initialise and wrap the model, then its optimizer and schedule (collective)."""
-    model = [_wrap_ddp(chunk, cfg, platform, i)
+    ddp = ddp_config(cfg, layout, platform)
+    model = [_wrap_ddp(chunk, ddp, i)
              for i, chunk in enumerate(build_model(cfg, layout, platform))]
-    optimizer = _build_optimizer(cfg, model)
-    _configure_schedule(model, optimizer)
+    optimizer = _build_optimizer(cfg, model, ddp)
+    configure_schedule(model, optimizer, ddp)
     return TrainingObjects(model, optimizer, _build_scheduler(cfg, optimizer))
 
 
@@ -69,28 +70,57 @@ def init_model_parallel(cfg: Config, layout: Layout) -> None:
     model_parallel_cuda_manual_seed(cfg.train.seed)
 
 
-def _wrap_ddp(chunk, cfg: Config, platform: Platform, index: int):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+def ddp_config(cfg: Config, layout: Layout, platform: Platform):
+    """megatron-core's ``DistributedDataParallelConfig`` for the run. The overlap settings left
+    at ``None`` in the config follow the platform: on for cuda as the Megatron-LM / NeMo recipes
+    run dense Llama, off on cpu, where gloo gains nothing from overlap."""
+    from megatron.core.distributed import DistributedDataParallelConfig
 
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=cfg.model.params_dtype == "bf16",
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+    p, t = cfg.parallel, cfg.train
+    cuda = platform.kind == "cuda"
+    overlap_grad = cuda if p.overlap_grad_reduce is None else p.overlap_grad_reduce
+    overlap_param = ((cuda and p.distributed_optimizer) if p.overlap_param_gather is None
+                     else p.overlap_param_gather)
+    align = ((overlap_param and bool(layout.vpp)) if p.align_param_gather is None
+             else p.align_param_gather)
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=cfg.model.params_dtype == "bf16" and p.grad_reduce_dtype == "fp32",
+        overlap_grad_reduce=overlap_grad,
+        overlap_param_gather=overlap_param,
+        align_param_gather=align,
+        use_distributed_optimizer=p.distributed_optimizer,
+        # A NaN or infinite gradient raises before the optimizer step: bf16 has no loss scaler to
+        # skip the step, and a NaN grad norm disables clipping, so it would reach the weights.
+        check_for_nan_in_grad=t.check_for_nan_in_grad,
+        bucket_size=p.ddp_bucket_size,
     )
+
+
+def _wrap_ddp(chunk, ddp, index: int):
+    from megatron.core.distributed import DistributedDataParallel
+
     # Only the first chunk's buckets are split; later chunks hold one bucket (Megatron's choice).
-    return DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+    return DistributedDataParallel(config=chunk.config, ddp_config=ddp, module=chunk,
                                    disable_bucketing=index > 0)
 
 
-def _build_optimizer(cfg: Config, model):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+def optimizer_config(cfg: Config, ddp):
+    """megatron-core's ``OptimizerConfig`` for the run (AdamW, clipping, bf16 master weights)."""
+    from megatron.core.optimizer import OptimizerConfig
 
     t, bf16 = cfg.train, cfg.model.params_dtype == "bf16"
-    return get_megatron_optimizer(OptimizerConfig(
+    return OptimizerConfig(
         optimizer="adam", lr=t.lr, min_lr=t.final_lr, weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
         clip_grad=t.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=cfg.parallel.distributed_optimizer), model)
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        overlap_param_gather=ddp.overlap_param_gather)
+
+
+def _build_optimizer(cfg: Config, model, ddp):
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    return get_megatron_optimizer(optimizer_config(cfg, ddp), model)
 
 
 def _build_scheduler(cfg: Config, optimizer):
@@ -105,10 +135,34 @@ def _build_scheduler(cfg: Config, optimizer):
         wd_incr_steps=decay, wd_incr_style="constant")
 
 
-def _configure_schedule(model, optimizer) -> None:
+def configure_schedule(model, optimizer, ddp) -> None:
+    """Hand megatron-core's pipeline schedules the hooks Megatron-LM's training loop sets
+    (``training.py``): loss scaling and gradient finalisation always; with overlapped gradient
+    reduction, ``no_sync_func`` (no reduction while microbatches accumulate) and
+    ``grad_sync_func`` (each chunk's reduction started as soon as its last backward is done);
+    with aligned parameter gathers, ``param_sync_func`` (each chunk's all-gather started by the
+    schedule before its first forward)."""
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.utils import get_model_config
+
+    def per_chunk(funcs):
+        return funcs[0] if len(funcs) == 1 else funcs
 
     config = get_model_config(model[0])
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = config.grad_sync_func = config.param_sync_func = None
+    if ddp.overlap_grad_reduce:
+        config.no_sync_func = per_chunk([chunk.no_sync for chunk in model])
+        config.grad_sync_func = per_chunk([chunk.start_grad_sync for chunk in model])
+    if ddp.overlap_param_gather and ddp.align_param_gather:
+        config.param_sync_func = per_chunk([chunk.start_param_sync for chunk in model])
+
+
+def finish_param_sync(model) -> None:
+    """Make every chunk's weights current. With overlapped parameter gathers the optimizer step
+    leaves the all-gather of the updated weights to the next forward pass; a checkpoint written
+    in between would hold the previous step's weights."""
+    for chunk in model:
+        if chunk.ddp_config.use_distributed_optimizer and chunk.ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)

@@ -15,6 +15,7 @@ objects, each deciding itself when it acts.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import warnings
 from functools import partial
 from pathlib import Path
@@ -25,13 +26,14 @@ import torch
 from flagscale.checkpoint import (AsyncSaves, CheckpointMeta, latest_checkpoint, load_checkpoint,
                                   read_run_state, resolve_checkpoint, save_checkpoint)
 from flagscale.config import Config, config_to_dict, dump_config
-from flagscale.data.datasets import batch_index, build_datasets, microbatches
+from flagscale.data.datasets import BatchPrefetcher, batch_index, build_datasets, microbatches
 from flagscale.data.fingerprint import (check_data_unchanged, data_cache_dir, shared_fingerprints,
                                         write_run_fingerprints)
 from flagscale.platform import setup_platform
 from flagscale.train.callbacks import Callback, StepInfo, build_callbacks
 from flagscale.train.preflight import check_run
-from flagscale.train.setup import build_training, init_model_parallel, init_process_group
+from flagscale.train.setup import (build_training, finish_param_sync, init_model_parallel,
+                                   init_process_group)
 
 
 def train(cfg: Config) -> None:
@@ -94,6 +96,7 @@ class Trainer:
                             and parallel_state.get_tensor_model_parallel_rank() == 0)
         self._metrics: dict[str, tuple[str, object]] = {}
         self._log_now = False
+        self._init_data_path()
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -113,6 +116,7 @@ class Trainer:
             raise
         finally:
             self._call("close")
+            self._close_data_path()
 
     def train_step(self) -> StepInfo:
         """One optimizer step on the global batch of iteration ``self.iteration + 1``."""
@@ -123,8 +127,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         reduced = self._forward_backward(
             forward_step_func=_forward_step,
-            data_iterator=self._data_iterators(self.train_dataset,
-                                               batch_index(cfg, self.iteration)),
+            data_iterator=self._train_iterators(),
             model=self.model, num_microbatches=self.layout.num_microbatches,
             seq_length=cfg.train.seq_length, micro_batch_size=cfg.train.micro_batch_size,
             forward_only=False)
@@ -133,6 +136,8 @@ class Trainer:
             self.scheduler.step(increment=1)
         self.iteration += 1
         self.consumed_samples += cfg.train.global_batch_size
+        if self._gc_interval and self.iteration % self._gc_interval == 0:
+            gc.collect()
         grad_norm = None if grad_norm is None else float(grad_norm)
         self.record_metric("loss", _sum_losses(reduced if self._holds_loss else [], device),
                            reduce="ratio")
@@ -140,7 +145,7 @@ class Trainer:
         self.record_metric("grad_norm", grad_norm, reduce="mean")
         self.record_metric("consumed_samples", self.consumed_samples)
         return StepInfo(self.iteration, grad_norm,
-                        _sample_losses(reduced) if self._holds_loss else None)
+                        _sample_losses(reduced, self.layout.cp) if self._holds_loss else None)
 
     # ---- metrics -------------------------------------------------------------------------------
 
@@ -233,6 +238,7 @@ class Trainer:
         ``post_checkpoint_saved``) when :meth:`finish_saves` finds every rank done. A save
         first completes the previous background save, so at most one is in flight."""
         self.finish_saves(blocking=True)
+        finish_param_sync(self.model)
         states = {type(c).__name__: state for c in self.callbacks if (state := c.state_dict())}
         path = save_checkpoint(self.run_dir / "checkpoints", self.iteration, self.model,
                                self.optimizer, self.scheduler, self.consumed_samples,
@@ -295,12 +301,48 @@ class Trainer:
         for callback in self.callbacks:
             getattr(callback, method)(*args)
 
+    # ---- the data path -------------------------------------------------------------------------
+
+    def _init_data_path(self) -> None:
+        """On GPUs: the next batch read on a background thread into pinned memory, and Python's
+        garbage collection at fixed steps on every rank (an automatic collection pauses one rank
+        at a random moment and every collective waits for it). On cpu the data is read on the
+        loop's thread, as before, and collection stays automatic unless configured."""
+        cuda = self.platform.kind == "cuda"
+        interval = self.cfg.train.manual_gc_interval
+        self._gc_interval = (100 if cuda else 0) if interval is None else interval
+        if self._gc_interval:
+            gc.disable()
+            gc.collect()
+        self._prefetcher = (BatchPrefetcher(self.train_dataset, self.cfg, self.layout,
+                                            self._dp_rank) if cuda else None)
+
+    def _close_data_path(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+        if self._gc_interval:
+            gc.enable()
+
+    def _train_iterators(self):
+        """This step's data iterators; with the prefetcher, this step's batch copied to the
+        device at once and the next step's read started."""
+        batch = batch_index(self.cfg, self.iteration)
+        if self._prefetcher is None:
+            return self._data_iterators(self.train_dataset, batch)
+        device_batch = self._prefetcher.device_microbatches(batch, self.platform.device)
+        if self.iteration + 1 < self.end_iteration:
+            self._prefetcher.prefetch(batch_index(self.cfg, self.iteration + 1))
+        return self._chunk_iterators(lambda: iter(device_batch))
+
     def _data_iterators(self, dataset, batch: int):
         """One iterator per model chunk; chunks that neither embed nor compute the loss get
         None."""
-        iters = [microbatches(dataset, self.cfg, self.layout, self._dp_rank, batch,
-                              self.platform.device)
-                 if (c.module.pre_process or c.module.post_process) else None for c in self.model]
+        return self._chunk_iterators(lambda: microbatches(
+            dataset, self.cfg, self.layout, self._dp_rank, batch, self.platform.device))
+
+    def _chunk_iterators(self, make):
+        iters = [make() if (c.module.pre_process or c.module.post_process) else None
+                 for c in self.model]
         return iters if len(iters) > 1 else iters[0]
 
 
@@ -358,7 +400,8 @@ def _loss(loss_mask, per_token_loss):
     per_token = per_token_loss.float()
     loss_sum = (per_token * mask).sum()
     tokens = mask.sum()
-    per_sample = (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    # Per sample: (loss sum, tokens), summed over the context-parallel ranks at the step's end.
+    per_sample = torch.stack([(per_token * mask).sum(dim=1), mask.sum(dim=1)])
     return loss_sum, tokens.to(torch.int), {
         "loss": torch.stack([loss_sum.detach(), tokens]).double(),
         "sample_losses": per_sample.detach()}
@@ -372,5 +415,16 @@ def _sum_losses(reduced: list[dict], device) -> torch.Tensor:
     return total
 
 
-def _sample_losses(reduced: list[dict]) -> Optional[torch.Tensor]:
-    return torch.cat([item["sample_losses"] for item in reduced]) if reduced else None
+def _sample_losses(reduced: list[dict], cp: int = 1) -> Optional[torch.Tensor]:
+    """Each sample's mean token loss over ``reduced``; under context parallelism every rank holds
+    a share of each sequence, so the (loss sum, tokens) pairs are summed over the CP group (one
+    all-reduce per step, on the ranks that hold losses: the whole CP group of each)."""
+    if not reduced:
+        return None
+    sums = torch.cat([item["sample_losses"] for item in reduced], dim=1)
+    if cp > 1:
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        dist.all_reduce(sums, group=parallel_state.get_context_parallel_group())
+    return sums[0] / sums[1].clamp(min=1)

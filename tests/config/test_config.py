@@ -111,7 +111,7 @@ def test_tokenizer_larger_than_the_model_vocabulary_is_refused_before_launch(
 
 @pytest.mark.parametrize("overrides, message", [
     (["trace.window=0"], r"trace\.window \(0\) must be at least 1"),
-    (["trace.spike_factor=1"], r"trace\.spike_factor \(1\.0\) must be > 1"),
+    (["trace.spike_factor=0"], r"trace\.spike_factor \(0\.0\) must be > 0"),
     (["trace.max_reports=-1"], r"trace\.max_reports must be >= 0, got -1"),
     (["trace.text_chars=-5"], r"trace\.text_chars must be >= 0, got -5"),
     (["metrics.peak_tflops=0"], r"metrics\.peak_tflops must be positive"),

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from flagscale.config import ParallelDims, load_config, validate
-from flagscale.errors import ConfigError
+from flagscale.config import ParallelDims, load_config, transformer_engine_features, validate
+from flagscale.errors import ConfigError, FlagScaleError
+from flagscale.platform import require_transformer_engine
 
 
 def test_derives_dp_from_the_world_and_multiplies_in_one_place():
@@ -46,10 +48,17 @@ def test_layout_reads_its_degrees_from_dims():
         (2, 1, 1, 2, None, 4)
 
 
-def test_context_parallelism_is_refused_up_front():
-    cfg = load_config(overrides=["model.preset=tiny", "parallel.cp=2"])
-    with pytest.raises(ConfigError, match=r"parallel\.cp=2: context parallelism is not wired"):
+def test_context_parallelism_is_checked_up_front():
+    cfg = load_config(overrides=["model.preset=tiny", "parallel.cp=2", "train.seq_length=102"])
+    with pytest.raises(ConfigError, match=r"train\.seq_length \(102\) % \(2 \* parallel\.cp "
+                                          r"\(2\) \* parallel\.tp \(1\)\) = 2"):
         validate(cfg, world_size=2, check_paths=False)
+    cfg = load_config(overrides=["model.preset=tiny", "parallel.cp=2"])
+    assert validate(cfg, world_size=2, check_paths=False).cp == 2
+    # The attention needs Transformer Engine: refused before launch where it is absent.
+    if not torch.cuda.is_available():
+        with pytest.raises(FlagScaleError, match=r"parallel\.cp=2 .*needs Transformer Engine"):
+            require_transformer_engine(transformer_engine_features(cfg), cfg.platform)
     cfg = load_config(overrides=["model.preset=tiny", "parallel.cp=0"])
     with pytest.raises(ConfigError, match=r"parallel\.cp must be at least 1, got 0"):
         validate(cfg, world_size=2, check_paths=False)

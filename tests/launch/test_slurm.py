@@ -38,6 +38,9 @@ def test_aquila2_34b_64_node_script(tmp_path, monkeypatch):
     assert '--rdzv-backend=c10d' in text and '--rdzv-id="$SLURM_JOB_ID"' in text
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST"' in text
     assert "export CUDA_DEVICE_MAX_CONNECTIONS=1" in text
+    # The allocator and NCCL settings of the Megatron-LM / NeMo H100 recipes.
+    assert "export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}" in text
+    assert "export TORCH_NCCL_AVOID_RECORD_STREAMS=${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}" in text
     assert f"-m flagscale train {job.config}" in text
     # Every NCCL setting sits in one block of consecutive lines.
     lines = text.splitlines()

@@ -14,14 +14,20 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 CASES = [("aquila2_34b/h100_64nodes.yaml", 64 * 8, (4, 4, 32)),
          ("llama3_8b/h100_1node.yaml", 8, (2, 1, 4)),
-         ("llama3_1_405b/h100_144nodes.yaml", 144 * 8, (8, 6, 24))]
+         ("llama3_1_405b/h100_144nodes.yaml", 144 * 8, (8, 6, 24)),
+         # The anchors' H100 layouts (NeMo / Megatron-Bridge recipes), with (tp, pp, dp, cp, vpp).
+         ("llama3_8b/h100_1node_cp2.yaml", 8, (1, 1, 4, 2, None)),
+         ("llama3_70b/h100_8nodes.yaml", 64, (4, 4, 2, 2, 5)),
+         ("llama3_1_405b/h100_128nodes.yaml", 1024, (8, 8, 8, 2, 8)),
+         ("aquila2_34b/h100_16nodes_vpp.yaml", 128, (4, 2, 16, 1, 3)),
+         ("llama3_1_8b/h100_4nodes_128k.yaml", 32, (4, 1, 1, 8, None))]
 
 
 @pytest.mark.parametrize("name,world,layout", CASES)
 def test_example_validates_and_fits(name, world, layout):
     cfg = load_config(EXAMPLES / name)
     got = validate(cfg, world, check_paths=False)
-    assert (got.tp, got.pp, got.dp) == layout
+    assert (got.tp, got.pp, got.dp, got.cp, got.vpp)[:len(layout)] == layout
     assert cfg.model.params_dtype == "bf16" and cfg.parallel.distributed_optimizer
     configured = [lay for lay in plan_layouts(cfg, world, device=cfg.metrics.device).layouts
                   if lay.configured]

@@ -66,6 +66,11 @@ def single_process_losses(tmp_path_factory, tiny_corpus, tiny_tokenizer):
     {"pp": 2},
     {"pp": 2, "vpp": 2},
     {"dp": 2},
+    # An uneven pipeline split: 1 layer on the first stage, 3 on the last.
+    {"pp": 2, "num_layers_in_first_pipeline_stage": 1},
+    # Megatron-LM's GPU settings: gradient reduction and parameter gathers overlapped through the
+    # schedule's no_sync/grad_sync hooks and DDP's forward pre-hooks.
+    {"dp": 2, "overlap_grad_reduce": True, "overlap_param_gather": True},
 ], ids=lambda layout: "-".join(f"{k}{v}" for k, v in layout.items()))
 def test_two_process_layouts_match_single_process(layout, tmp_path, tiny_corpus, tiny_tokenizer,
                                                  single_process_losses):
