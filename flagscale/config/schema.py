@@ -199,6 +199,20 @@ class TraceConfig:
     max_reports: int = 10
     """Reports one training process writes at most (a diverged run would otherwise write one per
     step)."""
+    on_spike: str = "report"
+    """What a reported step does to the run: ``report`` (write the report and train on),
+    ``skip`` (a non-finite step is retried on the next batch, its batch joining the skipped ones;
+    a finite spike is only reported, its update already applied) or ``rewind`` (reload the newest
+    complete checkpoint in the same processes, skip the step's batch, and train on). The skipped
+    batches are saved in every checkpoint, so a resumed run keeps skipping them. A non-finite
+    gradient never reaches the weights in any mode."""
+    max_rewinds: int = 3
+    """Rewinds (``rewind``) or skips (``skip``) a run makes at most; one more stops it with an
+    error. The train dataset is sized up front for that many skipped batches, so a rewind never
+    changes the data order."""
+    rewind_skip_around: int = 0
+    """With ``rewind``, also skip this many batches before and after the spiking one (those not
+    trained on before the checkpoint it rewinds to)."""
 
 
 @dataclass

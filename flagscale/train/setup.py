@@ -90,7 +90,11 @@ def _build_optimizer(cfg: Config, model):
         optimizer="adam", lr=t.lr, min_lr=t.final_lr, weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
         clip_grad=t.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=cfg.parallel.distributed_optimizer), model)
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        # A constant loss scale of 1 changes no number but turns on the mixed-precision
+        # optimizers' check that drops an update with a non-finite gradient (see
+        # Trainer._optimizer_step for the fp32 optimizer, which ignores it).
+        loss_scale=1.0), model)
 
 
 def _build_scheduler(cfg: Config, optimizer):
