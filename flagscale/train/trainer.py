@@ -154,6 +154,9 @@ class Trainer:
         optimizer) has no check, so the norm is computed once more here first, in that mode only.
         """
         if not self._optimizer_checks_grads:
+            # prepare_grads points each parameter's .grad at its reduced gradient, which the norm
+            # reads (step() repeats it, harmlessly).
+            self.optimizer.prepare_grads()
             if not math.isfinite(float(self.optimizer.get_grad_norm())):
                 return False, float("nan")
         updated, grad_norm, _ = self.optimizer.step()
