@@ -262,6 +262,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.fp8_recipe": ("tensorwise", "delayed"),
     "parallel.grad_reduce_dtype": ("fp32", "bf16"),
     "parallel.cp_comm_type": ("p2p", "all_gather", "a2a", "a2a+p2p"),
+    "trace.on_spike": ("report", "skip", "rewind"),
 }
 """The allowed values of the config keys that take one of a few names."""
 
@@ -423,9 +424,19 @@ def _check_sections(cfg: Config) -> None:
         raise ConfigError(f"trace.window ({tr.window}) must be at least 1: it is the number of "
                           f"recent losses whose median is the spike reference (50 is the "
                           f"default).")
-    for key, value in (("trace.text_chars", tr.text_chars), ("trace.max_reports", tr.max_reports)):
+    for key, value in (("trace.text_chars", tr.text_chars), ("trace.max_reports", tr.max_reports),
+                       ("trace.max_rewinds", tr.max_rewinds),
+                       ("trace.rewind_skip_around", tr.rewind_skip_around)):
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}.")
+    if tr.on_spike != "report" and not tr.enabled:
+        raise ConfigError(f"trace.on_spike={tr.on_spike} acts on the spikes the trace callback "
+                          f"detects, but trace.enabled is false. Set trace.enabled=true or "
+                          f"trace.on_spike=report.")
+    if tr.on_spike == "rewind" and not cfg.checkpoint.save_interval:
+        raise ConfigError("trace.on_spike=rewind reloads the newest checkpoint at a spike, but "
+                          "checkpoint.save_interval is 0 (no checkpoints are saved). Set "
+                          "checkpoint.save_interval (e.g. 100) or trace.on_spike=skip/report.")
     if me.peak_tflops is not None and me.peak_tflops <= 0:
         raise ConfigError(f"metrics.peak_tflops must be positive (dense TFLOP/s of one device), "
                           f"got {me.peak_tflops}.")

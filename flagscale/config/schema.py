@@ -185,9 +185,11 @@ class TrainConfig:
     """Disable Python's automatic garbage collection and collect every this many steps on every
     rank at once (a collection on one rank stalls every collective); 0 keeps automatic GC.
     ``None``: 100 on the cuda platform, 0 on cpu."""
-    check_for_nan_in_grad: bool = True
-    """Stop with an error naming the rank when a gradient is NaN or infinite, before the optimizer
-    step (megatron-core DDP's check), instead of training on it."""
+    check_for_nan_in_grad: bool = False
+    """Stop with an error naming the rank when a gradient is NaN or infinite (megatron-core DDP's
+    check, Megatron-LM's default). Off by default because flagscale never applies such a step
+    anyway (the optimizer drops it) and ``trace.on_spike`` then reports, skips or rewinds past
+    its batch, which a stopped run cannot."""
 
     @property
     def final_lr(self) -> float:
@@ -267,6 +269,20 @@ class TraceConfig:
     max_reports: int = 10
     """Reports one training process writes at most (a diverged run would otherwise write one per
     step)."""
+    on_spike: str = "report"
+    """What a reported step does to the run: ``report`` (write the report and train on),
+    ``skip`` (a non-finite step is retried on the next batch, its batch joining the skipped ones;
+    a finite spike is only reported, its update already applied) or ``rewind`` (reload the newest
+    complete checkpoint in the same processes, skip the step's batch, and train on). The skipped
+    batches are saved in every checkpoint, so a resumed run keeps skipping them. A non-finite
+    gradient never reaches the weights in any mode."""
+    max_rewinds: int = 3
+    """Rewinds (``rewind``) or skips (``skip``) a run makes at most; one more stops it with an
+    error. The train dataset is sized up front for that many skipped batches, so a rewind never
+    changes the data order."""
+    rewind_skip_around: int = 0
+    """With ``rewind``, also skip this many batches before and after the spiking one (those not
+    trained on before the checkpoint it rewinds to)."""
 
 
 @dataclass

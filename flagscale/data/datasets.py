@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from concurrent.futures import Future
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 
@@ -24,18 +24,33 @@ from flagscale.config import Config, Layout, data_prefixes
 from flagscale.errors import DataError
 
 
-def batch_index(cfg: Config, iteration: int) -> int:
-    """The global batch read by 0-based ``iteration``, stepping over ``data.skip_iterations``.
+def batch_index(cfg: Config, iteration: int, skipped: Iterable[int] = ()) -> int:
+    """The global batch read by 0-based ``iteration``, stepping over ``data.skip_iterations`` and
+    ``skipped`` (the batches a run added itself at spikes: ``trace.on_spike``).
 
-    Skipping iteration ``k`` (1-based) retires the batch it read before the skip was configured,
-    batch ``k - 1``: iterations before it are unchanged, later ones shift by one batch per skip.
+    An entry ``k`` retires batch ``k - 1``, the batch iteration ``k`` reads in a run without
+    skips: iterations before it are unchanged, later ones shift by one batch per skip. To retire
+    the batch ``b`` an iteration read, skip ``b + 1`` (equal to the iteration's number only while
+    no earlier batch is skipped).
     """
-    skipped = sorted({int(k) - 1 for k in cfg.data.skip_iterations})
+    retired = sorted({int(k) - 1 for k in (*cfg.data.skip_iterations, *skipped)})
     batch = iteration
-    for k in skipped:
+    for k in retired:
         if k <= batch:
             batch += 1
     return batch
+
+
+def train_batches(cfg: Config) -> int:
+    """Global batches the train dataset holds: those the run reads, plus one per batch that
+    ``trace.on_spike`` may skip on its own (up to ``trace.max_rewinds`` times). Sized up front
+    because megatron-core shuffles over the total sample count: a skip added during the run must
+    not change the data order, so that a rewound run reads what a run configured with the same
+    skips reads."""
+    tr = cfg.trace
+    reserve = {"report": 0, "skip": tr.max_rewinds,
+               "rewind": tr.max_rewinds * (2 * tr.rewind_skip_around + 1)}[tr.on_spike]
+    return batch_index(cfg, cfg.train.iterations - 1) + 1 + reserve
 
 
 def global_sample_index(iteration: int, microbatch: int, dp_rank: int, row: int,
@@ -97,8 +112,7 @@ def build_datasets(cfg: Config, layout: Layout, eod: int, cache_dir: Path,
         raise DataError("data.paths is empty: nothing to train on.")
     weights = [w for w, _ in prefixes]
     paths = [p for _, p in prefixes]
-    train_samples = batch_index(cfg, cfg.train.iterations - 1) * cfg.train.global_batch_size + \
-        cfg.train.global_batch_size
+    train_samples = train_batches(cfg) * cfg.train.global_batch_size
     cache_dir.mkdir(parents=True, exist_ok=True)
     gpt_config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
@@ -125,9 +139,11 @@ def build_datasets(cfg: Config, layout: Layout, eod: int, cache_dir: Path,
     if train is None or len(train) < train_samples:
         have = 0 if train is None else len(train)
         raise DataError(f"The train split of data.paths {paths} yields {have} samples of "
-                        f"{cfg.train.seq_length} tokens, but {cfg.train.iterations} iterations x "
-                        f"global batch {cfg.train.global_batch_size} need {train_samples}. Add data "
-                        f"or give the train split more weight (data.split={cfg.data.split!r}).")
+                        f"{cfg.train.seq_length} tokens, but {train_batches(cfg)} batches "
+                        f"({cfg.train.iterations} iterations, plus skipped ones and those "
+                        f"trace.on_spike may skip) x global batch {cfg.train.global_batch_size} "
+                        f"need {train_samples}. Add data or give the train split more weight "
+                        f"(data.split={cfg.data.split!r}).")
     return train, valid
 
 

@@ -54,6 +54,9 @@ class Tracer:
         self.dataset = dataset
         self.parts = list(getattr(dataset, "datasets", [dataset]))
         self.tokenizer = tokenizer
+        self.skipped: list[int] = []
+        """Batches the run skipped on its own at spikes (see
+        :func:`~flagscale.data.datasets.batch_index`), besides ``data.skip_iterations``."""
         self._provenance: dict[int, object] = {}
 
     # ---- which sample, which documents ---------------------------------------------------------
@@ -66,7 +69,7 @@ class Tracer:
             raise ConfigError(f"Iteration {iteration} is outside the run: train.iterations is "
                               f"{t.iterations} (iterations are 1-based). Trace 1..{t.iterations}, "
                               f"or pass the config (and overrides) the run was started with.")
-        batch = batch_index(self.cfg, iteration - 1)
+        batch = batch_index(self.cfg, iteration - 1, self.skipped)
         rows = [(m, r, j, global_sample_index(batch, m, r, j, t.micro_batch_size, self.layout.dp,
                                               t.global_batch_size))
                 for m in range(self.layout.num_microbatches) for r in range(self.layout.dp)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import warnings
 from functools import partial
 from pathlib import Path
@@ -31,6 +32,7 @@ from flagscale.data.fingerprint import (check_data_unchanged, data_cache_dir, sh
                                         write_run_fingerprints)
 from flagscale.platform import setup_platform
 from flagscale.train.callbacks import Callback, StepInfo, build_callbacks
+from flagscale.train.callbacks.spikes import StepDiscarded
 from flagscale.train.preflight import check_run
 from flagscale.train.setup import (build_training, finish_param_sync, init_model_parallel,
                                    init_process_group)
@@ -72,6 +74,9 @@ class Trainer:
             callback.trainer = self
 
         self.start_iteration = self.iteration = self.consumed_samples = 0
+        self.skipped_batches: list[int] = []
+        """Batches skipped at spikes (``trace.on_spike``), besides ``data.skip_iterations``,
+        numbered like it; saved with the spike callback's state."""
         self.end_iteration = min(cfg.train.iterations, cfg.train.stop_iteration or
                                  cfg.train.iterations)
         self.data_fingerprints = shared_fingerprints(cfg)
@@ -95,6 +100,9 @@ class Trainer:
         self._holds_loss = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
                             and parallel_state.get_tensor_model_parallel_rank() == 0)
         self._metrics: dict[str, tuple[str, object]] = {}
+        self._optimizer_checks_grads = all(
+            getattr(o, "grad_scaler", None) is not None
+            for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
         self._log_now = False
         self._init_data_path()
 
@@ -108,7 +116,10 @@ class Trainer:
             while self.iteration < self.end_iteration:
                 self._call("pre_step", self.iteration + 1)
                 step = self.train_step()
-                self._call("post_step", step)
+                try:
+                    self._call("post_step", step)
+                except StepDiscarded:
+                    continue  # the spike callback rewound or retried it (rewind_to)
                 if self._record_due():
                     self._log_metrics()
         except BaseException as exc:
@@ -131,14 +142,13 @@ class Trainer:
             model=self.model, num_microbatches=self.layout.num_microbatches,
             seq_length=cfg.train.seq_length, micro_batch_size=cfg.train.micro_batch_size,
             forward_only=False)
-        updated, grad_norm, _ = self.optimizer.step()
+        updated, grad_norm = self._optimizer_step()
         if updated:
             self.scheduler.step(increment=1)
         self.iteration += 1
         self.consumed_samples += cfg.train.global_batch_size
         if self._gc_interval and self.iteration % self._gc_interval == 0:
             gc.collect()
-        grad_norm = None if grad_norm is None else float(grad_norm)
         self.record_metric("loss", _sum_losses(reduced if self._holds_loss else [], device),
                            reduce="ratio")
         self.record_metric("lr", lr)
@@ -146,6 +156,48 @@ class Trainer:
         self.record_metric("consumed_samples", self.consumed_samples)
         return StepInfo(self.iteration, grad_norm,
                         _sample_losses(reduced, self.layout.cp) if self._holds_loss else None)
+
+    def _optimizer_step(self) -> tuple[bool, Optional[float]]:
+        """megatron-core's optimizer step, which never applies a non-finite gradient: (updated,
+        global gradient norm), the norm nan when the update was dropped for one.
+
+        The constant loss scale of 1 (:mod:`flagscale.train.setup`) makes megatron-core's
+        mixed-precision optimizers (bf16, or the distributed optimizer) check their gradients
+        and drop such an update themselves. Its fp32 optimizer (fp32 without the distributed
+        optimizer) has no check, so the norm is computed once more here first, in that mode only.
+        """
+        if not self._optimizer_checks_grads:
+            # prepare_grads points each parameter's .grad at its reduced gradient, which the norm
+            # reads (step() repeats it, harmlessly).
+            self.optimizer.prepare_grads()
+            if not math.isfinite(float(self.optimizer.get_grad_norm())):
+                return False, float("nan")
+        updated, grad_norm, _ = self.optimizer.step()
+        if not updated:
+            return False, float("nan")
+        return True, None if grad_norm is None else float(grad_norm)
+
+    def rewind_to(self, checkpoint: Optional[Path], skip: Sequence[int]) -> None:
+        """Collective: discard this iteration and train on without batches ``skip`` (numbered
+        like ``data.skip_iterations``). With a ``checkpoint``, every step after it is discarded
+        too: it is reloaded into this process's model, optimizer, schedule and callbacks. Without
+        one only the last step is discarded, whose update the optimizer already dropped (a
+        non-finite step). First logs a record of this iteration with ``rewind``: {from, to,
+        skipped}."""
+        skipped = sorted({*self.skipped_batches, *skip})
+        to = self.iteration - 1 if checkpoint is None else read_run_state(checkpoint)["iteration"]
+        self.record_metric("rewind", {"from": self.iteration, "to": to, "skipped": list(skip)},
+                           log_now=True)
+        self._log_metrics()
+        if checkpoint is None:
+            self.iteration -= 1
+            self.consumed_samples -= self.cfg.train.global_batch_size
+        else:
+            loaded = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler,
+                                     self.cfg.model, self.layout)
+            self.iteration, self.consumed_samples = loaded["iteration"], loaded["consumed_samples"]
+            self._load_callback_states(loaded["callbacks"])
+        self.skipped_batches = skipped
 
     # ---- metrics -------------------------------------------------------------------------------
 
@@ -282,10 +334,7 @@ class Trainer:
                                  self.cfg.model, self.layout)
         self.start_iteration = self.iteration = loaded["iteration"]
         self.consumed_samples = loaded["consumed_samples"]
-        # Callback state is keyed by class name: one stateful callback of each class per run.
-        for callback in self.callbacks:
-            if type(callback).__name__ in loaded["callbacks"]:
-                callback.load_state_dict(loaded["callbacks"][type(callback).__name__])
+        self._load_callback_states(loaded["callbacks"])
         _warn_if_data_order_changed(self.cfg, loaded["config"], checkpoint)
         if self.is_writer:
             what = "resuming at iteration" if loaded["has_optimizer"] else (
@@ -296,6 +345,12 @@ class Trainer:
                 print(f"flagscale: embedding and output layer padded to {rows} rows here, "
                       f"{saved} in the checkpoint (vocab {self.cfg.model.vocab_size}): padding "
                       f"rows {'trimmed' if rows < saved else 'added as zeros'}", flush=True)
+
+    def _load_callback_states(self, states: dict) -> None:
+        # Callback state is keyed by class name: one stateful callback of each class per run.
+        for callback in self.callbacks:
+            if type(callback).__name__ in states:
+                callback.load_state_dict(states[type(callback).__name__])
 
     def _call(self, method: str, *args) -> None:
         for callback in self.callbacks:
@@ -326,12 +381,14 @@ class Trainer:
     def _train_iterators(self):
         """This step's data iterators; with the prefetcher, this step's batch copied to the
         device at once and the next step's read started."""
-        batch = batch_index(self.cfg, self.iteration)
+        batch = batch_index(self.cfg, self.iteration, self.skipped_batches)
         if self._prefetcher is None:
             return self._data_iterators(self.train_dataset, batch)
         device_batch = self._prefetcher.device_microbatches(batch, self.platform.device)
         if self.iteration + 1 < self.end_iteration:
-            self._prefetcher.prefetch(batch_index(self.cfg, self.iteration + 1))
+            # A rewind that adds a skip makes this guess wrong; the step then reads its batch.
+            self._prefetcher.prefetch(batch_index(self.cfg, self.iteration + 1,
+                                                  self.skipped_batches))
         return self._chunk_iterators(lambda: iter(device_batch))
 
     def _data_iterators(self, dataset, batch: int):
