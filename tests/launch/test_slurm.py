@@ -32,7 +32,10 @@ def test_aquila2_34b_64_node_script(tmp_path, monkeypatch):
     # The node count is written once, as the directive; everything else reads SLURM_NNODES.
     assert len(re.findall(r"\b64\b", text.replace("64nodes", ""))) == 1
     assert [line for line in text.splitlines() if "--nodes=64" in line] == ["#SBATCH --nodes=64"]
-    assert 'torch.distributed.run' in text and '--nnodes="$SLURM_NNODES"' in text
+    # torchrun's agent, run by flagscale's launcher (it forwards stop signals to the workers).
+    assert '-m flagscale.launch.local' in text and '--nnodes="$SLURM_NNODES"' in text
+    # Saved and requeued before the time limit (launch.signal_seconds defaults to 300).
+    assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@300" in text
     assert text.count("--nproc-per-node=8") == 1 and "#SBATCH --gpus-per-node=8" in text
     assert "#SBATCH --ntasks-per-node=1" in text and "#SBATCH --partition=gpu" in text
     assert '--rdzv-backend=c10d' in text and '--rdzv-id="$SLURM_JOB_ID"' in text
