@@ -13,7 +13,7 @@ What it adds to plain ``torchrun`` (``torch.distributed.run``, whose arguments i
   :data:`~flagscale.platform.lifetime.EXIT_REQUEUE`; a second Ctrl-C aborts (SIGKILL to the
   workers' process groups: a checkpoint being written stays ``.partial`` and ``latest`` keeps
   naming the previous complete one). torchrun's own handlers for these signals are turned off
-  (``TORCHELASTIC_SIGNALS_TO_HANDLE``): they would SIGTERM the workers' whole process groups,
+  (``--signals-to-handle``): they would SIGTERM the workers' whole process groups,
   checkpoint writers included, and SIGKILL them 30 s later, in the middle of a save.
 - **Nothing outlives the launcher.** Every worker sets a parent-death signal at start
   (:func:`flagscale.platform.lifetime.die_with_parent`, via ``FLAGSCALE_LAUNCHER_PID``), so a
@@ -69,10 +69,8 @@ def run_agent(args: Sequence[str]) -> int:
 
     # torchrun otherwise warns and sets 1 thread; keep it explicit and overridable.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    saved_env = {key: os.environ.get(key)
-                 for key in (LAUNCHER_ENV, "TORCHELASTIC_SIGNALS_TO_HANDLE")}
+    launcher_env = os.environ.get(LAUNCHER_ENV)
     os.environ[LAUNCHER_ENV] = str(os.getpid())
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
     forwarder = _Forwarder()
     previous = {sig: signal.signal(sig, forwarder) for sig in STOP_SIGNALS}
     # The agent logs every worker exit and its own shutdown as warnings and errors; what a user
@@ -81,7 +79,7 @@ def run_agent(args: Sequence[str]) -> int:
     level = elastic_log.level
     elastic_log.setLevel(logging.CRITICAL)
     try:
-        run(parse_args(list(args)))
+        run(parse_args(["--signals-to-handle=SIGHUP,SIGQUIT", *args]))
         return 0
     except ChildFailedError as exc:
         return _report_failures(exc.failures, forwarder.aborted)
@@ -89,11 +87,10 @@ def run_agent(args: Sequence[str]) -> int:
         elastic_log.setLevel(level)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        if launcher_env is None:
+            os.environ.pop(LAUNCHER_ENV, None)
+        else:
+            os.environ[LAUNCHER_ENV] = launcher_env
 
 
 class _Forwarder:
@@ -140,41 +137,44 @@ def _signal(pid: int, signum: int, group: bool = False) -> None:
 
 def _report_failures(failures: dict, aborted: bool) -> int:
     """Print what the failed workers reported, each distinct message once; return the exit code."""
-    messages: dict[str, list[int]] = {}
+    reported: dict[str, list[int]] = {}
     for rank, failure in sorted(failures.items()):
         message = failure.error_file_data.get("flagscale_message")
         if message:
-            messages.setdefault(message, []).append(rank)
-    for message, ranks in messages.items():
-        where = "" if len(messages) == 1 else f" [rank {', '.join(map(str, ranks))}]"
+            reported.setdefault(message, []).append(rank)
+    for message, ranks in reported.items():
+        where = "" if len(reported) == 1 else f" [rank {', '.join(map(str, ranks))}]"
         print(message + where, file=sys.stderr, flush=True)
-    codes = [f.exitcode for f in failures.values()]
-    if not messages and all(code == EXIT_REQUEUE for code in codes):
-        return EXIT_REQUEUE
     if aborted:
         return 128 + signal.SIGINT
-    reported = [failures[ranks[0]] for ranks in messages.values()]
-    _, first = min(((f.timestamp, r), f) for r, f in failures.items())
-    failure = reported[0] if reported else first
+    if reported:
+        # The status the worker chose, even if it was then killed while exiting (the agent
+        # SIGTERMs the others as soon as one worker has failed).
+        rank = next(iter(reported.values()))[0]
+        return int(failures[rank].error_file_data.get("flagscale_exit_code", 1))
+    if all(f.exitcode == EXIT_REQUEUE for f in failures.values()):
+        return EXIT_REQUEUE
+    _, rank = min((f.timestamp, r) for r, f in failures.items())
+    failure = failures[rank]
     if failure.exitcode < 0:
-        print(f"flagscale: worker rank {min(failures)} (pid {failure.pid}) was killed by "
+        print(f"flagscale: worker rank {rank} (pid {failure.pid}) was killed by "
               f"{failure.signal_name()}", file=sys.stderr, flush=True)
         return 128 - failure.exitcode
     return failure.exitcode
 
 
-def report_worker_error(message: str) -> bool:
+def report_worker_error(message: str, exit_code: int = 1) -> bool:
     """In a worker of :func:`run_agent`, hand ``message`` (one paragraph) to the launcher, which
-    prints it once for all ranks; returns False when this process is not such a worker (the
-    caller then prints it itself)."""
+    prints it once for all ranks and exits with ``exit_code``; returns False when this process is
+    not such a worker (the caller then prints it itself)."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not error_file or LAUNCHER_ENV not in os.environ:
         return False
-    # torchrun's error-file format ("message" and "timestamp"), plus our own key so the launcher
+    # torchrun's error-file format ("message" and "timestamp"), plus our own keys so the launcher
     # tells flagscale's paragraphs from torch's tracebacks.
     with open(error_file, "w") as f:
         json.dump({"message": message, "timestamp": int(time.time()),
-                   "flagscale_message": message}, f)
+                   "flagscale_message": message, "flagscale_exit_code": exit_code}, f)
     return True
 
 
