@@ -41,6 +41,7 @@ class StopRequest:
     def __init__(self):
         self.signum: Optional[int] = None
         self.in_loop = False
+        self.done = False
         self._previous: dict = {}
 
     def install(self) -> "StopRequest":
@@ -62,8 +63,9 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
-            print(f"flagscale: {signal.Signals(signum).name} ignored: already stopping on "
-                  f"{self.name} (saving, then exiting)", file=sys.stderr, flush=True)
+            if not self.done:
+                print(f"flagscale: {signal.Signals(signum).name} ignored: already stopping on "
+                      f"{self.name} (saving, then exiting)", file=sys.stderr, flush=True)
             return
         self.signum = signum
         if not self.in_loop:
@@ -88,7 +90,13 @@ class StopOnSignalCallback(Callback):
         self.request.in_loop = True
 
     def close(self) -> None:
-        self.request.uninstall()
+        if self.stopped:
+            # Keep ignoring signals until the process has exited: torchrun's agent SIGTERMs the
+            # workers still tearing down as soon as the first one exits, which would turn their
+            # requeue status into "killed".
+            self.request.done = True
+        else:
+            self.request.uninstall()
 
     def post_checkpoint_saved(self, path) -> None:
         self.saved_iteration = self.trainer.iteration
