@@ -105,8 +105,9 @@ def test_kill_9_of_the_launcher_group_leaves_no_process_behind(tmp_path, tiny_co
     assert any("multiprocessing" in " ".join(p.cmdline()) for p in descendants), \
         [" ".join(p.cmdline())[:120] for p in descendants]
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=30)
+    proc.wait(timeout=30)  # not its output: a surviving worker would hold the pipe open
     assert_all_gone(descendants, within=5)
+    proc.stdout.close()
     # Nothing the workers fork after this snapshot survives either: no process names the run.
     time.sleep(1)
     leftovers = [p for p in psutil.process_iter(["cmdline"])
