@@ -41,7 +41,6 @@ class StopRequest:
     def __init__(self):
         self.signum: Optional[int] = None
         self.in_loop = False
-        self.done = False
         self._previous: dict = {}
 
     def install(self) -> "StopRequest":
@@ -51,10 +50,11 @@ class StopRequest:
             self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
         return self
 
-    def uninstall(self) -> None:
-        """Give the signals back to the handlers that were there before :meth:`install`."""
+    def uninstall(self, ignore: bool = False) -> None:
+        """Give the signals back to the handlers that were there before :meth:`install`, or,
+        with ``ignore``, have the kernel ignore them from now on."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if ignore else handler)
         self._previous = {}
 
     @property
@@ -63,9 +63,8 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
-            if not self.done:
-                print(f"flagscale: {signal.Signals(signum).name} ignored: already stopping on "
-                      f"{self.name} (saving, then exiting)", file=sys.stderr, flush=True)
+            print(f"flagscale: {signal.Signals(signum).name} ignored: already stopping on "
+                  f"{self.name} (saving, then exiting)", file=sys.stderr, flush=True)
             return
         self.signum = signum
         if not self.in_loop:
@@ -90,13 +89,11 @@ class StopOnSignalCallback(Callback):
         self.request.in_loop = True
 
     def close(self) -> None:
-        if self.stopped:
-            # Keep ignoring signals until the process has exited: torchrun's agent SIGTERMs the
-            # workers still tearing down as soon as the first one exits, which would turn their
-            # requeue status into "killed".
-            self.request.done = True
-        else:
-            self.request.uninstall()
+        # After a stop, ignore signals until the process has exited: torchrun's agent SIGTERMs
+        # the workers still tearing down as soon as the first one exits, which would turn their
+        # requeue status into "killed". (A Python handler would not do: the interpreter resets
+        # them to the default action while it finalizes.)
+        self.request.uninstall(ignore=self.stopped)
 
     def post_checkpoint_saved(self, path) -> None:
         self.saved_iteration = self.trainer.iteration
