@@ -154,7 +154,8 @@ def _report_failures(failures: dict, aborted: bool) -> int:
         return int(failures[rank].error_file_data.get("flagscale_exit_code", 1))
     if all(f.exitcode == EXIT_REQUEUE for f in failures.values()):
         return EXIT_REQUEUE
-    _, rank = min((f.timestamp, r) for r, f in failures.items())
+    # The root cause, not the workers the agent then stopped with SIGTERM.
+    _, _, rank = min((f.exitcode == -signal.SIGTERM, f.timestamp, r) for r, f in failures.items())
     failure = failures[rank]
     if failure.exitcode < 0:
         print(f"flagscale: worker rank {rank} (pid {failure.pid}) was killed by "
