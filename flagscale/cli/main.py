@@ -7,13 +7,16 @@ Each command lives in its own module of this package, defining ``register(subpar
 a sub-parser whose ``func(args)`` parses, calls one importable, documented function and prints its
 result. Command modules import torch, megatron-core and other heavy packages only inside ``func``,
 so ``--help`` stays fast. Errors a user can fix (:class:`flagscale.errors.FlagScaleError`) print as
-one paragraph without a traceback unless ``--debug`` is given.
+one paragraph without a traceback unless ``--debug`` is given; in a worker started by
+:mod:`flagscale.launch.local` the paragraph goes to that launcher, which prints it once for all
+ranks.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -56,17 +59,34 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    _join_launcher()
     try:
         with megatron_quiet():
             result = args.func(args)
     except FlagScaleError as exc:
         if args.debug:
             raise
-        print(f"flagscale {args.command}: error: {exc}", file=sys.stderr)
+        from flagscale.launch.local import report_worker_error
+
+        message = f"flagscale {args.command}: error: {exc}"
+        if not report_worker_error(message):
+            print(message, file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     return int(result or 0)
+
+
+def _join_launcher() -> None:
+    """In a worker of flagscale's launcher: die with it, and let every process this worker forks
+    (checkpoint writers) die with this one."""
+    from flagscale.launch.local import LAUNCHER_ENV
+
+    if "RANK" in os.environ and LAUNCHER_ENV in os.environ:
+        from flagscale.platform.lifetime import children_die_with_me, die_with_parent
+
+        die_with_parent(int(os.environ[LAUNCHER_ENV]))
+        children_die_with_me()
 
 
 if __name__ == "__main__":

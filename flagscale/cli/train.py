@@ -1,7 +1,9 @@
 """``flagscale train CONFIG [--nproc N] [--dry-run] [key=value ...]``
 
 Started by torchrun (RANK set) it runs as one worker; otherwise it validates the config for the
-requested world size and starts that many local workers itself:
+requested world size and starts that many local workers itself (:mod:`flagscale.launch.local`:
+Ctrl-C, SIGTERM or SIGUSR1 make every worker save after its current step and exit with status 75,
+to be continued with ``checkpoint.load=auto``; a second Ctrl-C aborts):
 
     flagscale train examples/tiny/config.yaml                 # world size from the config
     flagscale train examples/tiny/config.yaml --nproc 2 parallel.tp=2 train.iterations=20
@@ -23,11 +25,14 @@ def run_train(config: str, overrides: list[str], nproc: int | None = None,
     if "RANK" in os.environ:
         from flagscale.train.trainer import train
 
-        train(cfg)
-        return 0
+        return train(cfg)
     from flagscale.train.preflight import check_run
+    from flagscale.train.run_dir import check_run_dir
 
     layout = check_run(cfg, world_size_of(cfg) if nproc is None else nproc)
+    # The run directory's lock and the resume check again in rank 0 (a torchrun or Slurm launch
+    # skips this pass); here they fail before any worker starts.
+    check_run_dir(cfg)
     if dry_run:
         print(dump_config(cfg), end="")
         print(f"# layout: {layout.describe()}; padded vocab {layout.padded_vocab_size}")

@@ -442,6 +442,10 @@ def _check_sections(cfg: Config) -> None:
                           f"got {me.peak_tflops}.")
     if me.wandb and not me.wandb_project:
         raise ConfigError("metrics.wandb=true needs a metrics.wandb_project name.")
+    if cfg.launch.signal_seconds < 0:
+        raise ConfigError(f"launch.signal_seconds ({cfg.launch.signal_seconds}) must be >= 0: "
+                          f"the seconds before the Slurm time limit at which the run is told to "
+                          f"save and requeue (0 turns the warning off).")
 
 
 def _check_paths(cfg: Config) -> None:

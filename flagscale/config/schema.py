@@ -293,6 +293,20 @@ class RunConfig:
     """Everything a run writes goes under this directory."""
     name: Optional[str] = None
     """Human-readable run name (loggers); defaults to the directory name."""
+    allow_config_change: bool = False
+    """Let ``checkpoint.load=auto`` resume a checkpoint trained with a config that differs in
+    keys a resume normally may not change (lr, model, data, seed...); the earlier config is kept
+    as ``config.<iteration>.yaml``. Without it such a resume is refused, naming the keys."""
+
+
+@dataclass
+class LaunchConfig:
+    """Batch-system settings of ``flagscale launch``."""
+
+    signal_seconds: int = 300
+    """Seconds before the Slurm time limit at which the job is sent SIGUSR1 (``#SBATCH
+    --signal=B:USR1@N``): the run saves after its current step and the job requeues itself. Give
+    it at least one step plus one checkpoint save; 0 turns the warning off."""
 
 
 @dataclass
@@ -317,6 +331,8 @@ class Config:
     """Output location."""
     platform: str = "auto"
     """``auto`` (cuda when a GPU is visible, else cpu), ``cuda`` or ``cpu``."""
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    """How ``flagscale launch`` submits the run."""
 
 
 @dataclass(frozen=True)

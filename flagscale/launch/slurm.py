@@ -22,7 +22,14 @@ whatever happens to the source file meanwhile), and ``.sbatch``, the script, whi
 - tells torchrun on node 0 that it hosts the rendezvous store (``--rdzv-conf=is_host=1``): torchrun
   otherwise guesses by matching the endpoint against the machine's own names and addresses, which
   fails for an address on a secondary network interface and leaves every node waiting;
-- sets ``CUDA_DEVICE_MAX_CONNECTIONS=1`` and keeps every NCCL setting in one commented block.
+- sets ``CUDA_DEVICE_MAX_CONNECTIONS=1`` and keeps every NCCL setting in one commented block;
+- saves and requeues before the time limit: Slurm sends the batch shell SIGUSR1
+  ``launch.signal_seconds`` before it (``#SBATCH --signal=B:USR1@N``), the script passes it (and
+  SIGTERM) to ``srun``, which forwards it to every node's launcher
+  (:mod:`flagscale.launch.local`); the workers save after their current step and exit with
+  :data:`~flagscale.platform.lifetime.EXIT_REQUEUE`, on which the script runs ``scontrol requeue``
+  (``#SBATCH --requeue``). A requeued job (``SLURM_RESTART_COUNT`` > 0) resumes with
+  ``checkpoint.load=auto``.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from typing import Callable, Optional, Sequence
 
 from flagscale.config import Config, dump_config, load_config, validate
 from flagscale.errors import ConfigError, FlagScaleError
+from flagscale.platform.lifetime import EXIT_REQUEUE
 
 RDZV_PORT_BASE = 15000
 """Rendezvous ports are ``15000 + job id % 15000``: distinct for concurrent jobs sharing a head
@@ -113,11 +121,15 @@ def _check_options(opts: SlurmOptions) -> None:
 
 
 def _sbatch_directives(opts: SlurmOptions, job_name: str, workdir: Path,
-                       log_dir: Path) -> list[str]:
+                       log_dir: Path, signal_seconds: int = 0) -> list[str]:
     lines = [f"--job-name={job_name}", f"--nodes={opts.nodes}", "--ntasks-per-node=1",
              f"--gpus-per-node={opts.gpus_per_node}",
              # Whole nodes: the one task per node starts every GPU worker and its data loading.
-             "--exclusive", f"--chdir={workdir}", f"--output={log_dir}/%x-%j.out"]
+             "--exclusive", f"--chdir={workdir}", f"--output={log_dir}/%x-%j.out",
+             # %j: a requeued job keeps its id, so its attempts append to one log.
+             "--open-mode=append", "--requeue"]
+    if signal_seconds:
+        lines.append(f"--signal=B:USR1@{signal_seconds}")
     lines += [f"--{name}={value}" for name, value in
               (("partition", opts.partition), ("time", opts.time), ("account", opts.account))
               if value is not None]
@@ -125,7 +137,8 @@ def _sbatch_directives(opts: SlurmOptions, job_name: str, workdir: Path,
 
 
 def render_sbatch(config: Path, script: Path, opts: SlurmOptions, job_name: str, workdir: Path,
-                  log_dir: Path, python: str, layout_note: str, source_note: str) -> str:
+                  log_dir: Path, python: str, layout_note: str, source_note: str,
+                  signal_seconds: int = 0) -> str:
     """The text of the sbatch script (see the module docstring for what it does and why)."""
     q = shlex.quote
     header = [
@@ -134,7 +147,7 @@ def render_sbatch(config: Path, script: Path, opts: SlurmOptions, job_name: str,
         f"# Validated for {layout_note}.",
         f"# Submit: sbatch {q(str(script))}",
         "# The node count is the --nodes line below; the script reads it back as $SLURM_NNODES.",
-        *_sbatch_directives(opts, job_name, workdir, log_dir),
+        *_sbatch_directives(opts, job_name, workdir, log_dir, signal_seconds),
     ]
     body = f"""
 set -euo pipefail
@@ -174,15 +187,41 @@ rdzv_port=$(( {RDZV_PORT_BASE} + SLURM_JOB_ID % {RDZV_PORT_BASE} ))
 echo "flagscale: job $SLURM_JOB_ID on $SLURM_NNODES nodes, rendezvous $head_addr:$rdzv_port" \\
      "(head node $head_node)"
 
-# One task per node, each a torchrun starting {opts.gpus_per_node} workers; node 0 (the head) hosts
-# the rendezvous store. --kill-on-bad-exit ends every node when one fails.
+# A requeued attempt continues from the run's newest complete checkpoint.
+resume=()
+if (( ${{SLURM_RESTART_COUNT:-0}} > 0 )); then
+    resume=(checkpoint.load=auto)
+fi
+
+# One task per node, each flagscale's launcher (torchrun's agent, plus stop-signal forwarding)
+# starting {opts.gpus_per_node} workers; node 0 (the head) hosts the rendezvous store.
+# --kill-on-bad-exit ends every node when one fails. srun runs in the background so that this
+# shell can take SIGUSR1 (sent {signal_seconds or "never"} s before the time limit) and SIGTERM
+# at once and pass them on; srun forwards a signal it gets to every task.
 srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_ON_NODE" \\
     --kill-on-bad-exit=1 \\
-    bash -c 'exec "$0" -m torch.distributed.run --rdzv-conf=is_host=$((SLURM_NODEID==0)) "$@"' \\
+    bash -c 'exec "$0" -m flagscale.launch.local --rdzv-conf=is_host=$((SLURM_NODEID==0)) "$@"' \\
     "$PYTHON" --nnodes="$SLURM_NNODES" --nproc-per-node={opts.gpus_per_node} \\
     --rdzv-backend=c10d --rdzv-endpoint="$head_addr:$rdzv_port" --rdzv-id="$SLURM_JOB_ID" \\
     --max-restarts=0 \\
-    -m flagscale train {q(str(config))}
+    -m flagscale train {q(str(config))} "${{resume[@]}}" &
+srun_pid=$!
+trap 'kill -USR1 "$srun_pid" 2>/dev/null || true' USR1
+trap 'kill -TERM "$srun_pid" 2>/dev/null || true' TERM
+set +e
+while :; do
+    wait "$srun_pid"
+    status=$?
+    # A trapped signal ends `wait` early; keep waiting until srun itself has exited.
+    kill -0 "$srun_pid" 2>/dev/null || break
+done
+set -e
+# {EXIT_REQUEUE}: every worker saved a complete checkpoint after a stop signal.
+if (( status == {EXIT_REQUEUE} )); then
+    echo "flagscale: the run saved and stopped (exit {EXIT_REQUEUE}); requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$status"
 """
     return "\n".join(header) + "\n" + body
 
@@ -234,7 +273,7 @@ def launch_slurm(config: str | os.PathLike, overrides: Sequence[str], opts: Slur
                           + dump_config(cfg))
     _write_atomic(script, render_sbatch(
         frozen, script, opts, job_name, workdir, log_dir, python or sys.executable,
-        layout.describe(), source), 0o755)
+        layout.describe(), source, cfg.launch.signal_seconds), 0o755)
     command = ["sbatch", str(script)]
     if dry_run:
         return SlurmJob(script, frozen, command, job_name, world)

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import tempfile
 from contextlib import contextmanager
+from itertools import groupby
 from pathlib import Path
 from typing import Iterator, Optional
 
-from flagscale.config import Config, Layout, ParallelDims, validate
+from flagscale.config import Config, Layout, ParallelDims, load_config, validate
+from flagscale.config.history import config_for_iteration
 from flagscale.errors import CheckpointError, ConfigError
 from flagscale.platform import world_of_one
 from flagscale.trace.records import Tracer
@@ -103,7 +105,9 @@ def trace_iterations(cfg: Config, first: int, last: Optional[int] = None,
     ``first``): one per (row, document) of every microbatch of every data-parallel rank.
 
     ``run_dir`` (default ``run.dir``) supplies the index cache, the layout when ``parallel.dp`` is
-    unset, and the per-sample losses of trace reports written during training.
+    unset, the per-sample losses of trace reports written during training, and the configs a
+    resume with other settings replaced (``config.<N>.yaml``): each iteration is traced with the
+    config that trained it.
     """
     last = first if last is None else last
     if not 1 <= first <= last <= cfg.train.iterations:
@@ -111,10 +115,12 @@ def trace_iterations(cfg: Config, first: int, last: Optional[int] = None,
                           f"train.iterations={cfg.train.iterations} (1-based), so trace within "
                           f"1..{cfg.train.iterations} with --iteration N [--to M], M >= N.")
     run_dir = Path(run_dir or cfg.run.dir)
-    with open_tracer(cfg, run_dir, dp) as tracer:
-        for iteration in range(first, last + 1):
-            losses = recorded_losses(run_dir, iteration)
-            samples = {g for *_, g in tracer.rows(iteration)}
-            # A report of another batch (written before data.skip_iterations moved this
-            # iteration) says nothing about these samples.
-            yield from tracer.records(iteration, losses if samples == set(losses) else None)
+    for trained_by, iterations in groupby(range(first, last + 1),
+                                          key=lambda i: config_for_iteration(run_dir, i)):
+        with open_tracer(load_config(trained_by) if trained_by else cfg, run_dir, dp) as tracer:
+            for iteration in iterations:
+                losses = recorded_losses(run_dir, iteration)
+                samples = {g for *_, g in tracer.rows(iteration)}
+                # A report of another batch (written before data.skip_iterations moved this
+                # iteration) says nothing about these samples.
+                yield from tracer.records(iteration, losses if samples == set(losses) else None)

@@ -1,8 +1,9 @@
 """The Trainer: set-up in the constructor, the training loop in :meth:`Trainer.fit`, one
 optimizer step in :meth:`Trainer.train_step`.
 
-    Trainer(cfg)     platform and process groups -> model, DDP, optimizer, LR schedule
-                     -> callbacks -> resume from a checkpoint -> datasets
+    Trainer(cfg)     stop signals -> platform and process groups -> run directory lock and
+                     checks -> model, DDP, optimizer, LR schedule -> callbacks -> resume from a
+                     checkpoint -> datasets -> run.dir/config.yaml
     .fit()           for each iteration: pre_step -> train_step -> post_step
                      -> (when a record is due) pre_log_metrics, log_metrics
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+import os
+import sys
 import warnings
 from functools import partial
 from pathlib import Path
@@ -27,20 +30,34 @@ import torch
 from flagscale.checkpoint import (AsyncSaves, CheckpointMeta, latest_checkpoint, load_checkpoint,
                                   read_run_state, resolve_checkpoint, save_checkpoint)
 from flagscale.config import Config, config_to_dict, dump_config
+from flagscale.config.history import write_run_config
 from flagscale.data.datasets import BatchPrefetcher, batch_index, build_datasets, microbatches
 from flagscale.data.fingerprint import (check_data_unchanged, data_cache_dir, shared_fingerprints,
                                         write_run_fingerprints)
 from flagscale.platform import setup_platform
-from flagscale.train.callbacks import Callback, StepInfo, build_callbacks
+from flagscale.platform.lifetime import EXIT_REQUEUE, start_checkpoint_queue_manager
+from flagscale.train.callbacks import (Callback, StepInfo, StopOnSignalCallback, StopRequest,
+                                       build_callbacks)
 from flagscale.train.callbacks.spikes import StepDiscarded
+from flagscale.train.callbacks.stop import StoppedBySignal
 from flagscale.train.preflight import check_run
+from flagscale.train.run_dir import claim_run_dir
 from flagscale.train.setup import (build_training, finish_param_sync, init_model_parallel,
                                    init_process_group)
 
 
-def train(cfg: Config) -> None:
-    """Train ``cfg`` in this process, one rank of a torchrun world (or a world of one)."""
-    Trainer(cfg).fit()
+def train(cfg: Config) -> int:
+    """Train ``cfg`` in this process, one rank of a torchrun world (or a world of one); returns
+    the process's exit status: 0, or :data:`EXIT_REQUEUE` after a stop signal (see
+    :mod:`flagscale.train.callbacks.stop`)."""
+    try:
+        trainer = Trainer(cfg)
+    except StoppedBySignal as stop:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"flagscale: {stop}; nothing new to save", file=sys.stderr, flush=True)
+        return EXIT_REQUEUE
+    trainer.fit()
+    return EXIT_REQUEUE if trainer.stopped_by_signal else 0
 
 
 class Trainer:
@@ -48,6 +65,9 @@ class Trainer:
 
     def __init__(self, cfg: Config, callbacks: Sequence[Callback] = ()):
         """Set up the run (collective); ``callbacks`` join the ones ``cfg`` asks for."""
+        # First, so that a stop signal during set-up ends this process at once, not by default
+        # action halfway through a file write.
+        stop_request = StopRequest().install()
         self.platform = setup_platform(cfg.platform)
         rank, world_size = init_process_group(self.platform)
         self.layout = check_run(cfg, world_size)
@@ -58,9 +78,9 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         # The one place that decides which rank writes the run's files and prints its progress.
         self.is_writer = rank == 0
+        # Before any work: one run per directory, and a resume continues the same experiment.
+        self._run_dir_lock = claim_run_dir(cfg, self.is_writer)
         if self.is_writer:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
             print(f"flagscale: {self.platform.describe()}; {self.layout.describe()}", flush=True)
         # Before this layout's model exists: a conversion builds the source layout's.
         checkpoint = self._checkpoint_to_resume()
@@ -68,8 +88,9 @@ class Trainer:
 
         built = build_training(cfg, self.layout, self.platform)
         self.model, self.optimizer, self.scheduler = built.model, built.optimizer, built.scheduler
+        self._stop = StopOnSignalCallback(stop_request)
         self.callbacks = sorted([*build_callbacks(cfg, self.layout, self.run_dir, self.is_writer),
-                                 *callbacks], key=lambda c: -c.priority)
+                                 *callbacks, self._stop], key=lambda c: -c.priority)
         for callback in self.callbacks:
             callback.trainer = self
 
@@ -105,6 +126,19 @@ class Trainer:
             for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
         self._log_now = False
         self._init_data_path()
+        if self.is_writer:
+            # Only now that every check passed and the checkpoint loaded: config.yaml always
+            # names what this run trains (the previous one is kept, see write_run_config).
+            kept = write_run_config(self.run_dir, dump_config(cfg), self.start_iteration)
+            if kept:
+                print(f"flagscale: the config changed on this resume; the one that trained "
+                      f"iterations up to {self.start_iteration} is kept as {kept}", flush=True)
+
+    @property
+    def stopped_by_signal(self) -> bool:
+        """The loop ended early on a stop signal, after saving (see
+        :mod:`flagscale.train.callbacks.stop`)."""
+        return self._stop.stopped
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -292,6 +326,9 @@ class Trainer:
         self.finish_saves(blocking=True)
         finish_param_sync(self.model)
         states = {type(c).__name__: state for c in self.callbacks if (state := c.state_dict())}
+        # Before megatron-core starts its checkpoint writers' results queue itself: ours dies
+        # with this process (see flagscale.platform.lifetime).
+        start_checkpoint_queue_manager()
         path = save_checkpoint(self.run_dir / "checkpoints", self.iteration, self.model,
                                self.optimizer, self.scheduler, self.consumed_samples,
                                config_to_dict(self.cfg), self.layout,

@@ -32,7 +32,10 @@ def test_aquila2_34b_64_node_script(tmp_path, monkeypatch):
     # The node count is written once, as the directive; everything else reads SLURM_NNODES.
     assert len(re.findall(r"\b64\b", text.replace("64nodes", ""))) == 1
     assert [line for line in text.splitlines() if "--nodes=64" in line] == ["#SBATCH --nodes=64"]
-    assert 'torch.distributed.run' in text and '--nnodes="$SLURM_NNODES"' in text
+    # torchrun's agent, run by flagscale's launcher (it forwards stop signals to the workers).
+    assert '-m flagscale.launch.local' in text and '--nnodes="$SLURM_NNODES"' in text
+    # Saved and requeued before the time limit (launch.signal_seconds defaults to 300).
+    assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@300" in text
     assert text.count("--nproc-per-node=8") == 1 and "#SBATCH --gpus-per-node=8" in text
     assert "#SBATCH --ntasks-per-node=1" in text and "#SBATCH --partition=gpu" in text
     assert '--rdzv-backend=c10d' in text and '--rdzv-id="$SLURM_JOB_ID"' in text
@@ -164,3 +167,55 @@ def test_generated_script_runs_a_tiny_job_on_one_node(tmp_path, tiny_corpus, tin
     assert re.search(r"rendezvous [\d.]+:19242 ", result.stdout)  # 15000 + 4242
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [1]
+
+
+def test_generated_script_saves_and_requeues_on_the_time_limit_signal(tmp_path, tiny_corpus,
+                                                                       tiny_tokenizer):
+    """Slurm's warning signal (SIGUSR1 to the batch shell) -> the workers save and exit 75 -> the
+    script requeues the job; the requeued attempt resumes from that checkpoint."""
+    from flagscale.platform.lifetime import EXIT_REQUEUE
+    from tests.launch.test_local import logged_iterations, wait_for
+
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    requeues = tmp_path / "requeues.log"
+    shim_text = {
+        "scontrol": '#!/bin/bash\n[[ "$1 $2" == "show hostnames" ]] && echo "$3"\n'
+                    f'[[ $1 == requeue ]] && echo "requeue $2" >> {requeues}\nexit 0\n',
+        "srun": SHIMS["srun"],
+    }
+    for name, text in shim_text.items():
+        (shims / name).write_text(text)
+        (shims / name).chmod(0o755)
+    run_dir = tmp_path / "run"
+    job = launch_slurm(ROOT / "examples/tiny/config.yaml",
+                       ["train.iterations=30", "train.log_interval=1", "checkpoint.save_interval=0",
+                        "trace.enabled=false",
+                        "launch.signal_seconds=120", "checkpoint.load=null",
+                        f"data.paths=[{tiny_corpus}]", f"data.tokenizer={tiny_tokenizer}",
+                        f"run.dir={run_dir}"],
+                       SlurmOptions(nodes=1, gpus_per_node=2), dry_run=True, python=sys.executable)
+    assert "#SBATCH --signal=B:USR1@120" in job.script.read_text()
+    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+    env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_JOB_ID": "4243",
+           "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": host, "SLURM_CPUS_ON_NODE": "2"}
+    if _head_addr(host).returncode != 0:
+        env["FLAGSCALE_HEAD_ADDR"] = "127.0.0.1"
+    proc = subprocess.Popen(["bash", str(job.script)], env=env, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_for(lambda: len(logged_iterations(run_dir)) >= 2, "iteration 2", proc)
+    proc.send_signal(subprocess.signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == EXIT_REQUEUE, output[-3000:]
+    assert requeues.read_text() == "requeue 4243\n"
+    stopped_at = logged_iterations(run_dir)[-1]
+    assert stopped_at < 30
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"iter_{stopped_at:07d}"
+
+    # The requeued attempt (same job id, SLURM_RESTART_COUNT=1) resumes with checkpoint.load=auto.
+    again = subprocess.run(["bash", str(job.script)], env={**env, "SLURM_RESTART_COUNT": "1"},
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert f"resuming at iteration {stopped_at}" in again.stdout
+    assert logged_iterations(run_dir) == list(range(1, 31))
+    assert requeues.read_text() == "requeue 4243\n"

@@ -110,10 +110,12 @@ def test_callbacks_run_by_priority_and_a_crash_still_closes_the_loggers(
     writer, other = run_distributed(_crash_worker, 2, str(config))
 
     # Higher priority first, in every method; throughput and loggers only on the writer rank.
+    # The stop-signal callback runs last on every rank (it ends the loop after the others acted).
     assert writer["order"] == ["SpikeReportCallback", "Recorder", "Boom", "Recorder",
                                "ThroughputCallback", "LoggerCallback", "LoggerCallback",
-                               "LoggerCallback"]
-    assert other["order"] == ["SpikeReportCallback", "Recorder", "Boom", "Recorder"]
+                               "LoggerCallback", "StopOnSignalCallback"]
+    assert other["order"] == ["SpikeReportCallback", "Recorder", "Boom", "Recorder",
+                              "StopOnSignalCallback"]
     for result in (writer, other):
         high = [(m, a) for n, m, a in result["events"] if n == "high"]
         low = [(m, a) for n, m, a in result["events"] if n == "low"]

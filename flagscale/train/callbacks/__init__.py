@@ -16,10 +16,12 @@ from flagscale.train.callbacks.checkpointing import CheckpointCallback
 from flagscale.train.callbacks.evaluation import EvaluationCallback
 from flagscale.train.callbacks.loggers import LoggerCallback
 from flagscale.train.callbacks.spikes import SpikeReportCallback
+from flagscale.train.callbacks.stop import StopOnSignalCallback, StopRequest
 from flagscale.train.callbacks.throughput import ThroughputCallback
 
 __all__ = ["Callback", "CheckpointCallback", "EvaluationCallback", "LoggerCallback",
-           "SpikeReportCallback", "StepInfo", "ThroughputCallback", "build_callbacks"]
+           "SpikeReportCallback", "StepInfo", "StopOnSignalCallback", "StopRequest",
+           "ThroughputCallback", "build_callbacks"]
 
 
 def build_callbacks(cfg, layout, run_dir: Path, is_writer: bool) -> list[Callback]:
