@@ -242,7 +242,7 @@ def test_failed_reshard_leaves_no_partial_output(source):
     proc = run_cli("reshard", "--input", broken, "--output", out, "--dp", "1", "--overwrite",
                    check=False)
     assert proc.returncode == 1
-    # A dp_reshardable input first loads at its own layout, where the truncated shard fails.
-    assert "resharding worker process(es) at tp=1 pp=1 dp=2 failed" in proc.stderr
+    # The truncated shard is found from the checkpoint's metadata before any worker starts.
+    assert "is incomplete" in proc.stderr and str(shard) in proc.stderr
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "keep.txt"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".good.")]
