@@ -101,9 +101,9 @@ def test_kill_9_at_random_points_of_saves_never_breaks_latest(tmp_path, tiny_cor
             _wait_for(saving, 300, "a second save", launcher, log)
         # Anywhere in the save (writing shards, renaming, writing latest) or just past it.
         time.sleep(rng.uniform(0.0, 1.25 * save_s))
-        torchrun = [p for p in psutil.Process(launcher.pid).children()
-                    if "torch.distributed.run" in " ".join(p.cmdline())]
-        workers = torchrun[0].children() if torchrun else []
+        # The launcher runs torchrun's agent itself: the workers are its children.
+        workers = [p for p in psutil.Process(launcher.pid).children()
+                   if str(config) in " ".join(p.cmdline())]
         assert workers, f"no worker processes to kill:\n{log.read_text()[-4000:]}"
         everything = psutil.Process(launcher.pid).children(recursive=True)
         victim = rng.choice(workers)
