@@ -138,10 +138,11 @@ def test_a_nan_gradient_never_reaches_the_weights(tmp_path, tiny_corpus, tiny_to
 
 
 def test_on_spike_settings_are_checked_before_launch():
-    cfg = load_config(overrides=["trace.on_spike=rewind"])
+    tiny = ["model.preset=tiny", "train.seq_length=128"]
+    cfg = load_config(overrides=[*tiny, "trace.on_spike=rewind"])
     with pytest.raises(ConfigError, match="checkpoint.save_interval is 0"):
         validate(cfg, 1, check_paths=False)
     with pytest.raises(ConfigError, match="trace.on_spike='undo' is not one of report, skip"):
-        validate(load_config(overrides=["trace.on_spike=undo"]), 1, check_paths=False)
+        validate(load_config(overrides=[*tiny, "trace.on_spike=undo"]), 1, check_paths=False)
     with pytest.raises(ConfigError, match="trace.max_rewinds must be >= 0, got -1"):
-        validate(load_config(overrides=["trace.max_rewinds=-1"]), 1, check_paths=False)
+        validate(load_config(overrides=[*tiny, "trace.max_rewinds=-1"]), 1, check_paths=False)
