@@ -162,6 +162,9 @@ class Trainer:
         finally:
             self._call("close")
             self._close_data_path()
+            # The run is over: the directory is free for the next one (also in this process).
+            if self._run_dir_lock is not None:
+                self._run_dir_lock.release()
 
     def train_step(self) -> StepInfo:
         """One optimizer step on the global batch of iteration ``self.iteration + 1``."""
