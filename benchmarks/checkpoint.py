@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("none", "save", "async_save", "load")
 
 
-def _config(shared: Path, hidden: int, layers: int, world: int):
+def _config(shared: Path, phase: str, hidden: int, layers: int, world: int):
     import torch.distributed as dist
 
     from flagscale.config import load_config
@@ -43,7 +43,7 @@ def _config(shared: Path, hidden: int, layers: int, world: int):
                    workers=1, progress=False)
     dist.barrier()
     return load_config(ROOT / "examples/tiny/config.yaml", [
-        f"data.paths=[{prefix}]", f"run.dir={shared}/run", "train.iterations=3",
+        f"data.paths=[{prefix}]", f"run.dir={shared}/run_{phase}", "train.iterations=3",
         "train.log_interval=100", "checkpoint.save_interval=0", "checkpoint.load=null",
         f"parallel.dp={world}", "parallel.tp=1", "parallel.pp=1", "model.params_dtype=fp32",
         f"model.hidden_size={hidden}", f"model.num_layers={layers}",
@@ -74,7 +74,8 @@ def worker(phase: str, hidden: int, layers: int) -> None:
 
     init_process_group(setup_platform("auto"))
     shared = Path(os.environ["FS_BENCH_DIR"])
-    cfg = _config(shared, hidden, layers, dist.get_world_size())
+    # Each phase is a run of its own (one run per directory; the load phase reads the save's).
+    cfg = _config(shared, phase, hidden, layers, dist.get_world_size())
     trainer = Trainer(cfg)
     for _ in range(2):
         trainer.train_step()
