@@ -71,8 +71,10 @@ class Platform:
     def describe(self) -> str:
         kernels = [n for n, on in (("transformer_engine", self.transformer_engine),
                                    ("apex", self.apex), ("fused_wgrad", self.fused_wgrad)) if on]
+        # What flagscale.models' layer_spec picks for this platform.
         attention = ("Transformer Engine" if self.transformer_engine else
-                     "torch scaled_dot_product_attention (megatron-core local layer spec)")
+                     "torch scaled_dot_product_attention (megatron-core local layer spec)"
+                     if self.kind == "cuda" else "megatron-core DotProductAttention (local spec)")
         missing = f"; unavailable: {'; '.join(self.missing_kernels)}" if self.missing_kernels else ""
         return (f"platform {self.kind}: device {self.device}, backend {self.backend}, optional "
                 f"kernels: {', '.join(kernels) or 'none (megatron-core local layer spec)'}"
