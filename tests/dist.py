@@ -78,3 +78,19 @@ def run_cli(*args: str, check: bool = True, timeout: float = 600,
         raise AssertionError(f"flagscale {' '.join(map(str, args))} exited {proc.returncode}:\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def tiny_config(path: Path, corpus: str, tokenizer: str, run_dir: Path, **sections) -> Path:
+    """Write a tiny-model (fp32) run config on ``corpus``/``tokenizer`` under ``run_dir`` to
+    ``path``; each ``sections`` entry updates that section (e.g. ``train={"iterations": 6}``)."""
+    import yaml
+
+    cfg = {"model": {"preset": "tiny", "params_dtype": "fp32"},
+           "train": {"micro_batch_size": 2, "global_batch_size": 8, "seq_length": 32,
+                     "log_interval": 1, "seed": 7},
+           "data": {"paths": [corpus], "tokenizer": tokenizer},
+           "run": {"dir": str(run_dir)}}
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -6,28 +6,20 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.dist import run_cli
+from tests.dist import run_cli, tiny_config
 
 
 def run_config(path: Path, corpus: str, tokenizer: str, run_dir: Path, **sections) -> Path:
     """Write a 2-process (dp=2) tiny-model config that saves every iteration and resumes with
     ``checkpoint.load=auto``; ``sections`` update its sections."""
-    cfg = {
-        "model": {"preset": "tiny", "params_dtype": "fp32"},
-        "parallel": {"dp": 2},
-        "train": {"micro_batch_size": 2, "global_batch_size": 8, "seq_length": 64,
-                  "iterations": 2, "lr": 2e-3, "min_lr": 2e-4, "warmup_iterations": 1,
-                  "log_interval": 1, "seed": 7},
-        "data": {"paths": [corpus], "tokenizer": tokenizer},
-        "checkpoint": {"save_interval": 1, "load": "auto"},
-        "run": {"dir": str(run_dir)},
-    }
+    base = {"parallel": {"dp": 2},
+            "train": {"seq_length": 64, "iterations": 2, "lr": 2e-3, "min_lr": 2e-4,
+                      "warmup_iterations": 1},
+            "checkpoint": {"save_interval": 1, "load": "auto"}}
     for section, values in sections.items():
-        cfg.setdefault(section, {}).update(values)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+        base.setdefault(section, {}).update(values)
+    return tiny_config(path, corpus, tokenizer, run_dir, **base)
 
 
 @pytest.fixture(scope="session")

@@ -14,31 +14,20 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 
 from flagscale.platform.lifetime import EXIT_REQUEUE
-from tests.dist import run_cli
+from tests.dist import run_cli, tiny_config
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="parent-death signals are Linux-only")
 
 
 def write_config(tmp_path: Path, corpus: str, tokenizer: str, **sections) -> Path:
-    """A tiny 2-process run long enough to be interrupted (every iteration logged)."""
-    cfg = {
-        "model": {"preset": "tiny", "params_dtype": "fp32"},
-        "train": {"micro_batch_size": 2, "global_batch_size": 8, "seq_length": 32,
-                  "iterations": 200, "log_interval": 1, "seed": 7},
-        "data": {"paths": [corpus], "tokenizer": tokenizer},
-        "checkpoint": {"save_interval": 0, "load": "auto"},
-        "trace": {"enabled": False},
-        "run": {"dir": str(tmp_path / "run")},
-    }
+    base = {"train": {"iterations": 200}, "checkpoint": {"save_interval": 0, "load": "auto"},
+            "trace": {"enabled": False}}
     for section, values in sections.items():
-        cfg.setdefault(section, {}).update(values)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+        base.setdefault(section, {}).update(values)
+    return tiny_config(tmp_path / "config.yaml", corpus, tokenizer, tmp_path / "run", **base)
 
 
 def start_train(config: Path, *args: str, env: dict | None = None) -> subprocess.Popen:

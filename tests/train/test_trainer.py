@@ -10,31 +10,20 @@ import warnings
 from pathlib import Path
 
 import pytest
-import yaml
 
 from flagscale.config import load_config, validate
 from flagscale.errors import ConfigError
 from flagscale.train.callbacks import (Callback, LoggerCallback, SpikeReportCallback,
                                        ThroughputCallback, build_callbacks)
-from tests.dist import run_cli, run_distributed
+from tests.dist import run_cli, run_distributed, tiny_config
 from tests.metrics.test_metric_loggers import CONTRACT_KEYS, _wandb_records
 
 
 def _config(tmp_path: Path, corpus: str, tokenizer: str, **sections) -> Path:
-    cfg = {
-        "model": {"preset": "tiny", "params_dtype": "fp32"},
-        "parallel": {"dp": 2},
-        "train": {"micro_batch_size": 2, "global_batch_size": 8, "seq_length": 32,
-                  "iterations": 6, "log_interval": 1, "seed": 7},
-        "data": {"paths": [corpus], "tokenizer": tokenizer},
-        "checkpoint": {"save_interval": 0},
-        "run": {"dir": str(tmp_path / "run")},
-    }
+    base = {"parallel": {"dp": 2}, "train": {"iterations": 6}, "checkpoint": {"save_interval": 0}}
     for section, values in sections.items():
-        cfg.setdefault(section, {}).update(values)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+        base.setdefault(section, {}).update(values)
+    return tiny_config(tmp_path / "config.yaml", corpus, tokenizer, tmp_path / "run", **base)
 
 
 def _metrics(run_dir: Path) -> list[dict]:
