@@ -24,8 +24,8 @@ class StepInfo:
 
     iteration: int
     """1-based iteration just completed."""
-    grad_norm: Optional[float]
-    """Global gradient norm, None when the optimizer computed none."""
+    grad_norm: float
+    """Global gradient norm; nan when the update was dropped for a non-finite gradient."""
     sample_losses: Any
     """Per-row losses of this rank's microbatches, in order, as a device tensor; None on ranks
     that do not compute the loss (not the last pipeline stage, or TP rank > 0)."""

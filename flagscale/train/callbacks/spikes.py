@@ -77,8 +77,7 @@ class SpikeReportCallback(Callback):
             self.reports_written += 1
             if self.tracer is not None:  # the writer rank
                 print(self._report(step.iteration, values, reason), flush=True)
-        nonfinite = not (math.isfinite(sum(values)) and step.grad_norm is not None
-                         and math.isfinite(step.grad_norm))
+        nonfinite = not (math.isfinite(sum(values)) and math.isfinite(step.grad_norm))
         if self.config.on_spike == "rewind" or (self.config.on_spike == "skip" and nonfinite):
             self._discard(step.iteration, reason)
 
