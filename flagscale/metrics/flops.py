@@ -226,10 +226,10 @@ def flops_per_token(model: ModelConfig, seq_length: int, tp: int = 1,
                          recompute_flops_per_token=repeated)
 
 
-def flops_for_config(cfg: Config, convention: str = "megatron") -> FlopsEstimate:
-    """FLOPs per token of a run config: its model, ``train.seq_length``, ``parallel.tp`` and
-    its recomputation (``train.recompute``, ``recompute_method``, ``recompute_num_layers`` over
-    its pipeline split, ``recompute_modules``)."""
+def recompute_of_config(cfg: Config) -> dict:
+    """The recomputation arguments of :func:`flops_per_token` for a run config:
+    ``train.recompute``, the layers it recomputes (``recompute_method`` and
+    ``recompute_num_layers`` over the config's pipeline split) and ``recompute_modules``."""
     t, p = cfg.train, cfg.parallel
     layers = None
     if t.recompute == "full":
@@ -238,6 +238,12 @@ def flops_for_config(cfg: Config, convention: str = "megatron") -> FlopsEstimate
         chunks = dims.vpp or 1
         layers = sum(chunks * recomputed_layers(cfg, stage // chunks, "full")
                      for stage in pipeline_split(cfg, dims))
-    return flops_per_token(cfg.model, t.seq_length, tp=p.tp, convention=convention,
-                           recompute=t.recompute, recompute_layers=layers,
-                           recompute_modules=t.recompute_modules)
+    return {"recompute": t.recompute, "recompute_layers": layers,
+            "recompute_modules": t.recompute_modules}
+
+
+def flops_for_config(cfg: Config, convention: str = "megatron") -> FlopsEstimate:
+    """FLOPs per token of a run config: its model, ``train.seq_length``, ``parallel.tp`` and
+    its recomputation (:func:`recompute_of_config`)."""
+    return flops_per_token(cfg.model, cfg.train.seq_length, tp=cfg.parallel.tp,
+                           convention=convention, **recompute_of_config(cfg))

@@ -66,3 +66,19 @@ def test_selective_recompute_counts_the_listed_modules():
                              "train.recompute_modules=[layernorm,mlp]")) == pytest.approx(
         terms["mlp"] / 3)  # the Megatron convention counts no norm FLOPs
     assert _repeated(_config()) == 0.0
+
+
+def test_the_flops_report_of_a_config_counts_its_recompute(tmp_path):
+    from flagscale.metrics.report import flops_for
+
+    config = tmp_path / "block.yaml"
+    config.write_text("model: {preset: llama3_8b}\nparallel: {pp: 4}\n"
+                      "train: {seq_length: 8192, recompute: full, recompute_method: block, "
+                      "recompute_num_layers: 2}\n")
+    cfg = _config("parallel.pp=4", "train.recompute=full", "train.recompute_method=block",
+                  "train.recompute_num_layers=2")
+    report = flops_for(str(config), None)
+    assert report["hardware_flops_per_token"] == flops_for_config(cfg).hardware_flops_per_token
+    # --recompute full overrides the config's method: every layer.
+    every = flops_for(str(config), None, recompute="full")
+    assert every["recompute_flops_per_token"] == pytest.approx(4 * _repeated(cfg))
