@@ -226,7 +226,9 @@ class Trainer:
             return False, float("nan")
         if clip > 0:
             for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-                params = part.get_parameters()
+                # A stub optimizer (no inner optimizer: e.g. a frozen model part) has nothing to
+                # clip.
+                params = [] if getattr(part, "is_stub_optimizer", False) else part.get_parameters()
                 if params:
                     clip_grad_by_total_norm_fp32(
                         params, clip, grad_norm,
