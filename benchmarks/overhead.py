@@ -31,7 +31,8 @@ WARMUP = 5
 
 def _config(run_dir: str, iterations: int, log_interval: int):
     from flagscale.config import load_config
-    from flagscale.data import default_corpus_path, default_tokenizer_path, load_tokenizer, preprocess
+    from flagscale.data import (default_corpus_path, default_tokenizer_path, load_tokenizer,
+                                preprocess)
 
     prefix = Path(run_dir) / "corpus"
     if not Path(str(prefix) + ".idx").exists() and int(os.environ["RANK"]) == 0:

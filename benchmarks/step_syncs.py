@@ -8,14 +8,14 @@ torch.distributed collective and every tensor-to-host read counted while they tr
 collectives: each call of a ``torch.distributed`` collective or point-to-point function, also
 where megatron-core bound one to a name of its own at import (its DDP's all-gather and
 reduce-scatter functions), except calls on a group of one rank (megatron-core issues some on
-its tensor- and pipeline-parallel groups whatever their size; they move nothing). Counted as host syncs: ``Tensor.item``, ``tolist``, ``cpu``,
-``numpy`` and ``float()``/``int()``/``bool()`` of a tensor, each of which waits for the device on
-a GPU (on this CPU run they cost nothing, but the count is the same code path; torch's own Adam
-and megatron-core's RNG tracker read a few scalars per parameter or layer on CPU, alike in both
-loops). A step runs
-from one step's end to the next (flagscale: after the last ``post_step``, so callbacks and
-logging are in it); printed: the counts of the median step, by function, with metrics logged
-every 10 iterations, and of the step that writes a record (the 11th: iteration 10's record).
+its tensor- and pipeline-parallel groups whatever their size; they move nothing). Counted as
+host syncs: ``Tensor.item``, ``tolist``, ``cpu``, ``numpy`` and ``float()``/``int()``/``bool()``
+of a tensor, each of which waits for the device on a GPU (on this CPU run they cost nothing, but
+the count is the same code path; torch's own Adam and megatron-core's RNG tracker read a few
+scalars per parameter or layer on CPU, alike in both loops). A step runs from one step's end to
+the next (flagscale: after the last ``post_step``, so callbacks and logging are in it); printed:
+the counts of the median step, by function, with metrics logged every 10 iterations, and of the
+step that writes a record (the 11th: iteration 10's record).
 """
 
 from __future__ import annotations

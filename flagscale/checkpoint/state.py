@@ -62,9 +62,9 @@ parallel rank 0's states."""
 
 def _rng_object(dims, keyed_by: str = RNG_KEYED_BY):
     """This rank's RNG states (CPU, device, megatron-core's tracker) as a sharded object keyed by
-    its (pp, tp, cp, dp) rank, so a resume at the same layout gives every rank back its own:
-    the tracker's model-parallel stream differs between tensor and context-parallel ranks, and
-    nothing keeps the generators of data-parallel ranks equal. ``keyed_by="pp,tp"`` addresses a
+    its (pp, tp, cp, dp) rank, so a resume at the same layout gives every rank back exactly its
+    own: the tracker's model-parallel stream is seeded per tensor-parallel rank, and nothing keeps
+    the generators of context- or data-parallel ranks equal. ``keyed_by="pp,tp"`` addresses a
     checkpoint of an earlier flagscale (one state per (pp, tp), data-parallel rank 0's)."""
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedObject

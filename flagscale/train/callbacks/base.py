@@ -7,9 +7,9 @@ exists. A callback decides itself when to act (``should_run``); the trainer only
 iteration it is. ``self.trainer`` is set by the trainer before any method runs.
 
 Per iteration the order is: ``pre_step`` -> the optimizer step -> ``add_to_step_summary`` -> the
-step summary's one all-reduce -> ``post_step`` -> (when a record is due) ``pre_log_metrics`` on every callback, then ``log_metrics`` on every callback. After the
-loop, or after an exception anywhere in it, ``on_error`` (only after an exception) and then
-``close`` run on every callback.
+step summary's one all-reduce -> ``post_step`` -> (when a record is due) ``pre_log_metrics`` on
+every callback, then ``log_metrics`` on every callback. After the loop, or after an exception
+anywhere in it, ``on_error`` (only after an exception) and then ``close`` run on every callback.
 """
 
 from __future__ import annotations

@@ -3,13 +3,15 @@
 Every step each rank places the per-sample losses it holds (the last pipeline stage's tensor-rank-0
 process of each data-parallel replica holds its rows; other ranks hold none) at their positions in
 a ``global_batch_size`` vector of the step summary (:mod:`flagscale.train.step_summary`), whose
-one all-reduce over the world gives every rank every row's loss. All ranks therefore take the same decision from the same numbers (and hold the same spike
-window, saved in every checkpoint), and no rank can wait in a collective another one skipped. The
+one all-reduce over the world gives every rank every row's loss. All ranks therefore take the
+same decision from the same numbers (and hold the same spike window, saved in every checkpoint),
+and no rank can wait in a collective another one skipped. The
 writer rank then builds the iteration's trace records from its own copy of the train dataset (no
 collective) and writes ``traces/iter_XXXXXXX.jsonl``.
 
 Cost per step: ``global_batch_size`` float64 values more in the step summary's all-reduce, no
-collective or host sync of its own. A report costs seconds but only at a spike, at most ``trace.max_reports`` times per run.
+collective or host sync of its own. A report costs seconds but only at a spike, at most
+``trace.max_reports`` times per run.
 """
 
 from __future__ import annotations
