@@ -42,6 +42,7 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/step_syncs.py
 	$(PY) benchmarks/preprocess.py
 	$(PY) benchmarks/convert.py
 	$(PY) benchmarks/checkpoint.py

@@ -1,14 +1,18 @@
 """flagscale's step time against a minimal loop written directly against megatron-core.
 
-    python benchmarks/overhead.py [--iterations 40] [--nproc 2]
+    python benchmarks/overhead.py [--iterations 60] [--rounds 5] [--nproc 2]
 
 Both loops train the same tiny model (examples/tiny/config.yaml, same weights, same global
-samples read from the same indexed dataset) on the same processes, alternating
-baseline / flagscale twice, in one run. A flagscale step is timed from one ``post_step`` to the
-next, so it includes everything the loop does per iteration (callbacks, console and
-metrics.jsonl logging); the baseline step is zero-grad, forward/backward, optimizer step and
-one loss all-reduce. Printed: median step times and their ratio (goal: at most 1.03), with
-metrics logged every iteration and every 10.
+samples read from the same indexed dataset) on the same processes, in ``--rounds`` alternating
+rounds (baseline, then flagscale) of ``--iterations`` steps each, in one run. A flagscale step
+is timed from one ``post_step`` to the next, so it includes everything the loop does per
+iteration (callbacks, the step summary, console and metrics.jsonl logging); the baseline step is
+zero-grad, forward/backward, optimizer step and one loss all-reduce. Each round gives a ratio of
+median step times; printed: the median of those ratios (goal: at most 1.03) and their spread
+(lowest to highest), with metrics logged every iteration and every 10. A shared machine shows up
+as a wide spread: compare medians only when the spread is narrow.
+
+``benchmarks/step_syncs.py`` counts the host syncs and collectives of the same two loops.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ WARMUP = 5
 
 def _config(run_dir: str, iterations: int, log_interval: int):
     from flagscale.config import load_config
-    from flagscale.data import default_corpus_path, default_tokenizer_path, load_tokenizer, preprocess
+    from flagscale.data import (default_corpus_path, default_tokenizer_path, load_tokenizer,
+                                preprocess)
 
     prefix = Path(run_dir) / "corpus"
     if not Path(str(prefix) + ".idx").exists() and int(os.environ["RANK"]) == 0:
@@ -42,8 +47,9 @@ def _config(run_dir: str, iterations: int, log_interval: int):
         "checkpoint.load=null", f"parallel.dp={world}"])
 
 
-def baseline_step_times(cfg) -> list[float]:
-    """Plain megatron-core: DDP, distributed optimizer, schedule; nothing else."""
+def baseline_loop(cfg, mark) -> None:
+    """Plain megatron-core: DDP, distributed optimizer, schedule; nothing else. Calls ``mark()``
+    before the first step and after every step."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -84,9 +90,8 @@ def baseline_step_times(cfg) -> list[float]:
             return total, mask.sum().to(torch.int), {"loss": total.detach()}
         return out, loss
 
-    times = []
+    mark()
     for it in range(t.iterations):
-        start = time.perf_counter()
         model.zero_grad_buffer()
         optimizer.zero_grad()
         out = run(forward_step_func=step_fn,
@@ -96,28 +101,34 @@ def baseline_step_times(cfg) -> list[float]:
         optimizer.step()
         loss = torch.stack([o["loss"] for o in out]).sum()
         dist.all_reduce(loss)
-        times.append(time.perf_counter() - start)
-    return times[WARMUP:]
+        mark()
 
 
-def flagscale_step_times(cfg) -> list[float]:
-    """flagscale's loop with its callbacks; one step = one post_step to the next."""
+def flagscale_loop(cfg, mark) -> None:
+    """flagscale's loop with its callbacks; calls ``mark()`` after every step's last
+    ``post_step``, so a step (one mark to the next) holds all of their work."""
     from flagscale.train.callbacks import Callback
     from flagscale.train.trainer import Trainer
 
-    stamps: list[float] = []
-
-    class Stamp(Callback):
-        priority = -1000  # after every other post_step, so a step holds all of their work
+    class Mark(Callback):
+        priority = -1001  # after every other post_step, the stop callback's (-1000) included
 
         def post_step(self, step):
-            stamps.append(time.perf_counter())
+            mark()
 
-    Trainer(cfg, callbacks=[Stamp()]).fit()
-    return [b - a for a, b in zip(stamps, stamps[1:])][WARMUP - 1:]
+    Trainer(cfg, callbacks=[Mark()]).fit()
 
 
-def worker(iterations: int) -> None:
+def step_times(loop, cfg) -> list[float]:
+    """Wall time of each step of ``loop`` after the first ``WARMUP``."""
+    stamps: list[float] = []
+    loop(cfg, lambda: stamps.append(time.perf_counter()))
+    times = [b - a for a, b in zip(stamps, stamps[1:])]
+    # flagscale's first mark comes after its first step.
+    return times[len(times) - cfg.train.iterations + WARMUP:]
+
+
+def worker(iterations: int, rounds: int) -> None:
     import torch.distributed as dist
 
     from flagscale.platform import setup_platform
@@ -130,28 +141,38 @@ def worker(iterations: int) -> None:
         results = {}
         for log_interval in (10, 1):
             cfg = _config(shared, iterations, log_interval)
-            base, fs = [], []
-            for _ in range(2):
-                base += baseline_step_times(cfg)
-                fs += flagscale_step_times(cfg)
-            results[log_interval] = (statistics.median(base), statistics.median(fs))
+            rows = []
+            for _ in range(rounds):
+                base = statistics.median(step_times(baseline_loop, cfg))
+                fs = statistics.median(step_times(flagscale_loop, cfg))
+                rows.append((base, fs, fs / base))
+            results[log_interval] = rows
         if rank == 0:
             world = dist.get_world_size()
-            print(f"\ntiny model, {world} processes, {iterations} iterations x2 per loop "
-                  f"(first {WARMUP} dropped), median step time:")
-            for log_interval, (base, fs) in results.items():
-                print(f"  metrics every {log_interval:>2} it: megatron-core loop {base * 1e3:7.1f} ms"
-                      f" | flagscale {fs * 1e3:7.1f} ms | ratio {fs / base:.3f} (goal <= 1.03)")
+            print(f"\ntiny model, {world} processes, {rounds} alternating rounds of {iterations} "
+                  f"iterations per loop (first {WARMUP} dropped); per round the ratio of median "
+                  f"step times:")
+            for log_interval, rows in results.items():
+                base, fs, ratios = zip(*rows)
+                print(f"  metrics every {log_interval:>2} it: megatron-core loop "
+                      f"{statistics.median(base) * 1e3:7.1f} ms | flagscale "
+                      f"{statistics.median(fs) * 1e3:7.1f} ms | ratio median "
+                      f"{statistics.median(ratios):.3f} (goal <= 1.03), spread "
+                      f"{min(ratios):.3f}..{max(ratios):.3f}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iterations", type=int, default=40)
+    parser.add_argument("--iterations", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--nproc", type=int, default=2)
     args = parser.parse_args()
+    if args.iterations <= WARMUP + 1 or args.rounds < 1:
+        parser.error(f"--iterations must exceed {WARMUP + 1} (the first {WARMUP} are warm-up) "
+                     f"and --rounds must be at least 1")
     if "RANK" in os.environ:
-        worker(args.iterations)
+        worker(args.iterations, args.rounds)
         return 0
     import subprocess
 
@@ -159,7 +180,8 @@ def main() -> int:
         env = {**os.environ, "FS_BENCH_DIR": shared, "OMP_NUM_THREADS": "1"}
         return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                 f"--nproc-per-node={args.nproc}", __file__,
-                                f"--iterations={args.iterations}"], env=env, cwd=ROOT)
+                                f"--iterations={args.iterations}",
+                                f"--rounds={args.rounds}"], env=env, cwd=ROOT)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,18 @@ def model_keys(model_chunks) -> list[str]:
     return ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
 
 
-def _rng_object(layout):
+RNG_KEYED_BY = "pp,tp,cp,dp"
+"""How a checkpoint keys its RNG states (saved in its common state as ``rng_keyed_by``); one
+without the entry (flagscale before context parallelism) keyed them by (pp, tp) and kept data-
+parallel rank 0's states."""
+
+
+def _rng_object(dims, keyed_by: str = RNG_KEYED_BY):
+    """This rank's RNG states (CPU, device, megatron-core's tracker) as a sharded object keyed by
+    its (pp, tp, cp, dp) rank, so a resume at the same layout gives every rank back exactly its
+    own: the tracker's model-parallel stream is seeded per tensor-parallel rank, and nothing keeps
+    the generators of context- or data-parallel ranks equal. ``keyed_by="pp,tp"`` addresses a
+    checkpoint of an earlier flagscale (one state per (pp, tp), data-parallel rank 0's)."""
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
@@ -63,10 +74,15 @@ def _rng_object(layout):
     device_state = device_rng_state()
     if device_state is not None:
         state["cuda"] = device_state
-    return ShardedObject("rng_state", state, (layout.pp, layout.tp),
-                         (parallel_state.get_pipeline_model_parallel_rank(),
-                          parallel_state.get_tensor_model_parallel_rank()),
-                         replica_id=parallel_state.get_data_parallel_rank())
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    if keyed_by == "pp,tp":
+        return ShardedObject("rng_state", state, (dims.pp, dims.tp), (pp_rank, tp_rank),
+                             replica_id=dp_rank)
+    return ShardedObject("rng_state", state, (dims.pp, dims.tp, dims.cp, dims.dp),
+                         (pp_rank, tp_rank, parallel_state.get_context_parallel_rank(), dp_rank),
+                         replica_id=0)
 
 
 def param_index_map(model_chunks, optimizer, layout, model_state: dict) -> list[dict]:
@@ -217,7 +233,8 @@ def save_checkpoint(checkpoints: Path, iteration: int, model_chunks, optimizer, 
     sharding = {"distrib_optim_sharding_type": optimizer_sharding}
     sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=False,
                                                         metadata=sharding)
-    sharded["rng_state"] = _rng_object(layout)
+    sharded["rng_state"] = _rng_object(layout.dims)
+    sharded["rng_keyed_by"] = RNG_KEYED_BY
     sharded["iteration"] = iteration
     sharded["consumed_samples"] = consumed_samples
     sharded["scheduler"] = scheduler.state_dict()
@@ -418,7 +435,7 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler, model_config
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True,
                                                             metadata=content)
     if meta.dims == layout.dims and has_optimizer:
-        sharded["rng_state"] = _rng_object(layout)
+        sharded["rng_state"] = _rng_object(layout.dims, common.get("rng_keyed_by", "pp,tp"))
     strategy = FullyParallelLoadStrategyWrapper(
         get_default_load_sharded_strategy(str(path)),
         parallel_state.get_data_parallel_group(with_context_parallel=True))

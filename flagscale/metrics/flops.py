@@ -24,14 +24,21 @@ Three conventions, labelled wherever a figure is reported because they differ by
 
 Activation recomputation repeats forward work the model does not need; it is reported separately as
 hardware FLOPs (``hardware_flops_per_token``, for HFU) and never enters ``flops_per_token`` (MFU).
+It counts exactly what megatron-core recomputes and the memory planner (``flagscale.plan.memory``)
+stops storing, from the same :func:`recomputed_layers`: ``full`` repeats the forward of every
+recomputed layer (all with ``uniform``, the first ``recompute_num_layers`` of each (virtual)
+pipeline stage with ``block``), ``selective`` the forward of each module of ``recompute_modules``
+in every layer (``core_attn``: the attention term; ``mlp``: the MLP term; ``layernorm``: the norms,
+counted only by the conventions that count norms).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
-from flagscale.config.loader import padded_vocab_size
+from flagscale.config.loader import padded_vocab_size, pipeline_split
+from flagscale.config.parallel_dims import ParallelDims
 from flagscale.config.presets import MODEL_PRESETS
 from flagscale.config.schema import Config, ModelConfig
 from flagscale.errors import ConfigError
@@ -144,15 +151,29 @@ class FlopsEstimate:
                 "hardware_flops_per_token": self.hardware_flops_per_token}
 
 
+def recomputed_layers(cfg: Config, stage_layers: int, recompute: str) -> int:
+    """Layers of a (virtual) stage of ``stage_layers`` whose whole forward is recomputed:
+    ``full`` + ``uniform`` all of them (in groups of ``recompute_num_layers``), ``full`` +
+    ``block`` the first ``recompute_num_layers`` (default all), otherwise none."""
+    t = cfg.train
+    if recompute != "full":
+        return 0
+    if t.recompute_method == "block":
+        return min(stage_layers, t.recompute_num_layers or stage_layers)
+    return stage_layers
+
+
 def flops_per_token(model: ModelConfig, seq_length: int, tp: int = 1,
                     convention: str = "megatron", causal: Optional[bool] = None,
-                    recompute: str = "none") -> FlopsEstimate:
+                    recompute: str = "none", recompute_layers: Optional[int] = None,
+                    recompute_modules: Optional[Sequence[str]] = None) -> FlopsEstimate:
     """Training FLOPs per token of ``model`` at ``seq_length`` (see the module docstring).
 
     ``tp`` only matters through the vocabulary padding (multiple of ``128 * tp``). ``causal``
     overrides the convention's attention counting (megatron: causal; palm: full) to compare like
     with like against a counter that sees a full score matrix. ``recompute`` adds the repeated
-    forward work to ``hardware_flops_per_token`` only.
+    forward work to ``hardware_flops_per_token`` only: with ``full``, of ``recompute_layers``
+    layers (default all); with ``selective``, of ``recompute_modules`` (default ``core_attn``).
     """
     if convention not in CONVENTIONS:
         raise ConfigError(f"FLOPs convention '{convention}' is not one of "
@@ -182,19 +203,47 @@ def flops_per_token(model: ModelConfig, seq_length: int, tp: int = 1,
         terms["norms"] = 6.0 * (layers * vectors["norms"] + model.hidden_size)
         if vectors["biases"]:
             terms["biases"] = 6.0 * layers * vectors["biases"]
-    layer_forward = sum(v for k, v in terms.items() if k in ("qkv", "attention", "out_proj", "mlp"))
-    # Recomputation repeats forward passes (1/3 of a forward+backward term): full recomputation
-    # the whole transformer layers, selective only the attention core (megatron-core's default
-    # selective module). The output layer is never recomputed.
-    repeated = {"none": 0.0, "selective": terms.get("attention", 0.0) / 3,
-                "full": layer_forward / 3}[recompute]
+    # Recomputation repeats forward passes, 1/3 of a forward+backward term: full recomputation
+    # the whole transformer layers recomputed (each term above sums over all layers alike, so a
+    # share of layers is that share of it), selective the listed modules of every layer. The
+    # output layer is never recomputed.
+    if recompute == "full":
+        layer_forward = sum(v for k, v in terms.items()
+                            if k in ("qkv", "attention", "out_proj", "mlp"))
+        share = layers if recompute_layers is None else recompute_layers
+        repeated = layer_forward / 3 * share / layers
+    elif recompute == "selective":
+        module_terms = {"core_attn": "attention", "mlp": "mlp", "layernorm": "norms"}
+        repeated = sum(terms.get(module_terms[m], 0.0)
+                       for m in (recompute_modules or ["core_attn"])) / 3
+        if "norms" in terms and "layernorm" in (recompute_modules or []):
+            # The norms term also holds the final norm, which no layer recomputes.
+            repeated -= 6.0 * model.hidden_size / 3
+    else:
+        repeated = 0.0
     return FlopsEstimate(convention=convention, seq_length=seq_length, causal=causal,
                          vocab_size=vocab, terms=terms, recompute=recompute,
                          recompute_flops_per_token=repeated)
 
 
+def recompute_of_config(cfg: Config) -> dict:
+    """The recomputation arguments of :func:`flops_per_token` for a run config:
+    ``train.recompute``, the layers it recomputes (``recompute_method`` and
+    ``recompute_num_layers`` over the config's pipeline split) and ``recompute_modules``."""
+    t, p = cfg.train, cfg.parallel
+    layers = None
+    if t.recompute == "full":
+        # The data-parallel size does not change the pipeline split.
+        dims = ParallelDims(tp=p.tp, pp=p.pp, cp=p.cp, dp=1, vpp=p.vpp)
+        chunks = dims.vpp or 1
+        layers = sum(chunks * recomputed_layers(cfg, stage // chunks, "full")
+                     for stage in pipeline_split(cfg, dims))
+    return {"recompute": t.recompute, "recompute_layers": layers,
+            "recompute_modules": t.recompute_modules}
+
+
 def flops_for_config(cfg: Config, convention: str = "megatron") -> FlopsEstimate:
     """FLOPs per token of a run config: its model, ``train.seq_length``, ``parallel.tp`` and
-    ``train.recompute``."""
+    its recomputation (:func:`recompute_of_config`)."""
     return flops_per_token(cfg.model, cfg.train.seq_length, tp=cfg.parallel.tp,
-                           convention=convention, recompute=cfg.train.recompute)
+                           convention=convention, **recompute_of_config(cfg))

@@ -12,7 +12,8 @@ from typing import Optional
 from flagscale.config import ModelConfig, default_seq_length, load_config
 from flagscale.errors import ConfigError
 from flagscale.metrics.devices import PEAK_TFLOPS, canonical_device, resolve_peak
-from flagscale.metrics.flops import count_params, flops_per_token, preset_model
+from flagscale.metrics.flops import (count_params, flops_per_token, preset_model,
+                                    recompute_of_config)
 from flagscale.metrics.throughput import ThroughputMeter
 
 
@@ -31,16 +32,18 @@ def flops_for(config: Optional[str], model: Optional[str], seq_len: Optional[int
     if config is not None:
         cfg = load_config(config)
         arch, seq, size = cfg.model, cfg.train.seq_length, cfg.parallel.tp
-        default_recompute, batch = cfg.train.recompute, cfg.train.global_batch_size
+        # The config's recomputation in full (layers, modules), unless --recompute overrides it.
+        default_recompute, batch = recompute_of_config(cfg), cfg.train.global_batch_size
         default_device, peak, precision = (cfg.metrics.device, cfg.metrics.peak_tflops,
                                            cfg.model.params_dtype)
     else:
         arch = preset_model(model)
-        seq, size, default_recompute, batch = default_seq_length(arch), 1, "none", None
+        seq, size, default_recompute, batch = default_seq_length(arch), 1, {}, None
         default_device, peak, precision = None, None, "bf16"
     return flops_report(
         arch, seq_len or seq, tp=tp or size, convention=convention,
-        recompute=recompute or default_recompute, gpus=gpus, step_time_s=step_time_s,
+        **({"recompute": recompute} if recompute else default_recompute),
+        gpus=gpus, step_time_s=step_time_s,
         global_batch=global_batch or batch, device=device or default_device,
         dtype=dtype or precision, peak_tflops=peak_tflops or peak)
 
@@ -49,15 +52,19 @@ def flops_report(model: ModelConfig, seq_length: int, tp: int = 1, convention: s
                  recompute: str = "none", gpus: Optional[int] = None,
                  step_time_s: Optional[float] = None, global_batch: Optional[int] = None,
                  device: Optional[str] = None, dtype: str = "bf16",
-                 peak_tflops: Optional[float] = None) -> dict:
-    """Parameters and FLOPs per token of ``model`` (with breakdown) as plain data.
+                 peak_tflops: Optional[float] = None, recompute_layers: Optional[int] = None,
+                 recompute_modules: Optional[list] = None) -> dict:
+    """Parameters and FLOPs per token of ``model`` (with breakdown) as plain data; the
+    recomputation arguments are :func:`~flagscale.metrics.flops.flops_per_token`'s.
 
     Given ``gpus``, ``step_time_s`` and ``global_batch`` it adds a ``throughput`` section:
     tokens/s/GPU, TFLOP/s/GPU and, when the device's peak is known, MFU (Megatron convention
     FLOPs, whatever ``convention`` the breakdown uses, so it matches the training logs).
     """
     params = count_params(model)
-    estimate = flops_per_token(model, seq_length, tp=tp, convention=convention, recompute=recompute)
+    recomputation = {"recompute": recompute, "recompute_layers": recompute_layers,
+                     "recompute_modules": recompute_modules}
+    estimate = flops_per_token(model, seq_length, tp=tp, convention=convention, **recomputation)
     report = {"model": model.preset or "custom", "params": params.total,
               "params_non_embedding": params.non_embedding, "params_embedding": params.embedding,
               "tp": tp, **estimate.as_dict()}
@@ -75,7 +82,7 @@ def flops_report(model: ModelConfig, seq_length: int, tp: int = 1, convention: s
                           f"{', '.join(PEAK_TFLOPS)}); pass one of those or --peak-tflops.")
     device, peak, why = resolve_peak(device, dtype, peak_tflops)
     megatron = (estimate if convention == "megatron" else
-                flops_per_token(model, seq_length, tp=tp, recompute=recompute))
+                flops_per_token(model, seq_length, tp=tp, **recomputation))
     meter = ThroughputMeter(global_batch * seq_length, gpus, megatron, peak)
     metrics = meter.interval_metrics([step_time_s])
     report["throughput"] = {

@@ -83,7 +83,8 @@ from flagscale.config.loader import padded_vocab_size, pipeline_split
 from flagscale.config.parallel_dims import ParallelDims
 from flagscale.config.schema import Config
 from flagscale.errors import ConfigError
-from flagscale.metrics.flops import count_params
+# The same count of recomputed layers as the hardware FLOPs (HFU) of the run.
+from flagscale.metrics.flops import count_params, recomputed_layers
 
 GIB = 2 ** 30
 
@@ -170,18 +171,6 @@ def _layer_activation_bytes(cfg: Config, tp: int, cp: int, sequence_parallel: bo
                  + ("mlp" in modules) * mlp / tp)
         return full_layer - saved, full_layer, layer_input
     return full_layer, full_layer, layer_input
-
-
-def recomputed_layers(cfg: Config, stage_layers: int, recompute: str) -> int:
-    """Layers of a (virtual) stage of ``stage_layers`` whose whole forward is recomputed:
-    ``full`` + ``uniform`` all of them (in groups of ``recompute_num_layers``), ``full`` +
-    ``block`` the first ``recompute_num_layers`` (default all), otherwise none."""
-    t = cfg.train
-    if recompute != "full":
-        return 0
-    if t.recompute_method == "block":
-        return min(stage_layers, t.recompute_num_layers or stage_layers)
-    return stage_layers
 
 
 def estimate_memory(cfg: Config, tp: int, pp: int, dp: int, sequence_parallel: bool,

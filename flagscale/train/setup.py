@@ -114,11 +114,9 @@ def optimizer_config(cfg: Config, ddp):
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
         clip_grad=t.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-        overlap_param_gather=ddp.overlap_param_gather,
-        # A constant loss scale of 1 changes no number but turns on the mixed-precision
-        # optimizers' check that drops an update with a non-finite gradient (see
-        # Trainer._optimizer_step for the fp32 optimizer, which ignores it).
-        loss_scale=1.0)
+        # No loss scaler: Trainer._optimizer_step drops an update with a non-finite gradient
+        # norm itself, without the scaler's extra all-reduce and host read per step.
+        overlap_param_gather=ddp.overlap_param_gather)
 
 
 def _build_optimizer(cfg: Config, model, ddp):

@@ -4,8 +4,9 @@ optimizer step in :meth:`Trainer.train_step`.
     Trainer(cfg)     stop signals -> platform and process groups -> run directory lock and
                      checks -> model, DDP, optimizer, LR schedule -> callbacks -> resume from a
                      checkpoint -> datasets -> run.dir/config.yaml
-    .fit()           for each iteration: pre_step -> train_step -> post_step
-                     -> (when a record is due) pre_log_metrics, log_metrics
+    .fit()           for each iteration: pre_step -> train_step (ending with the step
+                     summary's one all-reduce) -> post_step -> (when a record is due)
+                     pre_log_metrics, log_metrics
 
 Everything parallel is megatron-core's: DDP and the distributed optimizer, the pipeline schedules
 (no pipeline, 1F1B, interleaved), tensor and sequence parallelism. Evaluation, checkpointing,
@@ -34,6 +35,7 @@ from flagscale.config.history import write_run_config
 from flagscale.data.datasets import BatchPrefetcher, batch_index, build_datasets, microbatches
 from flagscale.data.fingerprint import (check_data_unchanged, data_cache_dir, shared_fingerprints,
                                         write_run_fingerprints)
+from flagscale.errors import FlagScaleError
 from flagscale.platform import setup_platform
 from flagscale.platform.lifetime import EXIT_REQUEUE, start_checkpoint_queue_manager
 from flagscale.train.callbacks import (Callback, StepInfo, StopOnSignalCallback, StopRequest,
@@ -44,6 +46,7 @@ from flagscale.train.preflight import check_run
 from flagscale.train.run_dir import claim_run_dir
 from flagscale.train.setup import (build_training, finish_param_sync, init_model_parallel,
                                    init_process_group)
+from flagscale.train.step_summary import StepSummary
 
 
 def train(cfg: Config) -> int:
@@ -121,9 +124,6 @@ class Trainer:
         self._holds_loss = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
                             and parallel_state.get_tensor_model_parallel_rank() == 0)
         self._metrics: dict[str, tuple[str, object]] = {}
-        self._optimizer_checks_grads = all(
-            getattr(o, "grad_scaler", None) is not None
-            for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
         self._log_now = False
         self._init_data_path()
         if self.is_writer:
@@ -167,18 +167,27 @@ class Trainer:
                 self._run_dir_lock.release()
 
     def train_step(self) -> StepInfo:
-        """One optimizer step on the global batch of iteration ``self.iteration + 1``."""
+        """One optimizer step on the global batch of iteration ``self.iteration + 1``, ending
+        with the step summary (:mod:`flagscale.train.step_summary`): the loss and every
+        callback's ``add_to_step_summary`` slots summed over the world in one all-reduce."""
         cfg, device = self.cfg, self.platform.device
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         lr = self.optimizer.param_groups[0]["lr"]
-        reduced = self._forward_backward(
-            forward_step_func=_forward_step,
-            data_iterator=self._train_iterators(),
-            model=self.model, num_microbatches=self.layout.num_microbatches,
-            seq_length=cfg.train.seq_length, micro_batch_size=cfg.train.micro_batch_size,
-            forward_only=False)
+        try:
+            reduced = self._forward_backward(
+                forward_step_func=_forward_step,
+                data_iterator=self._train_iterators(),
+                model=self.model, num_microbatches=self.layout.num_microbatches,
+                seq_length=cfg.train.seq_length, micro_batch_size=cfg.train.micro_batch_size,
+                forward_only=False)
+        except RuntimeError as exc:
+            # megatron-core's DDP check (train.check_for_nan_in_grad) raises a RuntimeError that
+            # names no iteration of ours, before the gradient reduction: no update happened.
+            if "in local grad norm for bucket" in str(exc):
+                raise NonFiniteGradientError(self._non_finite_gradient_message(exc)) from exc
+            raise
         updated, grad_norm = self._optimizer_step()
         if updated:
             self.scheduler.step(increment=1)
@@ -186,33 +195,58 @@ class Trainer:
         self.consumed_samples += cfg.train.global_batch_size
         if self._gc_interval and self.iteration % self._gc_interval == 0:
             gc.collect()
-        self.record_metric("loss", _sum_losses(reduced if self._holds_loss else [], device),
-                           reduce="ratio")
+        step = StepInfo(self.iteration, grad_norm,
+                        _sample_losses(reduced, self.layout.cp) if self._holds_loss else None)
+        summary = StepSummary(device)
+        summary.add("loss", _sum_losses(reduced if self._holds_loss else [], device))
+        self._call("add_to_step_summary", step, summary)
+        step.summary = summary.reduce()
+        self.record_metric("loss", step.summary["loss"], reduce="ratio")
         self.record_metric("lr", lr)
         self.record_metric("grad_norm", grad_norm, reduce="mean")
         self.record_metric("consumed_samples", self.consumed_samples)
-        return StepInfo(self.iteration, grad_norm,
-                        _sample_losses(reduced, self.layout.cp) if self._holds_loss else None)
+        return step
 
-    def _optimizer_step(self) -> tuple[bool, Optional[float]]:
+    def _optimizer_step(self) -> tuple[bool, float]:
         """megatron-core's optimizer step, which never applies a non-finite gradient: (updated,
         global gradient norm), the norm nan when the update was dropped for one.
 
-        The constant loss scale of 1 (:mod:`flagscale.train.setup`) makes megatron-core's
-        mixed-precision optimizers (bf16, or the distributed optimizer) check their gradients
-        and drop such an update themselves. Its fp32 optimizer (fp32 without the distributed
-        optimizer) has no check, so the norm is computed once more here first, in that mode only.
+        The optimizer's own public steps in the order its ``step()`` runs them (prepare the
+        gradients, global norm, clip, step), with one addition: the global gradient norm,
+        which clipping needs anyway (one all-reduce and one host read), also decides whether
+        the update is applied. megatron-core itself checks gradients only through a loss scaler,
+        an all-reduce and a host read more per step, and not at all in its fp32 optimizer.
         """
-        if not self._optimizer_checks_grads:
-            # prepare_grads points each parameter's .grad at its reduced gradient, which the norm
-            # reads (step() repeats it, harmlessly).
-            self.optimizer.prepare_grads()
-            if not math.isfinite(float(self.optimizer.get_grad_norm())):
-                return False, float("nan")
-        updated, grad_norm, _ = self.optimizer.step()
-        if not updated:
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        optimizer, clip = self.optimizer, self.cfg.train.clip_grad
+        optimizer.prepare_grads()
+        grad_norm = float(optimizer.get_grad_norm())
+        if not math.isfinite(grad_norm):
             return False, float("nan")
-        return True, None if grad_norm is None else float(grad_norm)
+        if clip > 0:
+            for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+                # A stub optimizer (no inner optimizer: e.g. a frozen model part) has nothing to
+                # clip.
+                params = [] if getattr(part, "is_stub_optimizer", False) else part.get_parameters()
+                if params:
+                    clip_grad_by_total_norm_fp32(
+                        params, clip, grad_norm,
+                        part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        return optimizer.step_with_ready_grads(), grad_norm
+
+    def _non_finite_gradient_message(self, exc: RuntimeError) -> str:
+        iteration = self.iteration + 1
+        newest = latest_checkpoint(self.run_dir / "checkpoints")
+        kept = (f"the newest checkpoint is {newest}" if newest else
+                "there is no checkpoint of this run yet")
+        return (f"Iteration {iteration}: a gradient is not finite before the data-parallel "
+                f"reduction ({exc}); train.check_for_nan_in_grad stops the run here, before the "
+                f"optimizer step, so the weights are those after iteration {iteration - 1} and "
+                f"{kept}. See which documents iteration {iteration} reads with `flagscale trace "
+                f"{self.run_dir / 'config.yaml'} --iteration {iteration}`, then resume past the "
+                f"batch (data.skip_iterations) or with a lower train.lr; or set "
+                f"train.check_for_nan_in_grad=false to let trace.on_spike skip it.")
 
     def rewind_to(self, checkpoint: Optional[Path], skip: Sequence[int]) -> None:
         """Collective: discard this iteration and train on without batches ``skip`` (numbered
@@ -243,13 +277,12 @@ class Trainer:
 
         ``reduce`` says how the values recorded since the last record combine:
         ``"last"`` keeps the latest; ``"mean"`` averages those that are not None (None when all
-        are); ``"ratio"`` takes a device tensor (numerator, denominator), sums it over the steps
-        and, when the record is made, over all ranks in one all-reduce shared by every ratio
-        metric, and logs numerator / denominator (nan for a zero denominator): every rank records
-        the same ratio metrics, with zeros where it holds none.
+        are); ``"ratio"`` takes a (numerator, denominator) pair of numbers already summed over
+        the ranks (a slot of the step summary), sums it over the steps and logs numerator /
+        denominator (nan for a zero denominator).
 
         ``log_now`` makes a record at this iteration even when it is not a log iteration; every
-        rank must pass it alike (the record's all-reduce is collective).
+        rank must pass it alike (callbacks act on a record on every rank).
         """
         if reduce not in ("last", "mean", "ratio"):
             raise ValueError(f"record_metric({name!r}): reduce must be 'last', 'mean' or "
@@ -258,7 +291,7 @@ class Trainer:
         if reduce == "mean":
             value = [*(previous or []), *([] if value is None else [value])]
         elif reduce == "ratio":
-            value = value.detach().clone() if previous is None else previous + value
+            value = tuple(value) if previous is None else tuple(map(sum, zip(previous, value)))
         self._metrics[name] = (reduce, value)
         self._log_now = self._log_now or log_now
 
@@ -269,20 +302,13 @@ class Trainer:
                 or self.iteration == self.end_iteration or self._log_now)
 
     def _log_metrics(self) -> None:
-        """Reduce the recorded metrics into one record (one all-reduce), let callbacks complete
-        it, then let them write it."""
-        import torch.distributed as dist
-
-        ratios = {name: value for name, (reduce, value) in self._metrics.items()
-                  if reduce == "ratio"}
-        if ratios:
-            totals = torch.stack(list(ratios.values()))
-            dist.all_reduce(totals)
-            ratios = dict(zip(ratios, totals.tolist()))
+        """Combine the recorded metrics into one record (no collective: the step summaries
+        already summed what needs all ranks), let callbacks complete it, then let them write
+        it."""
         metrics = {"iteration": self.iteration}
         for name, (reduce, value) in self._metrics.items():
             if reduce == "ratio":
-                numerator, denominator = ratios[name]
+                numerator, denominator = value
                 value = numerator / denominator if denominator else float("nan")
             elif reduce == "mean":
                 value = sum(value) / len(value) if value else None
@@ -441,6 +467,11 @@ class Trainer:
         iters = [make() if (c.module.pre_process or c.module.post_process) else None
                  for c in self.model]
         return iters if len(iters) > 1 else iters[0]
+
+
+class NonFiniteGradientError(FlagScaleError):
+    """A gradient was NaN or infinite with ``train.check_for_nan_in_grad``: the run stops before
+    that step's update."""
 
 
 def _checkpoint_to_load(cfg: Config, run_dir: Path) -> Optional[Path]:

@@ -79,8 +79,15 @@ def test_two_process_layouts_match_single_process(layout, tmp_path, tiny_corpus,
     _assert_close(_losses(tmp_path / "run"), single_process_losses, 1e-4, f"layout {layout}")
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_corpus, tiny_tokenizer):
-    common = dict(train={"iterations": 10}, parallel={"dp": 2})
+@pytest.mark.parametrize("overlap", [
+    {},
+    # Megatron-LM's GPU settings with the distributed optimizer (flagscale's default): the
+    # reduce-scatter in the backward pass, the parameter all-gather in the next forward pass,
+    # so a checkpoint is taken between the two (finish_param_sync) and resumes exactly.
+    {"overlap_grad_reduce": True, "overlap_param_gather": True, "distributed_optimizer": True},
+], ids=lambda overlap: "overlap" if overlap else "plain")
+def test_resume_reproduces_uninterrupted_run(overlap, tmp_path, tiny_corpus, tiny_tokenizer):
+    common = dict(train={"iterations": 10}, parallel={"dp": 2, **overlap})
     run_cli("train", _config(tmp_path, tiny_corpus, tiny_tokenizer, "straight", **common))
     straight = _losses(tmp_path / "straight")
 

@@ -6,15 +6,15 @@ A callback overrides any of the no-op methods below. :meth:`Trainer.fit
 exists. A callback decides itself when to act (``should_run``); the trainer only says which
 iteration it is. ``self.trainer`` is set by the trainer before any method runs.
 
-Per iteration the order is: ``pre_step`` -> the optimizer step -> ``post_step`` -> (when a record
-is due) ``pre_log_metrics`` on every callback, then ``log_metrics`` on every callback. After the
-loop, or after an exception anywhere in it, ``on_error`` (only after an exception) and then
-``close`` run on every callback.
+Per iteration the order is: ``pre_step`` -> the optimizer step -> ``add_to_step_summary`` -> the
+step summary's one all-reduce -> ``post_step`` -> (when a record is due) ``pre_log_metrics`` on
+every callback, then ``log_metrics`` on every callback. After the loop, or after an exception
+anywhere in it, ``on_error`` (only after an exception) and then ``close`` run on every callback.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 
@@ -24,11 +24,14 @@ class StepInfo:
 
     iteration: int
     """1-based iteration just completed."""
-    grad_norm: Optional[float]
-    """Global gradient norm, None when the optimizer computed none."""
+    grad_norm: float
+    """Global gradient norm; nan when the update was dropped for a non-finite gradient."""
     sample_losses: Any
     """Per-row losses of this rank's microbatches, in order, as a device tensor; None on ranks
     that do not compute the loss (not the last pipeline stage, or TP rank > 0)."""
+    summary: dict = field(default_factory=dict)
+    """The step summary: each slot added in ``add_to_step_summary``, summed over every rank of
+    the world, as a list of floats (see :class:`~flagscale.train.step_summary.StepSummary`)."""
 
 
 class Callback:
@@ -46,6 +49,10 @@ class Callback:
 
     def pre_step(self, iteration: int) -> None:
         """Before the optimizer step of 1-based ``iteration``."""
+
+    def add_to_step_summary(self, step: StepInfo, summary) -> None:
+        """After the optimizer step: ``summary.add`` the values of this step that every rank
+        needs summed over the world; ``post_step`` reads the sums from ``step.summary``."""
 
     def post_step(self, step: StepInfo) -> None:
         """After the optimizer step; record metrics here with ``trainer.record_metric``."""

@@ -2,16 +2,16 @@
 
 Every step each rank places the per-sample losses it holds (the last pipeline stage's tensor-rank-0
 process of each data-parallel replica holds its rows; other ranks hold none) at their positions in
-a ``global_batch_size`` vector, and one all-reduce over the world gives every rank every row's
-loss. All ranks therefore take the same decision from the same numbers (and hold the same spike
-window, saved in every checkpoint), and no rank can wait in a collective another one skipped. The
+a ``global_batch_size`` vector of the step summary (:mod:`flagscale.train.step_summary`), whose
+one all-reduce over the world gives every rank every row's loss. All ranks therefore take the
+same decision from the same numbers (and hold the same spike window, saved in every checkpoint),
+and no rank can wait in a collective another one skipped. The
 writer rank then builds the iteration's trace records from its own copy of the train dataset (no
 collective) and writes ``traces/iter_XXXXXXX.jsonl``.
 
-Cost per step: one all-reduce of ``global_batch_size`` float64 values and one host sync to read
-them. With gradient clipping (``train.clip_grad`` > 0, the default) megatron-core's optimizer
-already reads the gradient norm on the host every step, so the sync adds only the all-reduce
-latency. A report costs seconds but only at a spike, at most ``trace.max_reports`` times per run.
+Cost per step: ``global_batch_size`` float64 values more in the step summary's all-reduce, no
+collective or host sync of its own. A report costs seconds but only at a spike, at most
+``trace.max_reports`` times per run.
 """
 
 from __future__ import annotations
@@ -62,15 +62,15 @@ class SpikeReportCallback(Callback):
             self.tracer = Tracer(trainer.cfg, layout, trainer.train_dataset, tokenizer)
             self.tracer.skipped = trainer.skipped_batches
 
-    def post_step(self, step: StepInfo) -> None:
-        import torch.distributed as dist
-
+    def add_to_step_summary(self, step: StepInfo, summary) -> None:
         losses = torch.zeros(self.trainer.cfg.train.global_batch_size, dtype=torch.float64,
                              device=self.positions.device)
         if step.sample_losses is not None:
             losses[self.positions] = step.sample_losses.to(torch.float64)
-        dist.all_reduce(losses)
-        values = losses.tolist()
+        summary.add("sample_losses", losses)
+
+    def post_step(self, step: StepInfo) -> None:
+        values = step.summary["sample_losses"]
         # Rows hold equal token counts in pretraining, so their mean is the step's loss.
         reason = self.detector.check(sum(values) / len(values), step.grad_norm)
         if reason is None:
@@ -79,8 +79,7 @@ class SpikeReportCallback(Callback):
             self.reports_written += 1
             if self.tracer is not None:  # the writer rank
                 print(self._report(step.iteration, values, reason), flush=True)
-        nonfinite = not (math.isfinite(sum(values)) and step.grad_norm is not None
-                         and math.isfinite(step.grad_norm))
+        nonfinite = not (math.isfinite(sum(values)) and math.isfinite(step.grad_norm))
         if self.config.on_spike == "rewind" or (self.config.on_spike == "skip" and nonfinite):
             self._discard(step.iteration, reason)
 

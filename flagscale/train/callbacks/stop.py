@@ -3,8 +3,9 @@
 Slurm sends SIGUSR1 before the time limit (the generated script asks for it) and SIGTERM on
 preemption or ``scancel``; ``flagscale train`` forwards Ctrl-C, SIGTERM and SIGUSR1 to its workers.
 Signals reach the ranks at different moments, so a rank only notes it (:class:`StopRequest`), and
-after every step :class:`StopOnSignalCallback` takes the maximum of that note over all ranks: the
-first step that ends after any rank's signal is the last one everywhere. The run then saves a
+every step :class:`StopOnSignalCallback` adds that note to the step summary (one slot per stop
+signal, so its all-reduce counts the ranks that received each): the first step whose summary
+follows any rank's signal is the last one everywhere. The run then saves a
 complete checkpoint of that step (unless the periodic save just did) and the worker exits with
 :data:`~flagscale.platform.lifetime.EXIT_REQUEUE`.
 
@@ -98,20 +99,17 @@ class StopOnSignalCallback(Callback):
     def post_checkpoint_saved(self, path) -> None:
         self.saved_iteration = self.trainer.iteration
 
-    def post_step(self, step: StepInfo) -> None:
-        import torch
-        import torch.distributed as dist
+    def add_to_step_summary(self, step: StepInfo, summary) -> None:
+        # Three slots in the step's one all-reduce (no collective of its own): what lets every
+        # rank stop at the same step.
+        summary.add("stop_signals", [float(self.request.signum == s) for s in STOP_SIGNALS])
 
-        # One all-reduce of one integer per step, plus the host sync of reading it: a few
-        # microseconds of latency next to a step (the optimizer's gradient-norm all-reduce already
-        # syncs the host every step). It is what lets every rank stop at the same step.
-        flag = torch.tensor([self.request.signum or 0], dtype=torch.int32,
-                            device=self.trainer.platform.device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        signum = int(flag.item())
-        if not signum:
+    def post_step(self, step: StepInfo) -> None:
+        received = [s for s, ranks in zip(STOP_SIGNALS, step.summary["stop_signals"]) if ranks]
+        if not received:
             return
+        # Ranks may have received different signals: name the highest-numbered one everywhere.
+        signum = max(received)
         trainer = self.trainer
         if trainer.is_writer:
             print(f"flagscale: stopping on {signal.Signals(signum).name} after iteration "
