@@ -36,8 +36,11 @@ class FedTokens(Callback):
 
     def pre_train(self):
         embedding = self.trainer.model[0].module.embedding
-        embedding.register_forward_pre_hook(
-            lambda module, args: self.steps[-1][1].append(args[0].detach().cpu().clone()))
+        embedding.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs):
+        input_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        self.steps[-1][1].append(input_ids.detach().cpu().clone())
 
     def pre_step(self, iteration):
         self.steps.append((iteration, []))
