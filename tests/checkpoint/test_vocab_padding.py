@@ -36,7 +36,8 @@ def source(tmp_path_factory, tiny_corpus, tiny_tokenizer):
     """A TP=2 run with a 4,200-token vocabulary: its iteration-5 checkpoint, losses at 6-10."""
     tmp = tmp_path_factory.mktemp("vocab")
     cfg = {"model": {"preset": "tiny", "params_dtype": "fp32", "vocab_size": VOCAB},
-           "parallel": {"tp": 2},
+           # Sequence parallel: the output layer gathers the sequence, then masks its vocab slice.
+           "parallel": {"tp": 2, "sequence_parallel": True},
            "train": {"micro_batch_size": 2, "global_batch_size": 8, "seq_length": 64,
                      "iterations": LAST, "lr": 2e-3, "min_lr": 2e-4, "warmup_iterations": 1,
                      "log_interval": 1, "seed": 7},
@@ -59,7 +60,8 @@ def _resume(source, checkpoint: Path, name: str, *layout: str) -> str:
     """Resume ``checkpoint`` at ``layout``, check its losses follow the uninterrupted TP=2 run;
     return what the run printed."""
     run_dir = source["tmp"] / name
-    proc = run_cli("train", source["config"], *layout, f"checkpoint.load={checkpoint}",
+    proc = run_cli("train", source["config"], *layout, "parallel.sequence_parallel=false",
+                   f"checkpoint.load={checkpoint}",
                    "checkpoint.save_interval=0", f"run.dir={run_dir}")
     resumed = _losses(run_dir)
     assert resumed.keys() == source["losses"].keys() == set(range(SAVED + 1, LAST + 1))
