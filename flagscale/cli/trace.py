@@ -12,6 +12,8 @@ prints one trace record per (row, document); text is for reading.
 
 Pass the config and overrides the run was started with (its ``config.yaml`` holds them all): the
 sample order depends on the seed, split, sequence length, iterations and data.skip_iterations.
+Batches the run skipped on its own at loss spikes (trace.on_spike) come from its latest
+checkpoint, so iterations after a rewind are traced to the batches they really read.
 The data-parallel size only labels rows (rank, microbatch); it comes from --dp/--nproc, else
 parallel.dp, else the run's latest checkpoint. Losses appear where training wrote a trace report.
 """

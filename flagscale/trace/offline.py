@@ -7,6 +7,8 @@ The train dataset is rebuilt with megatron-core's builder from the same config; 
 are deterministic given seed, split, sequence length and sample count, and are read from the run's
 ``data_cache`` when it exists, so the records name exactly what the run read. Only the labels
 (microbatch, dp_rank, row) depend on the data-parallel size: the samples of an iteration do not.
+Batches the run skipped on its own at spikes (``trace.on_spike``: skip or rewind) are read from
+its latest checkpoint, which records them, and stepped over as training did.
 """
 
 from __future__ import annotations
@@ -67,6 +69,27 @@ def recorded_fingerprints(run_dir: Path) -> Optional[dict]:
     return recorded
 
 
+def recorded_skipped_batches(run_dir: Path) -> list[int]:
+    """The batches the run skipped on its own at spikes (``data.skip_iterations`` numbering), as
+    its latest checkpoint records them; [] without one.
+
+    The latest checkpoint is the record a resume trains on: skips only ever add up, and a skip
+    moves only the iterations trained after it, so this list maps every iteration to the batch
+    it was finally trained on. A rewind after the latest save is not in it: a resume from that
+    checkpoint trains those iterations again without the skip."""
+    from flagscale.checkpoint import latest_checkpoint, read_run_state
+
+    try:
+        checkpoint = latest_checkpoint(Path(run_dir) / "checkpoints")
+    except CheckpointError:
+        checkpoint = None
+    if checkpoint is None:
+        return []
+    # Saved there by the training loop's spike callback (flagscale.train.callbacks.spikes).
+    callbacks = read_run_state(checkpoint).get("callbacks") or {}
+    return [int(b) for b in callbacks.get("SpikeReportCallback", {}).get("skipped_batches", [])]
+
+
 @contextmanager
 def open_tracer(cfg: Config, run_dir: Optional[Path] = None,
                 dp: Optional[int] = None) -> Iterator[Tracer]:
@@ -74,7 +97,8 @@ def open_tracer(cfg: Config, run_dir: Optional[Path] = None,
 
     Refuses data that changed since the run read it (DataError naming what changed). Uses the
     run's index cache when it exists, else a temporary cache, so tracing never writes into a run
-    directory.
+    directory. Steps over the batches the run skipped at spikes
+    (:func:`recorded_skipped_batches`).
     """
     from flagscale.data.datasets import build_datasets, check_training_data
     from flagscale.data.fingerprint import (check_data_unchanged, data_cache_dir,
@@ -95,7 +119,9 @@ def open_tracer(cfg: Config, run_dir: Optional[Path] = None,
     with tempfile.TemporaryDirectory(prefix="flagscale-trace-") as scratch:
         with world_of_one():
             train, _ = build_datasets(cfg, layout, eod, cache if cache.is_dir() else Path(scratch))
-        yield Tracer(cfg, layout, train, tokenizer)
+        tracer = Tracer(cfg, layout, train, tokenizer)
+        tracer.skipped = recorded_skipped_batches(run_dir)
+        yield tracer
 
 
 def trace_iterations(cfg: Config, first: int, last: Optional[int] = None,

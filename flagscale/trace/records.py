@@ -61,20 +61,34 @@ class Tracer:
 
     # ---- which sample, which documents ---------------------------------------------------------
 
-    def rows(self, iteration: int) -> list[tuple[int, int, int, int]]:
+    def rows(self, iteration: int,
+             batch: Optional[int] = None) -> list[tuple[int, int, int, int]]:
         """``(microbatch, dp_rank, row, global_sample)`` of every row of 1-based ``iteration``,
-        in global-sample order (the order of the iteration's global batch)."""
+        in global-sample order (the order of the iteration's global batch). ``batch``: the global
+        batch to label as ``iteration``'s instead of the one it reads (a batch skipped at a spike,
+        labelled with the iteration that read it, or would have; see :meth:`iteration_of`)."""
         t = self.cfg.train
-        if not 1 <= iteration <= t.iterations:
-            raise ConfigError(f"Iteration {iteration} is outside the run: train.iterations is "
-                              f"{t.iterations} (iterations are 1-based). Trace 1..{t.iterations}, "
-                              f"or pass the config (and overrides) the run was started with.")
-        batch = batch_index(self.cfg, iteration - 1, self.skipped)
+        if batch is None:
+            if not 1 <= iteration <= t.iterations:
+                raise ConfigError(f"Iteration {iteration} is outside the run: train.iterations "
+                                  f"is {t.iterations} (iterations are 1-based). Trace "
+                                  f"1..{t.iterations}, or pass the config (and overrides) the "
+                                  f"run was started with.")
+            batch = batch_index(self.cfg, iteration - 1, self.skipped)
         rows = [(m, r, j, global_sample_index(batch, m, r, j, t.micro_batch_size, self.layout.dp,
                                               t.global_batch_size))
                 for m in range(self.layout.num_microbatches) for r in range(self.layout.dp)
                 for j in range(t.micro_batch_size)]
         return sorted(rows, key=lambda row: row[3])
+
+    def iteration_of(self, batch: int) -> Optional[int]:
+        """The 1-based iteration that reads global batch ``batch`` (0-based) with this tracer's
+        skips; None when the batch is skipped."""
+        # batch_index(i) >= i and grows with i: walk down from i = batch past the skips below it.
+        i = batch
+        while i > 0 and batch_index(self.cfg, i, self.skipped) > batch:
+            i -= 1
+        return i + 1 if batch_index(self.cfg, i, self.skipped) == batch else None
 
     def locate(self, global_sample: int) -> tuple[int, int]:
         """``(part, sample within that part)`` of a global sample of the train dataset."""
@@ -110,14 +124,15 @@ class Tracer:
 
     # ---- records -------------------------------------------------------------------------------
 
-    def records(self, iteration: int, losses: Optional[Mapping[int, float]] = None) -> list[dict]:
+    def records(self, iteration: int, losses: Optional[Mapping[int, float]] = None,
+                batch: Optional[int] = None) -> list[dict]:
         """Trace records of 1-based ``iteration``: one per (row, document), in global-sample order.
 
         ``losses`` maps global samples to their recorded per-sample loss; records of those
-        samples carry it.
+        samples carry it. ``batch`` as in :meth:`rows`.
         """
         out = []
-        for microbatch, dp_rank, row, sample in self.rows(iteration):
+        for microbatch, dp_rank, row, sample in self.rows(iteration, batch):
             loss = None if losses is None or sample not in losses else float(losses[sample])
             for span in self.spans(sample):
                 out.append(self._record(iteration, microbatch, dp_rank, row, sample, span, loss))

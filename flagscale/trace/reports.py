@@ -1,7 +1,8 @@
 """Trace report files: ``run.dir/traces/iter_XXXXXXX.jsonl``, one trace record per line.
 
 Written at a loss spike (:func:`write_spike_report`, called by the training loop's spike callback)
-with each row's loss; read back by ``flagscale trace`` to attach those losses to the records it
+with each row's loss, and completed by :func:`add_skipped_batches` when the spike makes the run
+skip batches; read back by ``flagscale trace`` to attach those losses to the records it
 recomputes.
 """
 
@@ -13,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from flagscale.data.datasets import batch_index
 from flagscale.metrics.jsonl import read_records
 
 
@@ -72,6 +74,28 @@ def write_spike_report(tracer, run_dir: Path, iteration: int,
     records = tracer.records(iteration, {first + i: v for i, v in enumerate(losses)})
     path = write_report(report_path(run_dir, iteration), records)
     return path, "; ".join(_describe_row(row) for row in top_rows(records))
+
+
+def add_skipped_batches(tracer, run_dir: Path, iteration: int, batches: Iterable[int]) -> Path:
+    """Complete the report of ``iteration`` (written by :func:`write_spike_report`) when its spike
+    makes the run skip global ``batches`` (0-based, the spiking one among them): it then names
+    the documents of every skipped batch. Each record gets ``skipped_batch``, its batch in
+    ``data.skip_iterations`` numbering (batch + 1); the records of the batches around the spiking
+    one are added, labelled with the iteration that read that batch before the skip, or would
+    have read it. ``tracer.skipped`` must still be the skips from before this one. Batches that
+    were skipped already are left out."""
+    path = report_path(run_dir, iteration)
+    spiking_batch = batch_index(tracer.cfg, iteration - 1, tracer.skipped)
+    records = []
+    for batch in sorted(set(batches)):
+        if batch == spiking_batch:
+            found = read_records(path, "global_sample")  # with the losses recorded at the spike
+        elif (reader := tracer.iteration_of(batch)) is not None:
+            found = tracer.records(reader, batch=batch)
+        else:
+            continue
+        records += [{**record, "skipped_batch": batch + 1} for record in found]
+    return write_report(path, records)
 
 
 def _describe_row(row: list[dict]) -> str:

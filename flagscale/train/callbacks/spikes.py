@@ -23,7 +23,7 @@ import torch
 from flagscale.checkpoint import latest_checkpoint, read_run_state
 from flagscale.data.datasets import batch_index, global_sample_index
 from flagscale.errors import FlagScaleError
-from flagscale.trace import SpikeDetector, Tracer, write_spike_report
+from flagscale.trace import SpikeDetector, Tracer, add_skipped_batches, write_spike_report
 from flagscale.train.callbacks.base import Callback, StepInfo
 
 
@@ -40,6 +40,8 @@ class SpikeReportCallback(Callback):
         self.rewinds = 0
         self.tracer = None
         self.positions = None
+        self.reported = None
+        """The iteration whose report this step wrote, for :meth:`_discard` to complete."""
 
     def pre_train(self) -> None:
         from megatron.core import parallel_state
@@ -123,6 +125,13 @@ class SpikeReportCallback(Callback):
             batches = range(first, batch + config.rewind_skip_around + 1)
         else:
             batches = range(batch, batch + 1)
+        reported, self.reported = self.reported == iteration, None
+        if self.tracer is not None and reported:
+            try:
+                add_skipped_batches(self.tracer, trainer.run_dir, iteration, batches)
+            except (OSError, FlagScaleError) as exc:  # as in _report: the run must go on
+                print(f"flagscale trace: iteration {iteration}: its report could not name the "
+                      f"skipped batches {[b + 1 for b in batches]} ({exc}).", flush=True)
         rewinds, reports = self.rewinds + 1, self.reports_written
         trainer.rewind_to(checkpoint, [b + 1 for b in batches])
         # The checkpoint's callback state brought back the spike window as it was there; the
@@ -151,6 +160,7 @@ class SpikeReportCallback(Callback):
             return (f"flagscale trace: iteration {iteration}: {reason}, but its trace report "
                     f"could not be written ({exc}). Trace it later with `flagscale trace "
                     f"{config} --iteration {iteration}`.")
+        self.reported = iteration
         checkpoint = latest_checkpoint(run_dir / "checkpoints")
         load = f"checkpoint.load={checkpoint}" if checkpoint else "checkpoint.load=null"
         # Entry b + 1 retires batch b (data.skip_iterations numbering), the batch read here.
