@@ -27,9 +27,11 @@ cores).
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from flagscale.data.provenance import RECORD_DTYPE, prov_paths, write_provenance
-from flagscale.data.sources import expand_inputs, read_tasks
+from flagscale.data.sources import InputFile, expand_inputs, read_tasks
 from flagscale.data.tokenizer import Tokenizer, file_sha256
 from flagscale.errors import DataError
 
@@ -104,6 +106,8 @@ class PreprocessResult:
     outputs: list = field(default_factory=list)
     skipped_files: list = field(default_factory=list)
     """Files of unknown format found in input directories, not read."""
+    resumed_files: int = 0
+    """Input files whose complete shards an interrupted earlier run left in ``PREFIX.work/``."""
 
     def summary(self) -> str:
         """One line with the numbers a user wants."""
@@ -111,10 +115,12 @@ class PreprocessResult:
         mbs = self.input_bytes / 1e6 / max(self.seconds, 1e-9)
         rejected = sum(self.rejected.values())
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.rejected.items()))
+        resumed = (f"; {self.resumed_files:,} input files resumed from an interrupted run"
+                   if self.resumed_files else "")
         return (f"{self.documents:,} documents, {self.tokens:,} tokens from "
                 f"{self.input_bytes / 1e6:.2f} MB in {self.seconds:.1f} s ({rate:,.0f} tokens/s, "
                 f"{mbs:.2f} MB/s); {rejected:,} records rejected{f' ({reasons})' if reasons else ''}"
-                f" -> {self.prefix}.bin/.idx")
+                f"{resumed} -> {self.prefix}.bin/.idx")
 
 
 # ---- worker side: decode, parse and tokenize one block of records -------------------------------
@@ -259,7 +265,24 @@ def _ordered_results(tasks: Iterator[tuple], tokenizer: Tokenizer, workers: int)
             yield head, result.get()
 
 
-def _block_bytes(task: tuple) -> int:
+def encoded_blocks(files: Sequence[InputFile], tokenizer: Tokenizer, workers: int,
+                   json_key: str, block_bytes: int, skip: frozenset = frozenset()) -> Iterator:
+    """``(task, encode_block result)`` for every block of ``files`` in input order, skipping the
+    files whose indices are in ``skip``."""
+    tasks = (task for index, file in enumerate(files) if index not in skip
+             for task in read_tasks(index, file, json_key, block_bytes))
+    return _ordered_results(tasks, tokenizer, workers)
+
+
+def block_rejections(task: tuple, source: str, rejections: list) -> list[Rejection]:
+    """The :class:`Rejection` objects of one block's ``(a, b, reason, detail)`` tuples."""
+    if task[0] == "parquet":
+        return [Rejection(source, None, None, reason, detail, a, b)
+                for a, b, reason, detail in rejections]
+    return [Rejection(source, a, b, reason, detail) for a, b, reason, detail in rejections]
+
+
+def block_bytes_read(task: tuple) -> int:
     """Input bytes a block stands for: its decompressed lines, or its Parquet text bytes."""
     if task[0] == "lines":
         return len(task[-1])
@@ -270,12 +293,48 @@ def _block_bytes(task: tuple) -> int:
     return 0
 
 
-def _add_documents(builder, tokens: np.ndarray, lengths: np.ndarray) -> None:
-    """Append ``len(lengths)`` single-sequence documents, stored back to back in ``tokens``, to
-    megatron-core's IndexedDatasetBuilder with one write: its per-document add_document would
-    spend main-process CPU that the tokenizing workers need. Same state as add_document per
-    document (one sequence length and one document boundary each)."""
-    builder.data_file.write(tokens.astype(builder.dtype, copy=False).tobytes(order="C"))
+def source_entries(files: Sequence[InputFile]) -> list[dict]:
+    """The provenance metadata of each input file (documents counted later)."""
+    return [{"path": str(f.path.resolve()), "format": f.format, "compression": f.compression,
+             "size": f.path.stat().st_size, "sha256": file_sha256(f.path), "documents": 0}
+            for f in files]
+
+
+class Progress:
+    """A tqdm bar of input bytes with documents, tokens and tokens/s; does nothing when
+    disabled. The bar is created at the first update, once the worker pool exists (see
+    :func:`pool_context`)."""
+
+    def __init__(self, enabled: bool, total: Optional[int], started: float, desc: str,
+                 initial: int = 0):
+        self.enabled, self.total, self.started, self.desc = enabled, total, started, desc
+        self.initial = initial
+        self.bar = None
+
+    def update(self, read: int, documents: int, tokens: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=self.initial, unit="B", unit_scale=True,
+                            desc=self.desc, mininterval=0.5, dynamic_ncols=True)
+        self.bar.update(read)
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix(docs=f"{documents:,}", tokens=f"{tokens:,}",
+                             tok_s=f"{tokens / elapsed:,.0f}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _add_index(builder, lengths: np.ndarray) -> None:
+    """Append the index entries of ``len(lengths)`` single-sequence documents to megatron-core's
+    IndexedDatasetBuilder, whose tokens the caller wrote to ``builder.data_file``: its
+    per-document add_document would spend main-process CPU that the tokenizing workers need.
+    Same state as add_document per document (one sequence length and one document boundary
+    each)."""
     start = len(builder.sequence_lengths)
     builder.sequence_lengths.extend(lengths.tolist())
     builder.document_indices.extend(range(start + 1, start + 1 + len(lengths)))
@@ -288,6 +347,149 @@ def output_paths(prefix: str | Path) -> list[str]:
             *map(str, prov_paths(prefix))]
 
 
+# ---- resumable runs: one complete shard per input file in PREFIX.work/ -------------------------
+
+WORK_FORMAT = "flagscale-preprocess-work"
+_SHARD_FILES = (".bin", ".lengths.npy", ".prov.npy", ".rejected.jsonl", ".json")
+"""What one shard (input file) leaves in the work directory; the .json, renamed last, marks it
+complete."""
+
+
+def work_dir(prefix: str | Path) -> Path:
+    """The directory beside the outputs where a run keeps its completed shards until the end."""
+    return Path(str(prefix) + ".work")
+
+
+def _manifest_difference(old: dict, new: dict) -> Optional[str]:
+    """What differs between the arguments of the run that left a work directory and this one."""
+    if old.get("format") != WORK_FORMAT:
+        return f"it is not a {WORK_FORMAT} directory"
+    then, now = old["tokenizer"], new["tokenizer"]
+    if then != now:
+        return (f"the tokenizer was {then['path']} (sha256 {then['sha256'][:12]}), now "
+                f"{now['path']} (sha256 {now['sha256'][:12]})")
+    for key in ("json_key", "strict"):
+        if old[key] != new[key]:
+            return f"{key} was {old[key]!r}, now {new[key]!r}"
+    if len(old["sources"]) != len(new["sources"]):
+        return f"the inputs were {len(old['sources'])} files, now {len(new['sources'])}"
+    for number, (a, b) in enumerate(zip(old["sources"], new["sources"])):
+        if a["path"] != b["path"]:
+            return f"input file {number} was {a['path']}, now {b['path']}"
+        if a != b:
+            return (f"input file {a['path']} changed since (size {a['size']}, sha256 "
+                    f"{a['sha256'][:12]} then; size {b['size']}, sha256 {b['sha256'][:12]} now)")
+    return None
+
+
+class _WorkDir:
+    """``PREFIX.work/``: the arguments of the run (``manifest.json``) and its completed shards.
+
+    A rerun with the same arguments reuses the completed shards, so a killed run continues from
+    the last complete input file; a rerun with other arguments refuses them. An exclusive lock
+    (``lock``) keeps two runs off one prefix.
+    """
+
+    def __init__(self, prefix: str, manifest: dict):
+        import fcntl
+
+        self.prefix, self.path = prefix, work_dir(prefix)
+        manifest = {"format": WORK_FORMAT, **manifest}
+        self.path.mkdir(exist_ok=True)
+        self._lock = open(self.path / "lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise DataError(f"Another `flagscale preprocess` is writing {prefix} (it holds "
+                            f"{self.path / 'lock'}). Wait for it, or choose another "
+                            f"--output-prefix.") from None
+        manifest_path = self.path / "manifest.json"
+        if manifest_path.is_file():
+            try:
+                old = json.loads(manifest_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                old = {}
+            why = _manifest_difference(old, manifest)
+            if why is not None:
+                self.release()
+                raise DataError(f"{self.path} holds the completed shards of an earlier, "
+                                f"interrupted run with other arguments: {why}. They are not "
+                                f"reused. Rerun with that run's arguments to finish it, or remove "
+                                f"{self.path} to start over.")
+        else:
+            _write_atomic(manifest_path, json.dumps(manifest, indent=1) + "\n")
+
+    def shard_path(self, index: int, kind: str) -> Path:
+        return self.path / f"{index:06d}{kind}"
+
+    def completed(self, count: int) -> dict[int, dict]:
+        """Statistics of the shards among the first ``count`` that are complete, by index."""
+        done = {}
+        for index in range(count):
+            marker = self.shard_path(index, ".json")
+            if marker.is_file():
+                done[index] = json.loads(marker.read_text(encoding="utf-8"))
+        return done
+
+    def release(self) -> None:
+        self._lock.close()
+
+    def remove(self) -> None:
+        self.release()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temp = path.with_name(path.name + ".tmp")
+    temp.write_text(text, encoding="utf-8")
+    os.replace(temp, path)
+
+
+class _ShardWriter:
+    """Writes one input file's documents to the work directory under temporary names; ``finish``
+    renames them, the statistics marker last."""
+
+    def __init__(self, work: _WorkDir, index: int):
+        self.finals = [work.shard_path(index, kind) for kind in _SHARD_FILES]
+        self.temps = [p.with_name(p.name + ".tmp") for p in self.finals]
+        self.tokens = open(self.temps[0], "wb")
+        self.rejected = open(self.temps[3], "w", encoding="utf-8")
+        self.lengths: list[np.ndarray] = []
+        self.records: list[np.ndarray] = []
+        self.stats = {"documents": 0, "tokens": 0, "input_bytes": 0, "rejected": Counter(),
+                      "first_rejections": []}
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, records: np.ndarray,
+            rejections: list[Rejection], read: int) -> None:
+        self.tokens.write(memoryview(tokens))
+        self.lengths.append(lengths)
+        self.records.append(records)
+        for rejection in rejections:
+            self.stats["rejected"][rejection.reason] += 1
+            if len(self.stats["first_rejections"]) < SHOWN_REJECTIONS:
+                self.stats["first_rejections"].append(rejection.to_json())
+            self.rejected.write(json.dumps(rejection.to_json(), ensure_ascii=False) + "\n")
+        self.stats["documents"] += len(lengths)
+        self.stats["tokens"] += int(tokens.size)
+        self.stats["input_bytes"] += read
+
+    def finish(self) -> None:
+        self.tokens.close()
+        self.rejected.close()
+        for temp, arrays, empty in ((self.temps[1], self.lengths, np.empty(0, np.int32)),
+                                    (self.temps[2], self.records, np.empty(0, RECORD_DTYPE))):
+            with open(temp, "wb") as f:  # a file object: np.save would append .npy to a name
+                np.save(f, np.concatenate(arrays or [empty]))
+        self.temps[4].write_text(json.dumps(self.stats, ensure_ascii=False), encoding="utf-8")
+        for temp, final in zip(self.temps, self.finals):
+            os.replace(temp, final)
+
+    def close(self) -> None:
+        self.tokens.close()
+        self.rejected.close()
+
+
 def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tokenizer: Tokenizer,
                workers: int = 1, json_key: str = "text", strict: bool = False,
                progress: bool = False, block_bytes: int = BLOCK_BYTES) -> PreprocessResult:
@@ -295,9 +497,14 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tokenize
     into ``PREFIX.bin``/``.idx`` with provenance sidecar ``PREFIX.prov.npy``/``.prov.json`` and
     ``PREFIX.rejected.jsonl``.
 
-    Every output is written under a temporary name and renamed only when all are complete, the
-    provenance metadata last. Raises DataError for missing inputs, for the first rejected record
-    or unreadable file when ``strict``, and when no document survives.
+    Each input file is a shard: once all its documents are tokenized, they are stored complete in
+    ``PREFIX.work/`` (see :class:`_WorkDir`), and the outputs are their concatenation in input
+    order, so a run killed part-way and rerun with the same arguments tokenizes only the files
+    not yet complete and writes the same bytes as an uninterrupted run. Every output is written
+    under a temporary name and renamed only when all are complete, the provenance metadata last;
+    the work directory is then removed. Raises DataError for missing inputs, for the first
+    rejected record or unreadable file when ``strict``, and when no document survives (these
+    remove the work directory: a rerun needs other inputs).
     """
     # megatron-core's first import takes seconds: keep it out of the throughput figures.
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -308,81 +515,107 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tokenize
         raise DataError(f"--workers must be at least 1, got {workers}.")
     prefix = str(output_prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    suffix = f".tmp{os.getpid()}"
-    finals = output_paths(prefix)
-    temps = [f + suffix for f in finals]
-    sources = [{"path": str(f.path.resolve()), "format": f.format,
-                "compression": f.compression, "size": f.path.stat().st_size,
-                "sha256": file_sha256(f.path), "documents": 0}
-               for f in files]
+    sources = source_entries(files)
     dtype = token_dtype(tokenizer.vocab_size)
-    result = PreprocessResult(prefix, 0, 0, 0, 0.0, outputs=finals, skipped_files=skipped)
-    tasks = (task for index, file in enumerate(files)
-             for task in read_tasks(index, file, json_key, block_bytes))
+    result = PreprocessResult(prefix, 0, 0, 0, 0.0, outputs=output_paths(prefix),
+                              skipped_files=skipped)
+    work = _WorkDir(prefix, {
+        "sources": [{k: v for k, v in s.items() if k != "documents"} for s in sources],
+        "tokenizer": tokenizer.identity(), "json_key": json_key, "strict": strict})
     # Decompressed sizes are unknown up front: with compressed or Parquet inputs the bar shows
     # no percentage.
     plain = all(f.compression is None and f.format != "parquet" for f in files)
-    total = sum(s["size"] for s in sources) if plain else None
-    bar = None
-    records = []
-    builder = None
+    done = work.completed(len(files))
+    result.resumed_files = len(done)
+    bar = Progress(progress, sum(s["size"] for s in sources) if plain else None, started,
+                   "preprocess", initial=sum(d["input_bytes"] for d in done.values()))
+    documents = sum(d["documents"] for d in done.values())
+    tokens = sum(d["tokens"] for d in done.values())
+    shard, next_index = None, 0
     try:
-        builder = IndexedDatasetBuilder(temps[0], dtype=dtype)
-        with open(temps[2], "w", encoding="utf-8") as rejected_file:
-            for task, (tokens, lengths, where_a, where_b, rejections) in _ordered_results(
-                    tasks, tokenizer, workers):
-                index = task[1]
-                source = str(files[index].path)
-                for a, b, reason, detail in rejections:
-                    rejection = (Rejection(source, None, None, reason, detail, a, b)
-                                 if task[0] == "parquet" else
-                                 Rejection(source, a, b, reason, detail))
-                    if strict:
-                        raise DataError(f"{rejection}. --strict stops at the first rejected "
-                                        f"record; fix it or drop --strict to skip such records.")
-                    result.rejected[reason] += 1
-                    if len(result.first_rejections) < SHOWN_REJECTIONS:
-                        result.first_rejections.append(rejection)
-                    rejected_file.write(json.dumps(rejection.to_json(), ensure_ascii=False)
-                                        + "\n")
-                _add_documents(builder, tokens, lengths)
-                block = np.empty(len(lengths), dtype=RECORD_DTYPE)
-                block["source"], block["line"], block["byte_offset"] = index, where_a, where_b
-                records.append(block)
-                sources[index]["documents"] += len(lengths)
-                result.documents += len(lengths)
-                result.tokens += int(tokens.size)
-                read = _block_bytes(task)
-                result.input_bytes += read
-                if progress:
-                    if bar is None:  # created only now that the worker pool exists
-                        from tqdm import tqdm
-                        bar = tqdm(total=total, unit="B", unit_scale=True, desc="preprocess",
-                                   mininterval=0.5, dynamic_ncols=True)
-                    bar.update(read)
-                    elapsed = max(time.perf_counter() - started, 1e-9)
-                    bar.set_postfix(docs=f"{result.documents:,}",
-                                    tokens=f"{result.tokens:,}",
-                                    tok_s=f"{result.tokens / elapsed:,.0f}", refresh=False)
-        builder.finalize(temps[1])
-        if result.documents == 0:
-            shown = "; ".join(map(str, result.first_rejections)) or "every line is blank"
-            raise DataError(f"No documents in {', '.join(str(f.path) for f in files)}: {shown}. "
-                            f"Check --json-key (now {json_key!r}) and the input format.")
-        meta = {"documents": result.documents, "tokens": result.tokens,
-                "token_dtype": np.dtype(dtype).name, "json_key": json_key,
-                "sources": sources, "tokenizer": tokenizer.identity(),
-                "rejected": dict(sorted(result.rejected.items()))}
-        write_provenance(prefix, np.concatenate(records), meta, suffix)
-        for temp, final in zip(temps, finals):
-            os.replace(temp, final)
+        results = encoded_blocks(files, tokenizer, workers, json_key, block_bytes,
+                                 skip=frozenset(done))
+        for index, blocks in itertools.groupby(results, key=lambda item: item[0][1]):
+            _finish_empty(work, range(next_index, index), done)
+            shard = _ShardWriter(work, index)
+            source = str(files[index].path)
+            for task, (block_tokens, lengths, where_a, where_b, rejected) in blocks:
+                rejections = block_rejections(task, source, rejected)
+                if strict and rejections:
+                    raise DataError(f"{rejections[0]}. --strict stops at the first rejected "
+                                    f"record; fix it or drop --strict to skip such records.")
+                records = np.empty(len(lengths), dtype=RECORD_DTYPE)
+                records["source"], records["line"], records["byte_offset"] = \
+                    index, where_a, where_b
+                read = block_bytes_read(task)
+                shard.add(block_tokens.astype(dtype, copy=False), lengths, records,
+                          rejections, read)
+                documents += len(lengths)
+                tokens += int(block_tokens.size)
+                bar.update(read, documents, tokens)
+            shard.finish()
+            shard, next_index = None, index + 1
+        _finish_empty(work, range(next_index, len(files)), done)
+        _assemble(work, files, sources, result, tokenizer, dtype, json_key,
+                  IndexedDatasetBuilder(str(work.path / "all.bin"), dtype=dtype))
+    except DataError:
+        work.remove()
+        raise
     finally:
-        if bar is not None:
-            bar.close()
-        if builder is not None:
-            builder.data_file.close()  # already closed by finalize on success
-        for temp in temps:
-            if os.path.exists(temp):
-                os.remove(temp)
+        bar.close()
+        if shard is not None:
+            shard.close()
+        work.release()
+    work.remove()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _finish_empty(work: _WorkDir, indices: range, done: dict) -> None:
+    """Complete the shards of files that gave no block (empty files) as empty shards."""
+    for index in indices:
+        if index not in done:
+            _ShardWriter(work, index).finish()
+
+
+def _assemble(work: _WorkDir, files: Sequence[InputFile], sources: list[dict],
+              result: PreprocessResult, tokenizer: Tokenizer, dtype, json_key: str,
+              builder) -> None:
+    """Concatenate the complete shards of ``work`` in input order into the outputs of
+    ``result.prefix``: written in the work directory, then renamed into place, the provenance
+    metadata last."""
+    shards = work.completed(len(files))
+    temps = {kind: work.path / f"all{kind}" for kind in (".bin", ".idx", ".rejected.jsonl")}
+    records = []
+    with open(temps[".rejected.jsonl"], "wb") as rejected_file:
+        for index in range(len(files)):
+            stats = shards[index]
+            with open(work.shard_path(index, ".bin"), "rb") as f:
+                shutil.copyfileobj(f, builder.data_file, 1 << 24)
+            _add_index(builder, np.load(work.shard_path(index, ".lengths.npy")))
+            records.append(np.load(work.shard_path(index, ".prov.npy")))
+            with open(work.shard_path(index, ".rejected.jsonl"), "rb") as f:
+                shutil.copyfileobj(f, rejected_file, 1 << 24)
+            sources[index]["documents"] = stats["documents"]
+            result.documents += stats["documents"]
+            result.tokens += stats["tokens"]
+            result.input_bytes += stats["input_bytes"]
+            result.rejected.update(stats["rejected"])
+            for shown in stats["first_rejections"]:
+                if len(result.first_rejections) < SHOWN_REJECTIONS:
+                    result.first_rejections.append(Rejection(**shown))
+    builder.finalize(str(temps[".idx"]))
+    if result.documents == 0:
+        shown = "; ".join(map(str, result.first_rejections)) or "every line is blank"
+        raise DataError(f"No documents in {', '.join(str(f.path) for f in files)}: {shown}. "
+                        f"Check --json-key (now {json_key!r}) and the input format.")
+    meta = {"documents": result.documents, "tokens": result.tokens,
+            "token_dtype": np.dtype(dtype).name, "json_key": json_key,
+            "sources": sources, "tokenizer": tokenizer.identity(),
+            "rejected": dict(sorted(result.rejected.items()))}
+    prov_temps = write_provenance(result.prefix, np.concatenate(records), meta, ".tmp")
+    prefix = result.prefix
+    for temp, final in ((temps[".bin"], prefix + ".bin"), (temps[".idx"], prefix + ".idx"),
+                        (temps[".rejected.jsonl"], prefix + ".rejected.jsonl"),
+                        *zip(prov_temps, prov_paths(prefix))):
+        os.replace(temp, final)
