@@ -282,6 +282,14 @@ def block_rejections(task: tuple, source: str, rejections: list) -> list[Rejecti
     return [Rejection(source, a, b, reason, detail) for a, b, reason, detail in rejections]
 
 
+def block_records(index: int, lengths: np.ndarray, where_a: np.ndarray,
+                  where_b: np.ndarray) -> np.ndarray:
+    """The provenance records of one block's documents, all from input file ``index``."""
+    records = np.empty(len(lengths), dtype=RECORD_DTYPE)
+    records["source"], records["line"], records["byte_offset"] = index, where_a, where_b
+    return records
+
+
 def block_bytes_read(task: tuple) -> int:
     """Input bytes a block stands for: its decompressed lines, or its Parquet text bytes."""
     if task[0] == "lines":
@@ -544,12 +552,9 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tokenize
                 if strict and rejections:
                     raise DataError(f"{rejections[0]}. --strict stops at the first rejected "
                                     f"record; fix it or drop --strict to skip such records.")
-                records = np.empty(len(lengths), dtype=RECORD_DTYPE)
-                records["source"], records["line"], records["byte_offset"] = \
-                    index, where_a, where_b
                 read = block_bytes_read(task)
-                shard.add(block_tokens.astype(dtype, copy=False), lengths, records,
-                          rejections, read)
+                shard.add(block_tokens.astype(dtype, copy=False), lengths,
+                          block_records(index, lengths, where_a, where_b), rejections, read)
                 documents += len(lengths)
                 tokens += int(block_tokens.size)
                 bar.update(read, documents, tokens)

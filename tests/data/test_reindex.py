@@ -1,0 +1,100 @@
+"""`flagscale data index-provenance`: the sidecar of a dataset written as Megatron-LM writes it,
+rebuilt from its inputs with every document verified."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+from flagscale.cli.main import main
+from flagscale.data import check_dataset, default_tokenizer_path, preprocess
+from flagscale.data.provenance import prov_paths
+from flagscale.data.reindex import index_provenance
+from flagscale.errors import DataError
+
+
+def megatron_dataset(prefix, texts, tokenizer, append_eod: bool = True) -> str:
+    """A dataset as Megatron-LM's tools/preprocess_data.py writes it: one add_document per
+    document of IndexedDatasetBuilder, no sidecar."""
+    prefix = str(prefix)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for text in texts:
+        ids = tokenizer.encode(text) + ([tokenizer.eod] if append_eod else [])
+        builder.add_document(torch.tensor(ids), [len(ids)])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def test_rebuilt_sidecar_is_the_one_preprocess_writes(tmp_path, inputs, sp_tokenizer):
+    files, expected, _ = inputs
+    prefix = megatron_dataset(tmp_path / "megatron_text_document", [t for _, _, t in expected],
+                              sp_tokenizer)
+    result = index_provenance(prefix, files, sp_tokenizer, workers=2, block_bytes=64)
+    preprocess(files, tmp_path / "ours", sp_tokenizer)
+    (npy, meta), (our_npy, our_meta) = prov_paths(prefix), prov_paths(tmp_path / "ours")
+    assert npy.read_bytes() == our_npy.read_bytes()
+    assert json.loads(meta.read_text()) == json.loads(our_meta.read_text())
+    assert result.documents == len(expected) and result.outputs == [str(npy), str(meta)]
+    # What training checks and traces read: the dataset now names file and line of every
+    # document, and its tokenizer.
+    prov = check_dataset(prefix, sp_tokenizer)
+    for doc_id, (path, line, _) in enumerate(expected):
+        assert tuple(prov.lookup(doc_id))[:2] == (str(path.resolve()), line)
+
+    with pytest.raises(DataError, match="never replaced without --force"):
+        index_provenance(prefix, files, sp_tokenizer)
+    before = npy.read_bytes()
+    index_provenance(prefix, files, sp_tokenizer, force=True)
+    assert npy.read_bytes() == before and list(tmp_path.glob("*.tmp*")) == []
+
+
+def test_mismatches_name_document_record_and_cause(tmp_path, inputs, sp_tokenizer):
+    files, expected, _ = inputs
+    texts = [t for _, _, t in expected]
+    no_eod = megatron_dataset(tmp_path / "no_eod", texts, sp_tokenizer, append_eod=False)
+    with pytest.raises(DataError, match=rf"Document 0 of dataset {no_eod} does not match its "
+                                        rf"input record {files[0]}:1 .*built without "
+                                        rf"--append-eod"):
+        index_provenance(no_eod, files, sp_tokenizer)
+
+    prefix = megatron_dataset(tmp_path / "ds", texts, sp_tokenizer)
+    # Files in another order: the first document already differs.
+    with pytest.raises(DataError, match=rf"Document 0 of dataset {prefix} does not match its "
+                                        rf"input record {files[2]}:1 .*order"):
+        index_provenance(prefix, files[::-1], sp_tokenizer, workers=2)
+    # A file left out of --input: every document given matches, some are missing.
+    complete = megatron_dataset(tmp_path / "complete", texts, sp_tokenizer)
+    with pytest.raises(DataError, match=rf"holds {len(texts)} documents, but its inputs give "
+                                        rf"only {len(texts) - 3} .*missing"):
+        index_provenance(complete, files[:2], sp_tokenizer)
+    # One changed line in the middle: named by its document index, file and line.
+    path, line, _ = expected[20]
+    lines = path.read_bytes().split(b"\n")
+    lines[line - 1] = json.dumps({"text": "a different text"}).encode()
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(DataError, match=rf"Document 20 of dataset {prefix} does not match its "
+                                        rf"input record {path}:{line} re-tokenized"):
+        index_provenance(prefix, files, sp_tokenizer, workers=2, block_bytes=64)
+    assert not any(p.exists() for name in ("no_eod", "ds", "complete") for p in prov_paths(tmp_path / name))
+
+
+def test_index_provenance_command(tmp_path, inputs, capsys):
+    files, expected, rejections = inputs
+    from flagscale.data import load_tokenizer
+
+    prefix = megatron_dataset(tmp_path / "megatron_text_document", [t for _, _, t in expected],
+                              load_tokenizer(default_tokenizer_path()))
+    code = main(["data", "index-provenance", prefix, "--input", *map(str, files),
+                 "--tokenizer", str(default_tokenizer_path()), "--workers", "2", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"verified {len(expected):,} documents" in out
+    assert f"rejected {len(rejections):,} records" in out
+    path, line, text = expected[3]
+    assert main(["data", "inspect", prefix, "--document", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"{path.resolve()}:{line}" in out and text in out
