@@ -406,7 +406,9 @@ class _WorkDir:
         self.path.mkdir(exist_ok=True)
         self._lock = open(self.path / "lock", "w")
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # A POSIX record lock belongs to this process alone: the forked tokenizing workers
+            # do not inherit it, so it ends with this process even if a worker outlives it.
+            fcntl.lockf(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self._lock.close()
             raise DataError(f"Another `flagscale preprocess` is writing {prefix} (it holds "

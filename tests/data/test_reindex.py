@@ -79,7 +79,8 @@ def test_mismatches_name_document_record_and_cause(tmp_path, inputs, sp_tokenize
     with pytest.raises(DataError, match=rf"Document 20 of dataset {prefix} does not match its "
                                         rf"input record {path}:{line} re-tokenized"):
         index_provenance(prefix, files, sp_tokenizer, workers=2, block_bytes=64)
-    assert not any(p.exists() for name in ("no_eod", "ds", "complete") for p in prov_paths(tmp_path / name))
+    assert not any(p.exists() for name in ("no_eod", "ds", "complete")
+                   for p in prov_paths(tmp_path / name))
 
 
 def test_index_provenance_command(tmp_path, inputs, capsys):
