@@ -11,7 +11,8 @@ PREFIX.rejected.jsonl. Inputs: *.jsonl (one JSON object per line, text under --j
 (one document per non-blank line), either compressed (*.gz, *.zst), *.parquet (the --json-key
 column, by row group); files, directories (every such file below, in sorted path order) or glob
 patterns. Unreadable files are rejected like bad lines. The output is byte-identical whatever
---workers.
+--workers. Each input file completed is kept in PREFIX.work/ until the end: a killed run rerun with
+the same arguments continues from the last complete file.
 """
 
 from __future__ import annotations

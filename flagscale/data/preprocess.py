@@ -15,6 +15,13 @@ kept): counted by reason, written to ``PREFIX.rejected.jsonl``, or a DataError u
 Each document is its tokens plus the tokenizer's end-of-document id, stored as one sequence of one
 document in ``PREFIX.bin``/``.idx`` (uint16 when the vocabulary has fewer than 65500 ids).
 
+Resumable: every input file is a shard. Once all its blocks are written, its documents,
+provenance records and rejections are complete in ``PREFIX.work/`` (the run's arguments in its
+``manifest.json``); the outputs are the shards concatenated in input order, after which the
+directory is removed. A run killed part-way and rerun with the same arguments skips the complete
+shards and writes the same bytes as an uninterrupted run; other arguments are refused, naming what
+changed.
+
 Speed and determinism: the main process reads fixed-size blocks of whole lines (or fixed row
 counts of Parquet row groups) and hands them to a pool of workers that decode, parse and tokenize
 them; results come back in block order and the main process only writes. Blocks depend on the
