@@ -15,12 +15,14 @@ kept): counted by reason, written to ``PREFIX.rejected.jsonl``, or a DataError u
 Each document is its tokens plus the tokenizer's end-of-document id, stored as one sequence of one
 document in ``PREFIX.bin``/``.idx`` (uint16 when the vocabulary has fewer than 65500 ids).
 
-Resumable: every input file is a shard. Once all its blocks are written, its documents,
-provenance records and rejections are complete in ``PREFIX.work/`` (the run's arguments in its
-``manifest.json``); the outputs are the shards concatenated in input order, after which the
-directory is removed. A run killed part-way and rerun with the same arguments skips the complete
-shards and writes the same bytes as an uninterrupted run; other arguments are refused, naming what
-changed.
+Resumable: every input file is a shard, and shards complete in input order in ``PREFIX.work/``
+(the run's arguments in its ``manifest.json``): tokens are appended to one ``tokens.bin`` (never
+copied again: it becomes ``PREFIX.bin``), and a shard's document lengths, provenance records,
+rejections and a marker saying where its tokens end are written once its last block is. The
+other outputs are the shards' parts concatenated in input order, after which the directory is
+removed. A run killed part-way and rerun with the same arguments cuts ``tokens.bin`` back to the
+last complete shard, tokenizes only the files after it and writes the same bytes as an
+uninterrupted run; other arguments are refused, naming what changed.
 
 Speed and determinism: the main process reads fixed-size blocks of whole lines (or fixed row
 counts of Parquet row groups) and hands them to a pool of workers that decode, parse and tokenize
@@ -276,10 +278,9 @@ def _ordered_results(tasks: Iterator[tuple], tokenizer: Tokenizer, workers: int)
 
 
 def encoded_blocks(files: Sequence[InputFile], tokenizer: Tokenizer, workers: int,
-                   json_key: str, block_bytes: int, skip: frozenset = frozenset()) -> Iterator:
-    """``(task, encode_block result)`` for every block of ``files`` in input order, skipping the
-    files whose indices are in ``skip``."""
-    tasks = (task for index, file in enumerate(files) if index not in skip
+                   json_key: str, block_bytes: int, first: int = 0) -> Iterator:
+    """``(task, encode_block result)`` for every block of ``files[first:]`` in input order."""
+    tasks = (task for index, file in enumerate(files[first:], first)
              for task in read_tasks(index, file, json_key, block_bytes))
     return _ordered_results(tasks, tokenizer, workers)
 
@@ -368,9 +369,10 @@ def output_paths(prefix: str | Path) -> list[str]:
 # ---- resumable runs: one complete shard per input file in PREFIX.work/ -------------------------
 
 WORK_FORMAT = "flagscale-preprocess-work"
-_SHARD_FILES = (".bin", ".lengths.npy", ".prov.npy", ".rejected.jsonl", ".json")
-"""What one shard (input file) leaves in the work directory; the .json, renamed last, marks it
-complete."""
+_SHARD_FILES = (".lengths.npy", ".prov.npy", ".rejected.jsonl", ".json")
+"""What one shard (input file) leaves in the work directory besides its tokens, which go straight
+into the run's one ``tokens.bin``; the .json, renamed last, marks it complete and records where
+its tokens end in ``tokens.bin``."""
 
 
 def work_dir(prefix: str | Path) -> Path:
@@ -443,14 +445,27 @@ class _WorkDir:
     def shard_path(self, index: int, kind: str) -> Path:
         return self.path / f"{index:06d}{kind}"
 
-    def completed(self, count: int) -> dict[int, dict]:
-        """Statistics of the shards among the first ``count`` that are complete, by index."""
-        done = {}
-        for index in range(count):
-            marker = self.shard_path(index, ".json")
-            if marker.is_file():
-                done[index] = json.loads(marker.read_text(encoding="utf-8"))
+    def completed(self, count: int) -> list[dict]:
+        """Statistics of the complete shards, in input order. Shards complete in input order, so
+        these are the first ones."""
+        done = []
+        while len(done) < count and (marker := self.shard_path(len(done), ".json")).is_file():
+            done.append(json.loads(marker.read_text(encoding="utf-8")))
         return done
+
+    def open_tokens(self, done: list[dict]):
+        """``tokens.bin`` opened for appending after the last complete shard's tokens (a killed
+        run may have written part of the next shard's). ``done`` is emptied when the file is
+        gone (a run killed while renaming its outputs into place): every shard is redone."""
+        path = self.path / "tokens.bin"
+        if done and not (path.is_file() and path.stat().st_size >= done[-1]["tokens_end"]):
+            done.clear()
+        if not done:
+            return open(path, "wb")
+        tokens = open(path, "r+b")
+        tokens.truncate(done[-1]["tokens_end"])
+        tokens.seek(done[-1]["tokens_end"])
+        return tokens
 
     def release(self) -> None:
         self._lock.close()
@@ -467,14 +482,14 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class _ShardWriter:
-    """Writes one input file's documents to the work directory under temporary names; ``finish``
-    renames them, the statistics marker last."""
+    """Writes one input file's documents: tokens appended to the run's ``tokens.bin``, the rest
+    under temporary names that ``finish`` renames, the statistics marker last."""
 
-    def __init__(self, work: _WorkDir, index: int):
+    def __init__(self, work: _WorkDir, index: int, tokens):
         self.finals = [work.shard_path(index, kind) for kind in _SHARD_FILES]
         self.temps = [p.with_name(p.name + ".tmp") for p in self.finals]
-        self.tokens = open(self.temps[0], "wb")
-        self.rejected = open(self.temps[3], "w", encoding="utf-8")
+        self.tokens = tokens
+        self.rejected = open(self.temps[2], "w", encoding="utf-8")
         self.lengths: list[np.ndarray] = []
         self.records: list[np.ndarray] = []
         self.stats = {"documents": 0, "tokens": 0, "input_bytes": 0, "rejected": Counter(),
@@ -495,18 +510,20 @@ class _ShardWriter:
         self.stats["input_bytes"] += read
 
     def finish(self) -> None:
-        self.tokens.close()
         self.rejected.close()
-        for temp, arrays, empty in ((self.temps[1], self.lengths, np.empty(0, np.int32)),
-                                    (self.temps[2], self.records, np.empty(0, RECORD_DTYPE))):
+        # On disk before the marker says so: a rerun after a crash trusts the marker.
+        self.tokens.flush()
+        os.fsync(self.tokens.fileno())
+        self.stats["tokens_end"] = self.tokens.tell()
+        for temp, arrays, empty in ((self.temps[0], self.lengths, np.empty(0, np.int32)),
+                                    (self.temps[1], self.records, np.empty(0, RECORD_DTYPE))):
             with open(temp, "wb") as f:  # a file object: np.save would append .npy to a name
                 np.save(f, np.concatenate(arrays or [empty]))
-        self.temps[4].write_text(json.dumps(self.stats, ensure_ascii=False), encoding="utf-8")
+        self.temps[3].write_text(json.dumps(self.stats, ensure_ascii=False), encoding="utf-8")
         for temp, final in zip(self.temps, self.finals):
             os.replace(temp, final)
 
     def close(self) -> None:
-        self.tokens.close()
         self.rejected.close()
 
 
@@ -546,18 +563,19 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tokenize
     # no percentage.
     plain = all(f.compression is None and f.format != "parquet" for f in files)
     done = work.completed(len(files))
-    result.resumed_files = len(done)
-    bar = Progress(progress, sum(s["size"] for s in sources) if plain else None, started,
-                   "preprocess", initial=sum(d["input_bytes"] for d in done.values()))
-    documents = sum(d["documents"] for d in done.values())
-    tokens = sum(d["tokens"] for d in done.values())
-    shard, next_index = None, 0
+    shard = token_file = bar = None
     try:
+        token_file = work.open_tokens(done)
+        result.resumed_files = next_index = len(done)
+        bar = Progress(progress, sum(s["size"] for s in sources) if plain else None, started,
+                       "preprocess", initial=sum(d["input_bytes"] for d in done))
+        documents = sum(d["documents"] for d in done)
+        tokens = sum(d["tokens"] for d in done)
         results = encoded_blocks(files, tokenizer, workers, json_key, block_bytes,
-                                 skip=frozenset(done))
+                                 first=len(done))
         for index, blocks in itertools.groupby(results, key=lambda item: item[0][1]):
-            _finish_empty(work, range(next_index, index), done)
-            shard = _ShardWriter(work, index)
+            _finish_empty(work, range(next_index, index), token_file)
+            shard = _ShardWriter(work, index, token_file)
             source = str(files[index].path)
             for task, (block_tokens, lengths, where_a, where_b, rejected) in blocks:
                 rejections = block_rejections(task, source, rejected)
@@ -572,43 +590,46 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tokenize
                 bar.update(read, documents, tokens)
             shard.finish()
             shard, next_index = None, index + 1
-        _finish_empty(work, range(next_index, len(files)), done)
+        _finish_empty(work, range(next_index, len(files)), token_file)
+        token_file.close()
+        # megatron-core's builder writes the .idx; the tokens are already in tokens.bin, so its
+        # own .bin stays empty.
         _assemble(work, files, sources, result, tokenizer, dtype, json_key,
-                  IndexedDatasetBuilder(str(work.path / "all.bin"), dtype=dtype))
+                  IndexedDatasetBuilder(str(work.path / "index-only.bin"), dtype=dtype))
     except DataError:
         work.remove()
         raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if shard is not None:
             shard.close()
+        if token_file is not None:
+            token_file.close()
         work.release()
     work.remove()
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _finish_empty(work: _WorkDir, indices: range, done: dict) -> None:
+def _finish_empty(work: _WorkDir, indices: range, tokens) -> None:
     """Complete the shards of files that gave no block (empty files) as empty shards."""
     for index in indices:
-        if index not in done:
-            _ShardWriter(work, index).finish()
+        _ShardWriter(work, index, tokens).finish()
 
 
 def _assemble(work: _WorkDir, files: Sequence[InputFile], sources: list[dict],
               result: PreprocessResult, tokenizer: Tokenizer, dtype, json_key: str,
               builder) -> None:
     """Concatenate the complete shards of ``work`` in input order into the outputs of
-    ``result.prefix``: written in the work directory, then renamed into place, the provenance
-    metadata last."""
+    ``result.prefix`` (their tokens are already one file): written in the work directory, then
+    renamed into place, the provenance metadata last."""
     shards = work.completed(len(files))
-    temps = {kind: work.path / f"all{kind}" for kind in (".bin", ".idx", ".rejected.jsonl")}
+    temps = {".bin": work.path / "tokens.bin", ".idx": work.path / "all.idx",
+             ".rejected.jsonl": work.path / "all.rejected.jsonl"}
     records = []
     with open(temps[".rejected.jsonl"], "wb") as rejected_file:
-        for index in range(len(files)):
-            stats = shards[index]
-            with open(work.shard_path(index, ".bin"), "rb") as f:
-                shutil.copyfileobj(f, builder.data_file, 1 << 24)
+        for index, stats in enumerate(shards):
             _add_index(builder, np.load(work.shard_path(index, ".lengths.npy")))
             records.append(np.load(work.shard_path(index, ".prov.npy")))
             with open(work.shard_path(index, ".rejected.jsonl"), "rb") as f:
