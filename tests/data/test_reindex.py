@@ -11,10 +11,12 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from flagscale.cli.main import main
+from flagscale.config import load_config
 from flagscale.data import check_dataset, default_tokenizer_path, preprocess
 from flagscale.data.provenance import prov_paths
 from flagscale.data.reindex import index_provenance
 from flagscale.errors import DataError
+from flagscale.trace import trace_iterations
 
 
 def megatron_dataset(prefix, texts, tokenizer, append_eod: bool = True) -> str:
@@ -39,11 +41,18 @@ def test_rebuilt_sidecar_is_the_one_preprocess_writes(tmp_path, inputs, sp_token
     assert npy.read_bytes() == our_npy.read_bytes()
     assert json.loads(meta.read_text()) == json.loads(our_meta.read_text())
     assert result.documents == len(expected) and result.outputs == [str(npy), str(meta)]
-    # What training checks and traces read: the dataset now names file and line of every
-    # document, and its tokenizer.
+    # Training checks its tokenizer, and traces name file and line of every document.
     prov = check_dataset(prefix, sp_tokenizer)
     for doc_id, (path, line, _) in enumerate(expected):
         assert tuple(prov.lookup(doc_id))[:2] == (str(path.resolve()), line)
+    cfg = load_config(overrides=[
+        "model.preset=tiny", f"data.paths=[{prefix}]", f"data.tokenizer={sp_tokenizer.path}",
+        "parallel.dp=2", "train.micro_batch_size=2", "train.global_batch_size=8",
+        "train.seq_length=32", "train.iterations=2", f"run.dir={tmp_path / 'run'}"])
+    traced = list(trace_iterations(cfg, 1, 1))
+    assert traced and all(
+        (r["source"], r["line"]) == (str(expected[r["document"]][0].resolve()),
+                                     expected[r["document"]][1]) for r in traced)
 
     with pytest.raises(DataError, match="never replaced without --force"):
         index_provenance(prefix, files, sp_tokenizer)
