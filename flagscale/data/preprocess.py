@@ -511,9 +511,8 @@ class _ShardWriter:
 
     def finish(self) -> None:
         self.rejected.close()
-        # On disk before the marker says so: a rerun after a crash trusts the marker.
+        # In the file before the marker says so: a rerun after a kill trusts the marker.
         self.tokens.flush()
-        os.fsync(self.tokens.fileno())
         self.stats["tokens_end"] = self.tokens.tell()
         for temp, arrays, empty in ((self.temps[0], self.lengths, np.empty(0, np.int32)),
                                     (self.temps[1], self.records, np.empty(0, RECORD_DTYPE))):
