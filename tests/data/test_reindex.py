@@ -108,3 +108,21 @@ def test_index_provenance_command(tmp_path, inputs, capsys):
     assert main(["data", "inspect", prefix, "--document", "3"]) == 0
     out = capsys.readouterr().out
     assert f"{path.resolve()}:{line}" in out and text in out
+
+
+def test_parquet_documents_are_named_by_row_group_and_row(tmp_path, sp_tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"parquet document {i} 第{i}行" for i in range(30)]
+    source = tmp_path / "web.parquet"
+    pq.write_table(pa.table({"text": texts}), source, row_group_size=7)
+    prefix = megatron_dataset(tmp_path / "web", texts, sp_tokenizer)
+    index_provenance(prefix, [source], sp_tokenizer)
+    origin = check_dataset(prefix, sp_tokenizer).lookup(15)
+    assert (origin.source, origin.row_group, origin.row) == (str(source.resolve()), 2, 1)
+    wrong = megatron_dataset(tmp_path / "wrong", texts[:15] + ["other"] + texts[16:],
+                             sp_tokenizer)
+    with pytest.raises(DataError, match=rf"Document 15 of dataset {wrong} does not match its "
+                                        rf"input record {source} row group 2 row 1 "):
+        index_provenance(wrong, [source], sp_tokenizer, workers=2)
