@@ -415,6 +415,13 @@ class _WorkDir:
 
         self.prefix, self.path = prefix, work_dir(prefix)
         manifest = {"format": WORK_FORMAT, **manifest}
+        found = {p.name for p in self.path.iterdir()} if self.path.is_dir() else set()
+        if (self.path.exists() and not self.path.is_dir()) or (
+                "manifest.json" not in found and found - {"lock", "manifest.json.tmp"}):
+            # Whatever is there is not ours, and the work directory is deleted at the end.
+            raise DataError(f"{self.path} exists and is not a preprocessing work directory (no "
+                            f"manifest.json in it). Move it away, or choose another "
+                            f"--output-prefix.")
         self.path.mkdir(exist_ok=True)
         self._lock = open(self.path / "lock", "w")
         try:

@@ -235,3 +235,13 @@ def test_killed_run_resumes_from_last_complete_shard(tmp_path, sp_tokenizer):
     for ext in (".bin", ".idx", ".prov.npy", ".prov.json", ".rejected.jsonl"):
         assert (tmp_path / "out" / f"ds{ext}").read_bytes() == \
             (tmp_path / f"whole{ext}").read_bytes(), ext
+
+
+def test_a_directory_in_the_work_dirs_place_is_never_deleted(tmp_path, inputs, sp_tokenizer):
+    files, _, _ = inputs
+    mine = tmp_path / "ds.work"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="ds.work exists and is not a preprocessing work dir"):
+        preprocess(files, tmp_path / "ds", sp_tokenizer)
+    assert (mine / "notes.txt").read_text() == "mine"
