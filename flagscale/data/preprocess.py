@@ -349,11 +349,10 @@ class Progress:
 
 
 def _add_index(builder, lengths: np.ndarray) -> None:
-    """Append the index entries of ``len(lengths)`` single-sequence documents to megatron-core's
-    IndexedDatasetBuilder, whose tokens the caller wrote to ``builder.data_file``: its
-    per-document add_document would spend main-process CPU that the tokenizing workers need.
-    Same state as add_document per document (one sequence length and one document boundary
-    each)."""
+    """Append the index entries of ``len(lengths)`` single-sequence documents, whose tokens are
+    already in the run's ``tokens.bin``, to megatron-core's IndexedDatasetBuilder: the same state
+    as add_document per document (one sequence length and one document boundary each), without
+    writing their tokens again."""
     start = len(builder.sequence_lengths)
     builder.sequence_lengths.extend(lengths.tolist())
     builder.document_indices.extend(range(start + 1, start + 1 + len(lengths)))
