@@ -11,7 +11,8 @@ PREFIX.rejected.jsonl. Inputs: *.jsonl (one JSON object per line, text under --j
 (one document per non-blank line), either compressed (*.gz, *.zst), *.parquet (the --json-key
 column, by row group); files, directories (every such file below, in sorted path order) or glob
 patterns. Unreadable files are rejected like bad lines. The output is byte-identical whatever
---workers.
+--workers. Each input file completed is kept in PREFIX.work/ until the end: a killed run rerun with
+the same arguments continues from the last complete file.
 """
 
 from __future__ import annotations
@@ -37,17 +38,25 @@ def default_workers() -> int:
 
 def report(result: PreprocessResult) -> str:
     """The rejection examples (if any) and the summary line, as printed by the command."""
+    lines = rejection_lines(result)
+    lines.append(result.summary())
+    return "\n".join(lines)
+
+
+def rejection_lines(result: PreprocessResult) -> list[str]:
+    """The count and first examples of rejected records, and the skipped files, if any."""
     lines = []
     total = sum(result.rejected.values())
     if total:
-        lines.append(f"rejected {total:,} records (all in {result.prefix}.rejected.jsonl); "
-                     f"first {len(result.first_rejections)}:")
+        listed = f"{result.prefix}.rejected.jsonl"
+        where = f"all in {listed}; " if listed in result.outputs else ""
+        lines.append(f"rejected {total:,} records ({where}first "
+                     f"{len(result.first_rejections)}):")
         lines += [f"  {r}" for r in result.first_rejections]
     if result.skipped_files:
         lines.append(f"skipped {len(result.skipped_files):,} files of unknown format in input "
                      f"directories, e.g. {result.skipped_files[0]}")
-    lines.append(result.summary())
-    return "\n".join(lines)
+    return lines
 
 
 def check_outputs(inputs: list[str], prefix: str) -> None:

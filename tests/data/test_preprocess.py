@@ -168,3 +168,80 @@ def test_truncated_gzip_is_an_error(tmp_path, inputs, sp_tokenizer):
     with pytest.raises(DataError, match="broken.jsonl.gz: cannot read it"):
         preprocess([broken], tmp_path / "ds", sp_tokenizer)
     assert list(tmp_path.glob("ds*")) == []
+
+
+_KILLED_RUN = """
+import sys
+from flagscale.data import load_tokenizer, preprocess
+preprocess([sys.argv[1]], sys.argv[2], load_tokenizer(sys.argv[3]), workers=2, block_bytes=4096)
+"""
+
+
+def test_killed_run_resumes_from_last_complete_shard(tmp_path, sp_tokenizer):
+    """A run killed with SIGKILL part-way through a directory of shards, rerun with the same
+    arguments, tokenizes only the shards not yet complete and writes the same bytes as an
+    uninterrupted run; other arguments are refused, naming what changed."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from flagscale.data import default_corpus_path
+    from flagscale.data.preprocess import work_dir
+
+    lines = gzip.open(default_corpus_path(), "rb").read().splitlines(keepends=True)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for n in range(12):
+        (shards / f"part-{n:02d}.jsonl").write_bytes(b"".join(lines[n * 400:(n + 1) * 400]))
+    prefix, work = tmp_path / "out" / "ds", work_dir(tmp_path / "out" / "ds")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    process = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_RUN, str(shards), str(prefix), sp_tokenizer.path],
+        env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(work.glob("0*.json")) and process.poll() is None:
+            assert time.monotonic() < deadline, "no shard completed in 120 s"
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait() == -signal.SIGKILL
+    finally:
+        try:  # its pool workers, should any outlive it
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    completed = len(list(work.glob("0*.json")))
+    assert 1 <= completed < 12 and not (tmp_path / "out" / "ds.bin").exists()
+
+    renamed = tmp_path / "renamed.model"
+    shutil.copy(sp_tokenizer.path, renamed)
+    from flagscale.data import load_tokenizer
+
+    with pytest.raises(DataError, match=rf"{work} holds the completed shards .*the tokenizer was "
+                                        rf"{sp_tokenizer.path} .*now {renamed}"):
+        preprocess([shards], prefix, load_tokenizer(renamed), workers=2)
+    (shards / "part-11.jsonl").write_bytes(b'{"text": "changed"}\n')
+    with pytest.raises(DataError, match=r"input file .*part-11.jsonl changed since"):
+        preprocess([shards], prefix, sp_tokenizer, workers=2)
+    (shards / "part-11.jsonl").write_bytes(b"".join(lines[11 * 400:12 * 400]))
+
+    resumed = preprocess([shards], prefix, sp_tokenizer, workers=2)
+    assert resumed.resumed_files == completed and not work.exists()
+    whole = preprocess([shards], tmp_path / "whole", sp_tokenizer, workers=1)
+    assert (resumed.documents, resumed.tokens) == (whole.documents, whole.tokens)
+    for ext in (".bin", ".idx", ".prov.npy", ".prov.json", ".rejected.jsonl"):
+        assert (tmp_path / "out" / f"ds{ext}").read_bytes() == \
+            (tmp_path / f"whole{ext}").read_bytes(), ext
+
+
+def test_a_directory_in_the_work_dirs_place_is_never_deleted(tmp_path, inputs, sp_tokenizer):
+    files, _, _ = inputs
+    mine = tmp_path / "ds.work"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="ds.work exists and is not a preprocessing work dir"):
+        preprocess(files, tmp_path / "ds", sp_tokenizer)
+    assert (mine / "notes.txt").read_text() == "mine"
