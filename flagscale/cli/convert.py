@@ -28,12 +28,16 @@ def run_mcore_to_hf(args) -> int:
     from flagscale.checkpoint.output import check_output_location
 
     check_output_location(args.output, [args.input])  # before the slow imports and reads
+    from flagscale.checkpoint.megatron_lm import find_megatron_lm
     from flagscale.convert import mcore_to_hf
 
-    result = mcore_to_hf(args.input, args.output, dtype=args.dtype,
-                         validate=not args.skip_validation, overwrite=args.overwrite,
-                         tokenizer=args.tokenizer,
-                         max_shard_bytes=int(args.max_shard_size_gb * 1024 ** 3))
+    export = mcore_to_hf
+    if find_megatron_lm(args.input) is not None:
+        from flagscale.train.megatron_lm_import import megatron_lm_to_hf as export
+    result = export(args.input, args.output, dtype=args.dtype,
+                    validate=not args.skip_validation, overwrite=args.overwrite,
+                    tokenizer=args.tokenizer,
+                    max_shard_bytes=int(args.max_shard_size_gb * 1024 ** 3))
     print(result.summary())
     return 0
 
