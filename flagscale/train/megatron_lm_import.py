@@ -86,6 +86,16 @@ def import_megatron_lm(input: str | os.PathLike, work: str | os.PathLike,
     is created (:func:`plan_import`)."""
     from flagscale.launch.local import run_local
 
+    plan, dims = write_plan(input, work, platform, log)
+    code = run_local(dims.world_size, [str(plan)], module=WORKER_MODULE)
+    return converted(plan, f"exit code {code}" if code else None)
+
+
+def write_plan(input: str | os.PathLike, work: str | os.PathLike,
+               platform: Optional[str] = None,
+               log: Callable[[str], None] = print) -> tuple[Path, ParallelDims]:
+    """Check ``input`` (:func:`plan_import`), create ``work`` and write into it the plan its
+    workers run (:func:`convert_rank`); returns the plan file and the workers' layout."""
     ckpt, config, dims = plan_import(input, log)
     log(f"flagscale: detected a {ckpt.describe()}; converting it on {dims.world_size} worker "
         f"process(es)")
@@ -96,13 +106,20 @@ def import_megatron_lm(input: str | os.PathLike, work: str | os.PathLike,
         "input": str(ckpt.path), "format": ckpt.format, "iteration": ckpt.iteration,
         "consumed_samples": ckpt.consumed_samples,
         "scheduler_iterations": ckpt.scheduler_iterations, "config": config,
-        "ddp": ddp_layout_overrides(ckpt),
+        "ddp": ddp_layout_overrides(ckpt), "layout": dims.to_dict(),
         "platform": platform or "auto", "checkpoints": str(work / "checkpoints")}))
-    code = run_local(dims.world_size, [str(plan)], module=WORKER_MODULE)
-    saved = complete_checkpoints(work / "checkpoints")
-    if code != 0 or len(saved) != 1:
-        raise CheckpointError(f"Converting {ckpt.path} failed on the worker process(es) at "
-                              f"{dims.describe()} (exit code {code}); their messages are above.")
+    return plan, dims
+
+
+def converted(plan: Path, failure: Optional[str] = None) -> Path:
+    """The checkpoint the workers of ``plan`` saved; CheckpointError when they failed."""
+    spec = json.loads(Path(plan).read_text())
+    saved = complete_checkpoints(Path(spec["checkpoints"]))
+    if failure or len(saved) != 1:
+        why = failure or "no checkpoint saved"
+        raise CheckpointError(f"Converting {spec['input']} failed on the worker process(es) at "
+                              f"{ParallelDims.from_dict(spec['layout']).describe()} ({why}); "
+                              f"their messages are above.")
     return saved[0]
 
 

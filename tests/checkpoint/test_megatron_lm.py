@@ -153,50 +153,41 @@ def _next_loss(source: dict, name: str, checkpoint: Path, *layout: str) -> float
     return losses[NEXT]
 
 
-@pytest.fixture(scope="module")
-def legacy_resharded(source, megatron_lm):
-    """``flagscale reshard`` of the legacy checkpoint to TP=1 PP=2, and what it printed."""
+def test_legacy_checkpoint_resumes_at_tp1_pp2_like_continuing_at_tp2(source, megatron_lm):
     out = source["tmp"] / "legacy_tp1pp2"
     proc = run_cli("reshard", "--input", megatron_lm["legacy"], "--output", out, "--tp", "1",
                    "--pp", "2")
-    return out, proc.stdout
-
-
-def test_legacy_checkpoint_resumes_at_pp2_like_continuing_at_tp2(source, legacy_resharded):
-    out, stdout = legacy_resharded
     assert ("detected a Megatron-LM legacy (--ckpt-format torch, mp_rank_* with "
-            "distrib_optim.pt) checkpoint") in stdout
-    assert "saved at tp=2 pp=1 dp=1" in stdout
-    assert "-> tp=1 pp=2 dp=1" in stdout
+            "distrib_optim.pt) checkpoint") in proc.stdout
+    assert "saved at tp=2 pp=1 dp=1" in proc.stdout
+    assert "-> tp=1 pp=2 dp=1" in proc.stdout
     assert not list(out.parent.glob(".legacy_tp1pp2.megatron-lm*"))
-    loss = _next_loss(source, "legacy_pp2", out, "parallel.tp=1", "parallel.pp=2",
+    loss = _next_loss(source, "legacy_tp1pp2_run", out, "parallel.tp=1", "parallel.pp=2",
                       "parallel.dp=1")
     assert loss == pytest.approx(source["loss"], rel=1e-5)
 
 
-def test_legacy_checkpoint_resumes_at_tp1_like_continuing_at_tp2(source, legacy_resharded):
-    # The reshard output is fully_reshardable: it loads at TP=1 DP=2 as it is.
-    out, _ = legacy_resharded
-    loss = _next_loss(source, "legacy_tp1", out, "parallel.tp=1", "parallel.dp=2")
-    assert loss == pytest.approx(source["loss"], rel=1e-5)
+def test_torch_dist_checkpoint_resumes_at_tp1_dp2_like_continuing_at_tp2(source, megatron_lm):
+    from flagscale.train.megatron_lm_import import convert_rank, converted, write_plan
 
-
-def test_torch_dist_checkpoint_resumes_at_tp1_like_continuing_at_tp2(source, megatron_lm):
-    out = source["tmp"] / "dist_tp1"
-    proc = run_cli("reshard", "--input", megatron_lm["torch_dist"], "--output", out, "--tp", "1")
-    assert "detected a Megatron-LM torch_dist checkpoint" in proc.stdout
-    loss = _next_loss(source, "dist_tp1_run", out, "parallel.tp=1", "parallel.dp=2")
+    lines: list[str] = []
+    plan, dims = write_plan(megatron_lm["torch_dist"], source["tmp"] / "dist_import",
+                            log=lines.append)
+    assert "detected a Megatron-LM torch_dist checkpoint" in lines[-1]
+    run_distributed(convert_rank, dims.world_size, plan)
+    # Imported fully_reshardable: it loads at TP=1 DP=2 as it is.
+    loss = _next_loss(source, "dist_tp1_run", converted(plan), "parallel.tp=1", "parallel.dp=2")
     assert loss == pytest.approx(source["loss"], rel=1e-5)
 
 
 def test_convert_mcore_to_hf_takes_a_megatron_lm_checkpoint(source, megatron_lm):
     out = source["tmp"] / "hf"
     proc = run_cli("convert", "mcore-to-hf", "--input", megatron_lm["legacy"], "--output", out,
-                   "--dtype", "fp32")
+                   "--dtype", "fp32", "--skip-validation")
     assert "detected a Megatron-LM legacy" in proc.stdout
     config = json.loads((out / "config.json").read_text())
-    assert (config["num_hidden_layers"], config["hidden_size"], config["num_key_value_heads"]) \
-        == (4, 128, 2)
+    assert (config["num_hidden_layers"], config["hidden_size"], config["num_key_value_heads"],
+            config["vocab_size"]) == (4, 128, 2, 4096)
     assert not list(out.parent.glob(".hf.megatron-lm*"))
 
 
