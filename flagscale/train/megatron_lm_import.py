@@ -54,7 +54,7 @@ def _tokenizer_vocab(args) -> Optional[int]:
         return None
     try:
         return load_tokenizer(spec).vocab_size
-    except FlagScaleError:
+    except (FlagScaleError, OSError, ValueError):
         return None
 
 
@@ -205,10 +205,15 @@ def _load_legacy(source: Path, model_chunks, optimizer, dims: ParallelDims) -> N
             module.load_state_dict(_model_state(state[key], module, file), strict=False)
         except RuntimeError as exc:  # shape mismatches
             raise CheckpointError(f"{file}: {exc}") from None
+    # The fp32 optimizer's master weights are views of the model's own: keep what the model
+    # file holds to check the flat buffers against.
+    weights = {param: param.detach().clone() for chunk in model_chunks
+               for param in chunk.parameters()}
     # Megatron-LM's order: the param groups (lr, step) first, then the flat buffers.
     optimizer.load_state_dict(state["optimizer"])
     _check_param_state(rank_dir / OPTIMIZER_FILE, optimizer)
     optimizer.load_parameter_state(str(rank_dir / OPTIMIZER_FILE))
+    _check_master_weights(rank_dir / OPTIMIZER_FILE, optimizer, model_chunks, weights)
 
 
 def _check_param_state(file: Path, optimizer) -> None:
@@ -228,6 +233,25 @@ def _check_param_state(file: Path, optimizer) -> None:
             f"the model built from the checkpoint's args lays out {expected}. The DDP bucket "
             f"layout differs from the run that saved it (args ddp_bucket_size, "
             f"overlap_grad_reduce) or the model is not the one its args describe.")
+
+
+def _check_master_weights(file: Path, optimizer, model_chunks, weights: dict) -> None:
+    """Refuse ``distrib_optim.pt`` unless every parameter's master weights in its flat buffers
+    round to the weights the model file holds: the proof that each parameter was read from its
+    own range (the buffers carry no names, only sizes)."""
+    names = {param: name for chunk in model_chunks
+             for name, param in getattr(chunk, "module", chunk).named_parameters()}
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for param in inner.model_param_group_index_map:
+            main = inner._get_main_param_and_optimizer_states(param)["param"]
+            span = inner._get_model_param_range_map(param)["param"]
+            saved = weights[param].view(-1)[span.start:span.end]
+            if not torch.equal(main.detach().view(-1).to(saved.dtype), saved):
+                raise CheckpointError(
+                    f"{file}: the master weights of {names[param]} in its flat buffers are not "
+                    f"the weights {MODEL_FILE} holds: the parameters lie in the buffers in "
+                    f"another order than in the model built from the checkpoint's args (another "
+                    f"layer implementation or DDP bucketing than the run that saved it).")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -240,3 +240,15 @@ def test_model_outside_the_llama_family_is_refused_naming_its_args(megatron_lm, 
     assert ("normalization='LayerNorm' (needs 'RMSNorm'); swiglu=False (needs True); "
             "position_embedding_type='learned_absolute' (needs 'rope')") in str(err.value)
     _assert_nothing_written(out)
+
+
+def test_truncated_torch_dist_shard_is_named_before_any_output(megatron_lm, tmp_path):
+    from flagscale.train.megatron_lm_import import reshard_megatron_lm
+
+    ckpt = Path(shutil.copytree(megatron_lm["torch_dist"], tmp_path / "dist"))
+    shard = sorted((ckpt / f"iter_{SAVED:07d}").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match=f"shard {shard} is truncated"):
+        reshard_megatron_lm(ckpt, out, tp=1)
+    _assert_nothing_written(out)
