@@ -252,3 +252,22 @@ def test_truncated_torch_dist_shard_is_named_before_any_output(megatron_lm, tmp_
     with pytest.raises(CheckpointError, match=f"shard {shard} is truncated"):
         reshard_megatron_lm(ckpt, out, tp=1)
     _assert_nothing_written(out)
+
+
+def test_optimizer_buffers_out_of_order_are_refused_naming_the_parameter(megatron_lm, tmp_path):
+    # Same sizes, other order: what a run with another layer implementation or DDP bucketing
+    # writes. Only the values can tell, and the conversion must not take them silently.
+    from flagscale.train.megatron_lm_import import convert_rank, write_plan
+
+    ckpt = _damaged(megatron_lm, tmp_path)
+    for file in (ckpt / f"iter_{SAVED:07d}").glob("mp_rank_*/distrib_optim.pt"):
+        state = torch.load(file)
+        for key in ("param", "exp_avg", "exp_avg_sq"):
+            buffers = state[0][(torch.float32, torch.float32)]
+            buffers[key] = buffers[key].roll(64)
+        torch.save(state, file)
+    plan, dims = write_plan(ckpt, tmp_path / "work", log=lambda line: None)
+    with pytest.raises(AssertionError, match="the master weights of .* in its flat buffers are "
+                                             "not the weights model_optim_rng.pt holds"):
+        run_distributed(convert_rank, dims.world_size, plan)
+    assert not (tmp_path / "work" / "checkpoints").exists()
