@@ -310,9 +310,10 @@ def flagscale_config(ckpt: MegatronLMCheckpoint, vocab_size: Optional[int] = Non
             f"(make_vocab_size_divisible_by={divisible}), but the checkpoint has {padded}. The "
             f"tokenizer named by its args (tokenizer_model={getattr(args, 'tokenizer_model', None)}"
             f") is not the one it trained with.")
+    tokenizer = getattr(args, "tokenizer_model", None)
     return {"model": _model_section(args, vocab), "parallel": _parallel_section(ckpt),
             "train": _train_section(ckpt, log),
-            "data": {"tokenizer": getattr(args, "tokenizer_model", None)}}
+            "data": {"tokenizer": tokenizer if tokenizer and Path(tokenizer).exists() else None}}
 
 
 def _model_section(args: Namespace, vocab: int) -> dict:

@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     export.add_argument("--input", required=True,
                         help="checkpoint: an iter_XXXXXXX dir, a checkpoints/ dir (uses 'latest') "
-                             "or a run dir")
+                             "or a run dir; or a Megatron-LM checkpoint (legacy or torch_dist)")
     export.add_argument("--output", required=True, help="Hugging Face model directory to write")
     export.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                         help="weight dtype of the export (default bf16)")

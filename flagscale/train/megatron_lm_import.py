@@ -289,7 +289,14 @@ def megatron_lm_to_hf(input: str | os.PathLike, output: str | os.PathLike,
     ``output``, then export that (``export``: :func:`flagscale.convert.mcore_to_hf`'s
     options). Returns the export's result."""
     from flagscale.convert import mcore_to_hf
+    from flagscale.errors import ConversionError
 
+    spec = export.get("tokenizer") or getattr(open_megatron_lm(input).args, "tokenizer_model",
+                                              None)
+    if not spec or not Path(spec).exists():
+        raise ConversionError(f"{input}: the tokenizer its Megatron-LM args name ({spec}) is not "
+                              f"here to export; pass --tokenizer (a sentencepiece .model or a "
+                              f"Hugging Face tokenizer).")
     with _imported(input, output, None, log) as imported:
         return mcore_to_hf(imported, output, **export)
 
