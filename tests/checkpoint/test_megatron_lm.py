@@ -1,8 +1,9 @@
 """Megatron-LM checkpoints in: ``flagscale reshard`` and ``convert mcore-to-hf`` on Megatron-LM's
 legacy (``mp_rank_*`` + ``distrib_optim.pt``) and ``torch_dist`` checkpoints.
 
-A tiny run at TP=2 (distributed optimizer) saves iteration 3 and goes on to 4; its loss at 4 is
-the reference. Its iteration-3 state is then written the way Megatron-LM's
+A tiny run at TP=2 (distributed optimizer) saves iteration 3 and goes on to 5; its losses at 4
+and 5 are the reference (the loss at 5 follows the update at 4, which the optimizer state, the
+step count and the LR schedule decide). Its iteration-3 state is then written the way Megatron-LM's
 ``megatron/training/checkpointing.py`` writes it, by megatron-core's own functions on 2 gloo
 processes at TP=2: ``model_optim_rng.pt`` (args Namespace, model state dict, optimizer param
 groups, a scheduler counting samples) with ``DistributedOptimizer.save_parameter_state``'s
@@ -24,22 +25,22 @@ import torch
 from flagscale.errors import CheckpointError
 from tests.dist import run_cli, run_distributed, tiny_config
 
-SAVED, NEXT = 3, 4
+SAVED, LAST = 3, 5
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory, tiny_corpus, tiny_tokenizer):
-    """A TP=2 run saving iteration 3, and its loss at iteration 4."""
+    """A TP=2 run saving iteration 3, and its losses at iterations 4 and 5."""
     tmp = tmp_path_factory.mktemp("megatron_lm")
     config = tiny_config(tmp / "source.yaml", tiny_corpus, tiny_tokenizer, tmp / "source",
                          parallel={"tp": 2},
-                         train={"seq_length": 64, "iterations": NEXT, "lr": 2e-3, "min_lr": 2e-4,
+                         train={"seq_length": 64, "iterations": LAST, "lr": 2e-3, "min_lr": 2e-4,
                                 "warmup_iterations": 1},
                          checkpoint={"save_interval": SAVED, "save_final": False})
     run_cli("train", config)
     return {"tmp": tmp, "config": config, "tokenizer": tiny_tokenizer,
             "checkpoint": tmp / "source" / "checkpoints" / f"iter_{SAVED:07d}",
-            "loss": _losses(tmp / "source")[NEXT]}
+            "losses": {i: loss for i, loss in _losses(tmp / "source").items() if i > SAVED}}
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -144,13 +145,22 @@ def megatron_lm(source):
     return {"legacy": tmp / "megatron_legacy", "torch_dist": tmp / "megatron_dist"}
 
 
-def _next_loss(source: dict, name: str, checkpoint: Path, *layout: str) -> float:
+def _assert_resumes_like_continuing(source: dict, name: str, checkpoint: Path,
+                                    *layout: str) -> None:
+    """The converted checkpoint holds the source's iteration, samples and LR schedule (in
+    iterations), and a flagscale run from it at ``layout`` has the source's losses."""
+    from flagscale.checkpoint import read_run_state
+
+    saved, converted = read_run_state(source["checkpoint"]), read_run_state(checkpoint)
+    for key in ("iteration", "consumed_samples", "scheduler"):
+        assert converted[key] == saved[key], key
     run_dir = source["tmp"] / name
     run_cli("train", source["config"], *layout, f"checkpoint.load={checkpoint}",
             "checkpoint.save_interval=0", f"run.dir={run_dir}")
     losses = _losses(run_dir)
-    assert sorted(losses) == [NEXT], name
-    return losses[NEXT]
+    assert sorted(losses) == sorted(source["losses"]) == [SAVED + 1, LAST], name
+    for iteration, loss in source["losses"].items():
+        assert losses[iteration] == pytest.approx(loss, rel=1e-5), (name, iteration)
 
 
 def test_legacy_checkpoint_resumes_at_tp1_pp2_like_continuing_at_tp2(source, megatron_lm):
@@ -162,9 +172,8 @@ def test_legacy_checkpoint_resumes_at_tp1_pp2_like_continuing_at_tp2(source, meg
     assert "saved at tp=2 pp=1 dp=1" in proc.stdout
     assert "-> tp=1 pp=2 dp=1" in proc.stdout
     assert not list(out.parent.glob(".legacy_tp1pp2.megatron-lm*"))
-    loss = _next_loss(source, "legacy_tp1pp2_run", out, "parallel.tp=1", "parallel.pp=2",
-                      "parallel.dp=1")
-    assert loss == pytest.approx(source["loss"], rel=1e-5)
+    _assert_resumes_like_continuing(source, "legacy_tp1pp2_run", out, "parallel.tp=1",
+                                    "parallel.pp=2", "parallel.dp=1")
 
 
 def test_torch_dist_checkpoint_resumes_at_tp1_dp2_like_continuing_at_tp2(source, megatron_lm):
@@ -176,8 +185,8 @@ def test_torch_dist_checkpoint_resumes_at_tp1_dp2_like_continuing_at_tp2(source,
     assert "detected a Megatron-LM torch_dist checkpoint" in lines[-1]
     run_distributed(convert_rank, dims.world_size, plan)
     # Imported fully_reshardable: it loads at TP=1 DP=2 as it is.
-    loss = _next_loss(source, "dist_tp1_run", converted(plan), "parallel.tp=1", "parallel.dp=2")
-    assert loss == pytest.approx(source["loss"], rel=1e-5)
+    _assert_resumes_like_continuing(source, "dist_tp1_run", converted(plan), "parallel.tp=1",
+                                    "parallel.dp=2")
 
 
 def test_convert_mcore_to_hf_takes_a_megatron_lm_checkpoint(source, megatron_lm):
