@@ -445,7 +445,8 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler, model_config
         _unwrap(chunk).load_state_dict(state[key], strict=False)
     if has_optimizer:
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(common["scheduler"])
+        if "scheduler" in common:  # Megatron-LM's own (in samples) is converted by its importer
+            scheduler.load_state_dict(common["scheduler"])
     else:
         optimizer.reload_model_params()
     if "rng_state" in state:

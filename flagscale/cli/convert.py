@@ -28,12 +28,16 @@ def run_mcore_to_hf(args) -> int:
     from flagscale.checkpoint.output import check_output_location
 
     check_output_location(args.output, [args.input])  # before the slow imports and reads
+    from flagscale.checkpoint.megatron_lm import find_megatron_lm
     from flagscale.convert import mcore_to_hf
 
-    result = mcore_to_hf(args.input, args.output, dtype=args.dtype,
-                         validate=not args.skip_validation, overwrite=args.overwrite,
-                         tokenizer=args.tokenizer,
-                         max_shard_bytes=int(args.max_shard_size_gb * 1024 ** 3))
+    export = mcore_to_hf
+    if find_megatron_lm(args.input) is not None:
+        from flagscale.train.megatron_lm_import import megatron_lm_to_hf as export
+    result = export(args.input, args.output, dtype=args.dtype,
+                    validate=not args.skip_validation, overwrite=args.overwrite,
+                    tokenizer=args.tokenizer,
+                    max_shard_bytes=int(args.max_shard_size_gb * 1024 ** 3))
     print(result.summary())
     return 0
 
@@ -58,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     export.add_argument("--input", required=True,
                         help="checkpoint: an iter_XXXXXXX dir, a checkpoints/ dir (uses 'latest') "
-                             "or a run dir")
+                             "or a run dir; or a Megatron-LM checkpoint (legacy or torch_dist)")
     export.add_argument("--output", required=True, help="Hugging Face model directory to write")
     export.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                         help="weight dtype of the export (default bf16)")

@@ -24,6 +24,14 @@ def run_reshard(args) -> int:
     from flagscale.checkpoint.output import check_output_location
 
     check_output_location(args.output, [args.input])  # before the slow imports and reads
+    from flagscale.checkpoint.megatron_lm import find_megatron_lm
+
+    if find_megatron_lm(args.input) is not None:
+        from flagscale.train.megatron_lm_import import reshard_megatron_lm
+
+        reshard_megatron_lm(args.input, args.output, platform=args.platform, tp=args.tp,
+                            pp=args.pp, dp=args.dp, vpp=args.vpp, overwrite=args.overwrite)
+        return 0
     from flagscale.train.reshard import reshard
 
     reshard(args.input, args.output, tp=args.tp, pp=args.pp, dp=args.dp, vpp=args.vpp,
