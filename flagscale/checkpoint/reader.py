@@ -111,12 +111,27 @@ class _TensorPickle(pickle.Unpickler):
         return key, dtype
 
 
+def _member_position(fd: int, start: int, info: zipfile.ZipInfo) -> int:
+    """File offset of a stored member's bytes. The local header repeats the name and may carry
+    its own extra field (the 64-byte alignment padding torch writes), so the offset comes from
+    it, not the central index."""
+    header = os.pread(fd, 30, start + info.header_offset)
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return start + info.header_offset + 30 + name_len + extra_len
+
+
 def _locate(fd: int, start: int, length: int) -> Optional[_RawTensor]:
     """Parse the torch.save archive at ``start``; None when it is not one plain tensor."""
     try:
         with zipfile.ZipFile(_Slice(fd, start, length)) as archive:
             names = {info.filename.split("/", 1)[-1]: info for info in archive.infolist()}
-            rebuilt = _TensorPickle(io.BytesIO(archive.read(names["data.pkl"]))).load()
+            pkl = names["data.pkl"]
+            if pkl.compress_type != zipfile.ZIP_STORED:
+                return None
+            # Read past zipfile: archives saved without CRCs (torch's compute_crc32=False, as
+            # flagscale's converter writes them) fail its CRC check; torch.load ignores CRCs.
+            raw = os.pread(fd, pkl.file_size, _member_position(fd, start, pkl))
+            rebuilt = _TensorPickle(io.BytesIO(raw)).load()
             if not isinstance(rebuilt, _Rebuild):
                 return None
             key, dtype = rebuilt.storage
@@ -125,11 +140,7 @@ def _locate(fd: int, start: int, length: int) -> Optional[_RawTensor]:
                 return None
     except (zipfile.BadZipFile, KeyError, pickle.UnpicklingError, ValueError, TypeError):
         return None
-    # The local header repeats the name and may carry its own extra field (the 64-byte
-    # alignment padding torch writes), so the data offset comes from it, not the central index.
-    header = os.pread(fd, 30, start + info.header_offset)
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    position = start + info.header_offset + 30 + name_len + extra_len
+    position = _member_position(fd, start, info)
     return _RawTensor(position, dtype, rebuilt.storage_offset, rebuilt.size, rebuilt.stride)
 
 

@@ -6,8 +6,8 @@
 
 Reads in one process whatever TP/PP/VPP layout wrote the checkpoint, one transformer layer at a
 time (tensor bytes read straight from the ``.distcp`` files, ``flagscale.checkpoint.reader``),
-and streams tensors into sharded safetensors while the next layer is read (peak memory: about
-two layers); names, order and shapes come from the family's weight mapping
+and streams tensors into sharded safetensors (each written at its planned offset by a few writer
+threads) while the next layer is read (peak memory: a few layers); names, order and shapes come from the family's weight mapping
 (``flagscale.convert.mapping``). A model with tied embeddings is written without
 ``lm_head.weight``, as transformers saves it. The output is written to a temporary sibling
 directory, compared layer by layer with flagscale's own megatron-core model
@@ -157,7 +157,9 @@ def mcore_to_hf(input: str | Path, output: str | Path, dtype: str = "bf16",
         total = sum(math.prod(shape) for _, shape in wm.hf_file_order()) * torch_dtype.itemsize
         tensors = _with_progress(prefetched(_hf_groups(reader, prefix, wm, torch_dtype)), total,
                                  cfg.model.num_layers, progress)
-        written = write_sharded(tmp, shards, torch_dtype, tensors)
+        layer_bytes = sum(math.prod(e.mcore_shape(wm.dims)) for e in wm.layer) * \
+            torch_dtype.itemsize
+        written = write_sharded(tmp, shards, torch_dtype, tensors, max_queued_bytes=layer_bytes)
         config = hf_config_dict(cfg.model, DTYPE_NAMES[dtype], ids["bos"], ids["eos"], ids["pad"])
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(
