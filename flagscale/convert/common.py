@@ -134,15 +134,18 @@ class WriteQueue:
     while the caller produces the next data. The caller blocks while more than ``max_bytes`` of
     submitted data is unwritten (one job is always admitted, however large), so memory holds at
     most that much besides what the caller holds. A job's exception is re-raised in the caller by
-    the next ``submit`` or by ``wait``."""
+    the next ``submit`` or by ``wait``. ``on_written(nbytes)`` is called after each job, one call
+    at a time (progress bars)."""
 
-    def __init__(self, lanes: int, max_bytes: int, name: str = "flagscale-write"):
+    def __init__(self, lanes: int, max_bytes: int, name: str = "flagscale-write",
+                 on_written: Callable[[int], object] = lambda nbytes: None):
         self.lanes = lanes
         self._pools = [ThreadPoolExecutor(1, thread_name_prefix=f"{name}-{i}")
                        for i in range(lanes)]
         self._futures: list[Future] = []
         self._budget = threading.Condition()
         self._queued, self._max = 0, max_bytes
+        self._on_written = on_written
         self.lane_bytes = [0] * lanes
         """Bytes submitted per lane (callers balance lanes with it)."""
 
@@ -161,6 +164,8 @@ class WriteQueue:
     def _run(self, nbytes: int, fn: Callable, *args) -> None:
         try:
             fn(*args)
+            with self._budget:
+                self._on_written(nbytes)
         finally:
             with self._budget:
                 self._queued -= nbytes

@@ -13,7 +13,7 @@ import math
 import os
 import struct
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -54,15 +54,18 @@ def shard_file_names(count: int) -> list[str]:
 
 def write_sharded(out_dir: Path, shards, dtype: torch.dtype,
                   tensors: Iterator[tuple[str, torch.Tensor]],
-                  max_queued_bytes: int = MAX_QUEUED_BYTES) -> int:
+                  max_queued_bytes: int = MAX_QUEUED_BYTES,
+                  on_written: Callable[[int], object] = lambda nbytes: None) -> int:
     """Write ``tensors`` (yielded in the planned order) into the planned shards and the
     ``model.safetensors.index.json``; returns the total bytes of tensor data. Every tensor's
     place is known from the plan, so each is written at its offset by one of a few threads
-    while the next is produced (at most ``max_queued_bytes`` waiting)."""
+    while the next is produced (at most ``max_queued_bytes`` waiting); ``on_written(nbytes)`` is
+    called as each tensor's bytes are written (progress)."""
     names = shard_file_names(len(shards))
     weight_map, total = {}, 0
     element = torch.tensor([], dtype=dtype).element_size()
-    queue = WriteQueue(WRITE_THREADS, max_queued_bytes, name="flagscale-safetensors")
+    queue = WriteQueue(WRITE_THREADS, max_queued_bytes, name="flagscale-safetensors",
+                       on_written=on_written)
     fds = []
     try:
         for file_name, shard in zip(names, shards):
@@ -101,8 +104,8 @@ def write_sharded(out_dir: Path, shards, dtype: torch.dtype,
 
 def _write_tensor(fd: int, position: int, tensor: torch.Tensor, dtype: torch.dtype) -> None:
     data = tensor.to(dtype).contiguous()  # a view (a QKV part) is gathered here, off the caller
-    _pwrite_all(fd, memoryview(data.view(-1).view(torch.uint8).numpy()) if data.numel() else
-                b"", position)
+    raw = data.view(-1).view(torch.uint8)
+    _pwrite_all(fd, memoryview(raw.numpy()) if raw.numel() else b"", position)
 
 
 def _pwrite_all(fd: int, data, position: int) -> None:
