@@ -11,8 +11,9 @@ skipped), each ending once its bytes are on disk (sync included); then each vali
 (import: checkpoint vs source; export: checkpoint vs export). Per step it prints peak resident
 memory over the RSS at the step's start (sampled every 10 ms) divided by the largest layer's fp32
 size (goal <= 4, the same at both depths), and for import and export the median time over the
-median plain copy of the same bytes (goal <= 2). ``--size small`` runs the same steps on a model a
-few MB large (a check that the benchmark works, not a measurement).
+median plain copy of the same bytes (goal <= 2), with the CPU seconds of both (every thread; on a
+shared machine a ratio of wall times mostly measures the other load). ``--size small`` runs the
+same steps on a model a few MB large (a check that the benchmark works, not a measurement).
 """
 
 from __future__ import annotations
@@ -101,15 +102,21 @@ class RssSampler:
         self.growth = max(self.peak, self._proc.memory_info().rss) - self.start
 
 
-def _timed(fn) -> tuple[float, int]:
-    """(seconds to durable disk, peak RSS growth) of ``fn()``."""
+def _cpu() -> float:
+    """CPU seconds of this process so far, every thread, user and kernel."""
+    times = os.times()
+    return times.user + times.system
+
+
+def _timed(fn) -> tuple[float, float, int]:
+    """(seconds to durable disk, CPU seconds, peak RSS growth) of ``fn()``."""
     os.sync()
     with RssSampler() as rss:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu()
         fn()
         os.sync()
-        seconds = time.perf_counter() - t0
-    return seconds, rss.growth
+        seconds, cpu = time.perf_counter() - t0, _cpu() - c0
+    return seconds, cpu, rss.growth
 
 
 def bench_depth(size: str, layers: int, rounds: int, work: Path) -> None:
@@ -129,11 +136,13 @@ def bench_depth(size: str, layers: int, rounds: int, work: Path) -> None:
     quiet = dict(log=lambda *_: None, progress=False)
     ckpt, export = work / "ckpt", work / "export"
     times: dict[str, list[float]] = {k: [] for k in ("copy_hf", "import", "copy_ckpt", "export")}
+    cpu: dict[str, list[float]] = {}
     growth: dict[str, int] = {}
 
     def step(name, fn):
-        seconds, grown = _timed(fn)
+        seconds, used, grown = _timed(fn)
         times.setdefault(name, []).append(seconds)
+        cpu.setdefault(name, []).append(used)
         growth[name] = max(growth.get(name, 0), grown)
 
     for _ in range(rounds):
@@ -151,6 +160,7 @@ def bench_depth(size: str, layers: int, rounds: int, work: Path) -> None:
     step("validate_export", lambda: compare_layerwise(ckpt, cfg, export, round_to="bf16",
                                                       **quiet))
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     print(f"depth {layers}: {params / 1e9:.3f}B params, HF {_dir_bytes(hf) / 1e9:.2f} GB, "
           f"checkpoint {_dir_bytes(ckpt) / 1e9:.2f} GB, largest layer fp32 "
           f"{layer_fp32 / 1e6:.1f} MB; median of {rounds} alternating rounds")
@@ -158,7 +168,8 @@ def bench_depth(size: str, layers: int, rounds: int, work: Path) -> None:
         print(f"  {name:16s} {med[name]:7.2f}s vs plain copy {med[copy]:6.2f}s -> "
               f"{med[name] / med[copy]:.2f}x (goal <= 2); peak RSS +{growth[name] / 1e6:.0f} MB "
               f"= {growth[name] / layer_fp32:.2f}x the largest layer fp32 (goal <= 4); rounds "
-              f"{', '.join(f'{t:.2f}' for t in times[name])}s")
+              f"{', '.join(f'{t:.2f}' for t in times[name])}s; CPU {med_cpu[name]:.2f}s vs "
+              f"{med_cpu[copy]:.2f}s for the copy")
     for name in ("validate_import", "validate_export"):
         print(f"  {name:16s} {med[name]:7.2f}s; peak RSS +{growth[name] / 1e6:.0f} MB = "
               f"{growth[name] / layer_fp32:.2f}x the largest layer fp32 (goal <= 4)")
