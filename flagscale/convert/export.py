@@ -7,8 +7,8 @@
 Reads in one process whatever TP/PP/VPP layout wrote the checkpoint, one transformer layer at a
 time (tensor bytes read straight from the ``.distcp`` files, ``flagscale.checkpoint.reader``),
 and streams tensors into sharded safetensors (each written at its planned offset by a few writer
-threads) while the next layer is read (peak memory: a few layers); names, order and shapes come from the family's weight mapping
-(``flagscale.convert.mapping``). A model with tied embeddings is written without
+threads) while the next layer is read (peak memory: a few layers); names, order and shapes come
+from the family's weight mapping (``flagscale.convert.mapping``). A model with tied embeddings is written without
 ``lm_head.weight``, as transformers saves it. The output is written to a temporary sibling
 directory, compared layer by layer with flagscale's own megatron-core model
 (``flagscale.convert.validate``, unless ``validate=False``) and only then renamed into place.
