@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from flagscale.checkpoint.reader import empty
 from flagscale.convert.common import WriteQueue
 from flagscale.errors import ConversionError
 
@@ -199,7 +200,7 @@ class SafetensorsReader:
         """Rows ``start:stop`` of tensor ``name`` (its first axis)."""
         file, offset, dtype, shape = self._entry(name)
         row = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
-        out = torch.empty((stop - start, *shape[1:]), dtype=dtype)
+        out = empty((stop - start, *shape[1:]), dtype)
         view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else b""
         done, position = 0, offset + start * row
         while done < len(view):
