@@ -7,7 +7,8 @@ Hugging Face Llama of TinyLlama-1.1B's width (hidden 2048, GQA 32/4, ffn 5632, v
 layers = 1.1B parameters) is written in a child process. Then, alternately for ``--rounds``
 rounds, this process times a plain copy of the HF files, the import (``hf_to_mcore``, validation
 skipped), a plain copy of the checkpoint and the export (``mcore_to_hf`` to bf16, validation
-skipped), each ending once its bytes are on disk (sync included); then each validation once
+skipped), each ending once its bytes are on disk (sync included), after an untimed warm-up
+conversion of a few-MB model both ways (first imports); then each validation once
 (import: checkpoint vs source; export: checkpoint vs export). Per step it prints peak resident
 memory over the RSS at the step's start (sampled every 10 ms) divided by the largest layer's fp32
 size (goal <= 4, the same at both depths), and for import and export the median time over the
@@ -177,6 +178,22 @@ def bench_depth(size: str, layers: int, rounds: int, work: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def warm_up(work: Path) -> None:
+    """Convert a model a few MB large both ways, untimed: the modules each step imports on first
+    use and its first calls' set-up are paid here, not by whichever round comes first."""
+    from flagscale.convert import hf_to_mcore, mcore_to_hf
+
+    child = mp.get_context("spawn").Process(target=write_hf, args=("small", 2, str(work / "hf")))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise SystemExit(f"writing the warm-up model failed (exit {child.exitcode})")
+    quiet = dict(log=lambda *_: None, progress=False)
+    hf_to_mcore(work / "hf", work / "ckpt", **quiet)
+    mcore_to_hf(work / "ckpt", work / "export", tokenizer=str(TOKENIZER), **quiet)
+    shutil.rmtree(work)
+
+
 def main(argv=None) -> int:
     """Run the benchmark at each depth and print one block per depth."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -190,14 +207,7 @@ def main(argv=None) -> int:
               else SIZES[args.size]["depths"])
     work = Path(tempfile.mkdtemp(prefix="flagscale-bench-convert-", dir=args.workdir))
     try:
-        # Load megatron-core, transformers and torch before any baseline is taken.
-        import transformers  # noqa: F401
-
-        from flagscale.convert import validate  # noqa: F401
-        from flagscale.convert.common import single_process_megatron
-
-        with single_process_megatron():
-            pass
+        warm_up(work / "warm-up")
         for layers in depths:
             bench_depth(args.size, layers, args.rounds, work)
         return 0
