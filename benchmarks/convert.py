@@ -7,12 +7,14 @@ Hugging Face Llama of TinyLlama-1.1B's width (hidden 2048, GQA 32/4, ffn 5632, v
 layers = 1.1B parameters) is written in a child process. Then, alternately for ``--rounds``
 rounds, this process times a plain copy of the HF files, the import (``hf_to_mcore``, validation
 skipped), a plain copy of the checkpoint and the export (``mcore_to_hf`` to bf16, validation
-skipped), each ending once its bytes are on disk (sync included); then each validation once
+skipped), each ending once its bytes are on disk (sync included), after an untimed warm-up
+conversion of a few-MB model both ways (first imports); then each validation once
 (import: checkpoint vs source; export: checkpoint vs export). Per step it prints peak resident
 memory over the RSS at the step's start (sampled every 10 ms) divided by the largest layer's fp32
 size (goal <= 4, the same at both depths), and for import and export the median time over the
-median plain copy of the same bytes (goal <= 2). ``--size small`` runs the same steps on a model a
-few MB large (a check that the benchmark works, not a measurement).
+median plain copy of the same bytes (goal <= 2), with the CPU seconds of both (every thread; on a
+shared machine a ratio of wall times mostly measures the other load). ``--size small`` runs the
+same steps on a model a few MB large (a check that the benchmark works, not a measurement).
 """
 
 from __future__ import annotations
@@ -101,15 +103,21 @@ class RssSampler:
         self.growth = max(self.peak, self._proc.memory_info().rss) - self.start
 
 
-def _timed(fn) -> tuple[float, int]:
-    """(seconds to durable disk, peak RSS growth) of ``fn()``."""
+def _cpu() -> float:
+    """CPU seconds of this process so far, every thread, user and kernel."""
+    times = os.times()
+    return times.user + times.system
+
+
+def _timed(fn) -> tuple[float, float, int]:
+    """(seconds to durable disk, CPU seconds, peak RSS growth) of ``fn()``."""
     os.sync()
     with RssSampler() as rss:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu()
         fn()
         os.sync()
-        seconds = time.perf_counter() - t0
-    return seconds, rss.growth
+        seconds, cpu = time.perf_counter() - t0, _cpu() - c0
+    return seconds, cpu, rss.growth
 
 
 def bench_depth(size: str, layers: int, rounds: int, work: Path) -> None:
@@ -129,11 +137,13 @@ def bench_depth(size: str, layers: int, rounds: int, work: Path) -> None:
     quiet = dict(log=lambda *_: None, progress=False)
     ckpt, export = work / "ckpt", work / "export"
     times: dict[str, list[float]] = {k: [] for k in ("copy_hf", "import", "copy_ckpt", "export")}
+    cpu: dict[str, list[float]] = {}
     growth: dict[str, int] = {}
 
     def step(name, fn):
-        seconds, grown = _timed(fn)
+        seconds, used, grown = _timed(fn)
         times.setdefault(name, []).append(seconds)
+        cpu.setdefault(name, []).append(used)
         growth[name] = max(growth.get(name, 0), grown)
 
     for _ in range(rounds):
@@ -151,6 +161,7 @@ def bench_depth(size: str, layers: int, rounds: int, work: Path) -> None:
     step("validate_export", lambda: compare_layerwise(ckpt, cfg, export, round_to="bf16",
                                                       **quiet))
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     print(f"depth {layers}: {params / 1e9:.3f}B params, HF {_dir_bytes(hf) / 1e9:.2f} GB, "
           f"checkpoint {_dir_bytes(ckpt) / 1e9:.2f} GB, largest layer fp32 "
           f"{layer_fp32 / 1e6:.1f} MB; median of {rounds} alternating rounds")
@@ -158,12 +169,29 @@ def bench_depth(size: str, layers: int, rounds: int, work: Path) -> None:
         print(f"  {name:16s} {med[name]:7.2f}s vs plain copy {med[copy]:6.2f}s -> "
               f"{med[name] / med[copy]:.2f}x (goal <= 2); peak RSS +{growth[name] / 1e6:.0f} MB "
               f"= {growth[name] / layer_fp32:.2f}x the largest layer fp32 (goal <= 4); rounds "
-              f"{', '.join(f'{t:.2f}' for t in times[name])}s")
+              f"{', '.join(f'{t:.2f}' for t in times[name])}s; CPU {med_cpu[name]:.2f}s vs "
+              f"{med_cpu[copy]:.2f}s for the copy")
     for name in ("validate_import", "validate_export"):
         print(f"  {name:16s} {med[name]:7.2f}s; peak RSS +{growth[name] / 1e6:.0f} MB = "
               f"{growth[name] / layer_fp32:.2f}x the largest layer fp32 (goal <= 4)")
     for path in (hf, ckpt, export):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def warm_up(work: Path) -> None:
+    """Convert a model a few MB large both ways, untimed: the modules each step imports on first
+    use and its first calls' set-up are paid here, not by whichever round comes first."""
+    from flagscale.convert import hf_to_mcore, mcore_to_hf
+
+    child = mp.get_context("spawn").Process(target=write_hf, args=("small", 2, str(work / "hf")))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise SystemExit(f"writing the warm-up model failed (exit {child.exitcode})")
+    quiet = dict(log=lambda *_: None, progress=False)
+    hf_to_mcore(work / "hf", work / "ckpt", **quiet)
+    mcore_to_hf(work / "ckpt", work / "export", tokenizer=str(TOKENIZER), **quiet)
+    shutil.rmtree(work)
 
 
 def main(argv=None) -> int:
@@ -179,14 +207,7 @@ def main(argv=None) -> int:
               else SIZES[args.size]["depths"])
     work = Path(tempfile.mkdtemp(prefix="flagscale-bench-convert-", dir=args.workdir))
     try:
-        # Load megatron-core, transformers and torch before any baseline is taken.
-        import transformers  # noqa: F401
-
-        from flagscale.convert import validate  # noqa: F401
-        from flagscale.convert.common import single_process_megatron
-
-        with single_process_megatron():
-            pass
+        warm_up(work / "warm-up")
         for layers in depths:
             bench_depth(args.size, layers, args.rounds, work)
         return 0

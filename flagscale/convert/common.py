@@ -8,7 +8,8 @@ import contextlib
 import dataclasses
 import queue
 import threading
-from typing import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -125,3 +126,63 @@ def prefetched(groups: Iterable, depth: int = 2) -> Iterator:
         stop.set()
         slots.release()
         thread.join()
+
+
+class WriteQueue:
+    """Background writing with bounded memory: ``submit(lane, nbytes, fn, *args)`` runs
+    ``fn(*args)`` on lane ``lane``'s thread (a lane's jobs run in order; lanes run in parallel)
+    while the caller produces the next data. The caller blocks while more than ``max_bytes`` of
+    submitted data is unwritten (one job is always admitted, however large), so memory holds at
+    most that much besides what the caller holds. A job's exception is re-raised in the caller by
+    the next ``submit`` or by ``wait``. ``on_written(nbytes)`` is called after each job, one call
+    at a time (progress bars)."""
+
+    def __init__(self, lanes: int, max_bytes: int, name: str = "flagscale-write",
+                 on_written: Callable[[int], object] = lambda nbytes: None):
+        self.lanes = lanes
+        self._pools = [ThreadPoolExecutor(1, thread_name_prefix=f"{name}-{i}")
+                       for i in range(lanes)]
+        self._futures: list[Future] = []
+        self._budget = threading.Condition()
+        self._queued, self._max = 0, max_bytes
+        self._on_written = on_written
+        self.lane_bytes = [0] * lanes
+        """Bytes submitted per lane (callers balance lanes with it)."""
+
+    def submit(self, lane: int, nbytes: int, fn: Callable, *args) -> None:
+        with self._budget:
+            self._budget.wait_for(lambda: self._queued == 0
+                                  or self._queued + nbytes <= self._max)
+            self._queued += nbytes
+        self.lane_bytes[lane] += nbytes
+        self._futures.append(self._pools[lane].submit(self._run, nbytes, fn, *args))
+        done = [f for f in self._futures if f.done()]
+        self._futures = [f for f in self._futures if not f.done()]
+        for future in done:
+            future.result()  # re-raises a writer's error (e.g. disk full) here
+
+    def _run(self, nbytes: int, fn: Callable, *args) -> None:
+        try:
+            fn(*args)
+            with self._budget:
+                self._on_written(nbytes)
+        finally:
+            with self._budget:
+                self._queued -= nbytes
+                self._budget.notify_all()
+
+    def least_loaded(self) -> int:
+        """The lane with the fewest bytes submitted."""
+        return min(range(self.lanes), key=self.lane_bytes.__getitem__)
+
+    def wait(self) -> None:
+        """Wait for every submitted job; re-raise the first failure."""
+        futures, self._futures = self._futures, []
+        for future in futures:
+            future.result()
+
+    def close(self) -> None:
+        """Stop: drop jobs not started (after an error nothing more is written) and wait for the
+        running ones, without re-raising."""
+        for pool in self._pools:
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -6,9 +6,9 @@
 
 Reads in one process whatever TP/PP/VPP layout wrote the checkpoint, one transformer layer at a
 time (tensor bytes read straight from the ``.distcp`` files, ``flagscale.checkpoint.reader``),
-and streams tensors into sharded safetensors while the next layer is read (peak memory: about
-two layers); names, order and shapes come from the family's weight mapping
-(``flagscale.convert.mapping``). A model with tied embeddings is written without
+and streams tensors into sharded safetensors (each written at its planned offset by a few writer
+threads) while the next layer is read (peak memory: a few layers); names, order and shapes come
+from the family's weight mapping (``flagscale.convert.mapping``). A model with tied embeddings is written without
 ``lm_head.weight``, as transformers saves it. The output is written to a temporary sibling
 directory, compared layer by layer with flagscale's own megatron-core model
 (``flagscale.convert.validate``, unless ``validate=False``) and only then renamed into place.
@@ -88,21 +88,13 @@ def _hf_groups(reader: CheckpointReader, prefix: str, wm: M.WeightMap,
         yield layer, [(name, t.to(dtype)) for name, t in wm.to_hf(tensors, entries, layer, where)]
 
 
-def _with_progress(groups, total_bytes: int, layers: int, progress: Optional[bool]):
-    """The tensors of ``groups``, one at a time, with a progress bar of bytes and layers."""
-    from tqdm import tqdm
-
-    with tqdm(total=total_bytes, desc="export", unit="B", unit_scale=True,
-              disable=None if progress is None else not progress) as bar:
-        for layer, tensors in groups:
-            if layer is not None:
-                bar.set_postfix_str(f"layer {layer + 1}/{layers}")
-            while tensors:
-                name, tensor = tensors.pop(0)
-                nbytes = tensor.numel() * tensor.element_size()
-                yield name, tensor
-                del tensor
-                bar.update(nbytes)
+def _tensors(groups, bar, layers: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of ``groups``, one at a time, naming the layer being written on ``bar``."""
+    for layer, tensors in groups:
+        if layer is not None:
+            bar.set_postfix_str(f"layer {layer + 1}/{layers}")
+        while tensors:
+            yield tensors.pop(0)
 
 
 def open_checkpoint(path: str | Path) -> tuple[Path, Config, CheckpointReader, str]:
@@ -133,6 +125,8 @@ def mcore_to_hf(input: str | Path, output: str | Path, dtype: str = "bf16",
     a terminal). Raises ConversionError on bad input or failed validation; ``output`` is then
     left as it was.
     """
+    from tqdm import tqdm
+
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
     start = time.perf_counter()
@@ -155,9 +149,14 @@ def mcore_to_hf(input: str | Path, output: str | Path, dtype: str = "bf16",
         log(f"exporting {ckpt} ({cfg.model.family}, {cfg.model.num_layers} layers) to {output} "
             f"as {dtype}")
         total = sum(math.prod(shape) for _, shape in wm.hf_file_order()) * torch_dtype.itemsize
-        tensors = _with_progress(prefetched(_hf_groups(reader, prefix, wm, torch_dtype)), total,
-                                 cfg.model.num_layers, progress)
-        written = write_sharded(tmp, shards, torch_dtype, tensors)
+        layer_bytes = sum(math.prod(e.mcore_shape(wm.dims)) for e in wm.layer) * \
+            torch_dtype.itemsize
+        with tqdm(total=total, desc="export", unit="B", unit_scale=True,
+                  disable=None if progress is None else not progress) as bar:
+            tensors = _tensors(prefetched(_hf_groups(reader, prefix, wm, torch_dtype)), bar,
+                               cfg.model.num_layers)
+            written = write_sharded(tmp, shards, torch_dtype, tensors,
+                                    max_queued_bytes=layer_bytes, on_written=bar.update)
         config = hf_config_dict(cfg.model, DTYPE_NAMES[dtype], ids["bos"], ids["eos"], ids["pad"])
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(

@@ -28,6 +28,7 @@ import dataclasses
 import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +36,7 @@ import torch
 import yaml
 
 from flagscale.checkpoint.output import atomic_output_dir
+from flagscale.checkpoint.reader import READ_THREADS
 from flagscale.config import (Config, ModelConfig, ParallelDims, config_to_dict,
                               padded_vocab_size)
 from flagscale.config import validate as check_config
@@ -104,13 +106,16 @@ def _layer_objects(layer, num_layers: int) -> list[dict]:
 
 
 def _groups(weights: SafetensorsReader, wm: M.WeightMap, dtype: torch.dtype):
-    """``(layer or None, {mcore key: tensor}, HF bytes read)`` in file order, mapped and cast."""
-    for layer, entries in wm.groups():
-        hf = {name: weights.get(name) for e in entries for name in e.hf_names(layer)}
-        nbytes = sum(t.numel() * t.element_size() for t in hf.values())
-        mapped = wm.from_hf(hf, entries, layer, weights.where)
-        del hf
-        yield layer, {k: t.to(dtype) for k, t in mapped.items()}, nbytes
+    """``(layer or None, {mcore key: tensor}, HF bytes read)`` in file order, mapped and cast.
+    A group's tensors are read in parallel (file reads release the GIL)."""
+    with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="flagscale-hf-read") as pool:
+        for layer, entries in wm.groups():
+            names = [name for e in entries for name in e.hf_names(layer)]
+            hf = dict(zip(names, pool.map(weights.get, names)))
+            nbytes = sum(t.numel() * t.element_size() for t in hf.values())
+            mapped = wm.from_hf(hf, entries, layer, weights.where)
+            del hf
+            yield layer, {k: t.to(dtype) for k, t in mapped.items()}, nbytes
 
 
 def hf_to_mcore(input: str | Path, output: str | Path, tp: int = 1, pp: int = 1,

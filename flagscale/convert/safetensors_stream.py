@@ -2,7 +2,8 @@
 
 A safetensors file is an 8-byte header length, a JSON header (name -> dtype, shape, byte range)
 and the raw bytes. Every shape is known before any tensor is produced, so each file's header is
-written first and tensors are appended as they are produced: memory holds one tensor, not a shard.
+written first and each tensor is written at its offset as it is produced: memory holds the few
+tensors waiting to be written, not a shard.
 """
 
 from __future__ import annotations
@@ -12,11 +13,17 @@ import math
 import os
 import struct
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
+from flagscale.checkpoint.reader import empty
+from flagscale.convert.common import WriteQueue
 from flagscale.errors import ConversionError
+
+WRITE_THREADS = 4
+MAX_QUEUED_BYTES = 1 << 30
+"""Bytes of tensors waiting to be written before :func:`write_sharded` takes the next one."""
 
 _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
@@ -47,37 +54,65 @@ def shard_file_names(count: int) -> list[str]:
 
 
 def write_sharded(out_dir: Path, shards, dtype: torch.dtype,
-                  tensors: Iterator[tuple[str, torch.Tensor]]) -> int:
+                  tensors: Iterator[tuple[str, torch.Tensor]],
+                  max_queued_bytes: int = MAX_QUEUED_BYTES,
+                  on_written: Callable[[int], object] = lambda nbytes: None) -> int:
     """Write ``tensors`` (yielded in the planned order) into the planned shards and the
-    ``model.safetensors.index.json``; returns the total bytes of tensor data."""
+    ``model.safetensors.index.json``; returns the total bytes of tensor data. Every tensor's
+    place is known from the plan, so each is written at its offset by one of a few threads
+    while the next is produced (at most ``max_queued_bytes`` waiting); ``on_written(nbytes)`` is
+    called as each tensor's bytes are written (progress)."""
     names = shard_file_names(len(shards))
     weight_map, total = {}, 0
     element = torch.tensor([], dtype=dtype).element_size()
-    for file_name, shard in zip(names, shards):
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name, shape in shard:
-            nbytes = element * math.prod(shape)
-            header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-            weight_map[name] = file_name
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
-        with open(out_dir / file_name, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
+    queue = WriteQueue(WRITE_THREADS, max_queued_bytes, name="flagscale-safetensors",
+                       on_written=on_written)
+    fds = []
+    try:
+        for file_name, shard in zip(names, shards):
+            header, offset = {"__metadata__": {"format": "pt"}}, 0
+            for name, shape in shard:
+                nbytes = element * math.prod(shape)
+                header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape),
+                                "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+                weight_map[name] = file_name
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+            fd = os.open(out_dir / file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fds.append(fd)
+            _pwrite_all(fd, struct.pack("<Q", len(raw)) + raw, 0)
             for name, shape in shard:
                 got_name, tensor = next(tensors)
                 if got_name != name or tuple(tensor.shape) != shape:
                     raise ConversionError(f"Internal ordering error writing {file_name}: expected "
                                           f"{name} {shape}, got {got_name} "
                                           f"{tuple(tensor.shape)}.")
-                data = tensor.to(dtype).contiguous().view(torch.uint8)
-                f.write(memoryview(data.numpy()))
-        total += offset
+                start = header[name]["data_offsets"][0]
+                queue.submit(queue.least_loaded(), element * math.prod(shape), _write_tensor,
+                             fd, 8 + len(raw) + start, tensor, dtype)
+                del tensor
+            total += offset
+        queue.wait()
+    finally:
+        queue.close()
+        for fd in fds:
+            os.close(fd)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return total
+
+
+def _write_tensor(fd: int, position: int, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    data = tensor.to(dtype).contiguous()  # a view (a QKV part) is gathered here, off the caller
+    raw = data.view(-1).view(torch.uint8)
+    _pwrite_all(fd, memoryview(raw.numpy()) if raw.numel() else b"", position)
+
+
+def _pwrite_all(fd: int, data, position: int) -> None:
+    view, done = memoryview(data), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], position + done)
 
 
 _FROM_NAMES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
@@ -116,6 +151,7 @@ class SafetensorsReader:
             except OSError as exc:
                 raise ConversionError(f"Cannot open {path} ({exc.strerror}).") from None
             self._fds.append(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # tensors are read in file order
             try:
                 (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
                 header = json.loads(os.pread(fd, length, 8))
@@ -164,7 +200,7 @@ class SafetensorsReader:
         """Rows ``start:stop`` of tensor ``name`` (its first axis)."""
         file, offset, dtype, shape = self._entry(name)
         row = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
-        out = torch.empty((stop - start, *shape[1:]), dtype=dtype)
+        out = empty((stop - start, *shape[1:]), dtype)
         view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else b""
         done, position = 0, offset + start * row
         while done < len(view):

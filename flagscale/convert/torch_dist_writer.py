@@ -24,11 +24,12 @@ import json
 import pickle
 import threading
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+from flagscale.convert.common import WriteQueue
 
 WRITE_THREADS = 4
 MAX_QUEUED_BYTES = 1 << 30
@@ -43,41 +44,26 @@ class TorchDistWriter:
         self.path = Path(path)
         self._names = [f"__0_{i}.distcp" for i in range(files)]
         self._files = [open(self.path / name, "wb") for name in self._names]
-        self._file_bytes = [0] * files
-        # One thread per file: a file's archives are appended in order by its own thread.
-        self._pools = [ThreadPoolExecutor(1, thread_name_prefix=f"flagscale-write-{i}")
-                       for i in range(files)]
-        self._futures: list[Future] = []
+        # One lane per file: a file's archives are appended in order by its own thread.
+        self._queue = WriteQueue(files, max_queued_bytes)
         self._metadata: dict[str, Any] = {}
         self._storage: dict = {}
         self._lock = threading.Lock()
-        self._budget = threading.Condition(self._lock)
-        self._queued, self._max_queued = 0, max_queued_bytes
         self.bytes_written = 0
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        for pool in self._pools:
-            pool.shutdown(wait=True)
+        self._queue.close()
         for f in self._files:
             f.close()
 
     def _submit(self, index_key, payload, nbytes: int) -> None:
-        with self._budget:
-            # Back-pressure: the caller may run ahead of the disk by at most max_queued_bytes
-            # (always admitting one chunk, however large).
-            self._budget.wait_for(lambda: self._queued == 0
-                                  or self._queued + nbytes <= self._max_queued)
-            self._queued += nbytes
-        slot = min(range(len(self._files)), key=self._file_bytes.__getitem__)
-        self._file_bytes[slot] += nbytes
-        self._futures.append(self._pools[slot].submit(self._write, slot, index_key, payload,
-                                                      nbytes))
-        self._raise_failed()
+        slot = self._queue.least_loaded()
+        self._queue.submit(slot, nbytes, self._write, slot, index_key, payload)
 
-    def _write(self, slot: int, index_key, payload, nbytes: int) -> None:
+    def _write(self, slot: int, index_key, payload) -> None:
         from torch.distributed.checkpoint.filesystem import _StorageInfo
 
         f = self._files[slot]
@@ -88,17 +74,9 @@ class TorchDistWriter:
         else:
             f.write(payload)
         length = f.tell() - offset
-        with self._budget:
+        with self._lock:
             self._storage[index_key] = _StorageInfo(self._names[slot], offset, length)
             self.bytes_written += length
-            self._queued -= nbytes
-            self._budget.notify_all()
-
-    def _raise_failed(self) -> None:
-        done = [f for f in self._futures if f.done()]
-        for future in done:
-            future.result()  # re-raises a writer thread's error (e.g. disk full) here
-        self._futures = [f for f in self._futures if not f.done()]
 
     def add_tensor(self, key: str, global_shape: Sequence[int], offsets: Sequence[int],
                    chunk: torch.Tensor) -> None:
@@ -135,9 +113,7 @@ class TorchDistWriter:
         from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
         from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-        for future in self._futures:
-            future.result()
-        self._futures = []
+        self._queue.wait()
         for f in self._files:
             f.flush()
         metadata = Metadata(self._metadata, planner_data=None, storage_data=self._storage,

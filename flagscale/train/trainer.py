@@ -401,7 +401,8 @@ class Trainer:
         self.start_iteration = self.iteration = loaded["iteration"]
         self.consumed_samples = loaded["consumed_samples"]
         self._load_callback_states(loaded["callbacks"])
-        _warn_if_data_order_changed(self.cfg, loaded["config"], checkpoint)
+        if self.consumed_samples:  # an import (or any checkpoint at sample 0) read no data yet
+            _warn_if_data_order_changed(self.cfg, loaded["config"], checkpoint)
         if self.is_writer:
             what = "resuming at iteration" if loaded["has_optimizer"] else (
                 "weights only (no optimizer state in it); starting at iteration")

@@ -121,3 +121,38 @@ def test_export_validates_layer_by_layer_by_default(mcore_ckpt, tmp_path):
     names = [s.name for s in result.validation.stages]
     assert names == ["embedding", "layer 0", "layer 1", "layer 2", "layer 3", "logits"]
     assert result.max_abs_diff <= result.tolerance
+
+
+def test_progress_bars_count_bytes_and_layers_and_summaries_give_the_numbers(hf_model, tmp_path,
+                                                                            capsys):
+    import re
+
+    lines = []
+    ckpt = hf_to_mcore(hf_model[0], tmp_path / "ckpt", tp=2, log=lines.append, progress=True)
+    bars = capsys.readouterr().err
+    assert re.search(r"import: 100%\|.*\| [\d.]+M/[\d.]+M \[.*B/s, layer 4/4\]", bars), bars
+    assert re.search(r"validate: .*\d/4 \[", bars), bars  # counts layers (cleared at the end)
+    assert re.search(r"\d+\.\d\dM params, 4 layers, \d+\.\d\d GB in \d+\.\ds; .* max \|logit "
+                     r"diff\| [\d.e-]+ \(tolerance [\d.e-]+\)", lines[-1]), lines[-1]
+
+    result = mcore_to_hf(ckpt, tmp_path / "hf", dtype="bf16", log=lines.append, progress=True)
+    bars = capsys.readouterr().err
+    assert re.search(r"export: 100%\|.*\| [\d.]+M/[\d.]+M \[.*B/s, layer 4/4\]", bars), bars
+    assert re.search(r"\d+\.\d\dM params, \d+\.\d\d GB in \d+\.\ds; max \|logit diff\| "
+                     r"[\d.e-]+ \(tolerance [\d.e-]+\)", result.summary()), result.summary()
+
+
+def test_imported_chunks_are_read_from_their_raw_bytes(mcore_ckpt):
+    # The importer writes its archives without CRCs; a reader that checked them would fall back
+    # to torch.load for every chunk (the export then runs several times slower).
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    from flagscale.checkpoint.reader import _locate
+
+    reader = CheckpointReader(mcore_ckpt)
+    for key, md in reader.tensors.items():
+        for chunk in md.chunks:
+            info = reader._storage[MetadataIndex(key, chunk.offsets)]
+            raw = _locate(reader._fd(info.relative_path), info.offset, info.length)
+            assert raw is not None and raw.size == tuple(chunk.sizes), key
+    reader.close()
