@@ -24,11 +24,9 @@ import argparse
 import collections
 import inspect
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import torch
 import torch.distributed as dist

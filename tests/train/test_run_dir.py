@@ -59,7 +59,7 @@ def test_a_second_run_in_a_locked_directory_fails_before_starting(tmp_path, tiny
         holder.kill()
         holder.wait()
     assert proc.returncode == 1
-    assert f"is in use by another run" in proc.stderr and f"pid {holder.pid}" in proc.stderr
+    assert "is in use by another run" in proc.stderr and f"pid {holder.pid}" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "config.yaml").exists()
 
 

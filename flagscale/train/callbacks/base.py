@@ -15,7 +15,7 @@ anywhere in it, ``on_error`` (only after an exception) and then ``close`` run on
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 
 @dataclass
