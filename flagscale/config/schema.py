@@ -351,7 +351,8 @@ class Layout:
     dims: ParallelDims
     """Parallel degrees; ``tp``, ``pp``, ``cp``, ``dp``, ``vpp`` and ``world_size`` read them."""
     num_microbatches: int
-    """Microbatches per optimizer step on each data-parallel rank."""
+    """Microbatches per optimizer step on each data-parallel rank at the full global batch (a
+    ``train.rampup_batch_size`` step has fewer: ``flagscale.data.datasets.BatchSchedule``)."""
     padded_vocab_size: int
     """Embedding rows: the vocabulary padded to a multiple of make_vocab_size_divisible_by * tp."""
     kv_channels: int

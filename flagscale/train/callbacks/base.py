@@ -29,6 +29,9 @@ class StepInfo:
     sample_losses: Any
     """Per-row losses of this rank's microbatches, in order, as a device tensor; None on ranks
     that do not compute the loss (not the last pipeline stage, or TP rank > 0)."""
+    batch_size: int
+    """Sequences in this step's global batch (fewer than ``train.global_batch_size`` during a
+    batch-size ramp-up)."""
 
 
 class Callback:
