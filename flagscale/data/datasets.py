@@ -214,8 +214,8 @@ def build_datasets(cfg: Config, layout: Layout, eod: int, cache_dir: Path,
                         f"{cfg.train.seq_length} tokens, but {train_batches(cfg)} batches "
                         f"({cfg.train.iterations} iterations, plus skipped ones and those "
                         f"trace.on_spike may skip) of global batch {cfg.train.global_batch_size}"
-                        f"{_ramp_note(cfg)} need {train_samples}. Add data or give the train split more weight "
-                        f"(data.split={cfg.data.split!r}).")
+                        f"{_ramp_note(cfg)} need {train_samples}. Add data or give the train "
+                        f"split more weight (data.split={cfg.data.split!r}).")
     return train, valid
 
 
