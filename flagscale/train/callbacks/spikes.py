@@ -3,9 +3,9 @@
 Every step each rank places the per-sample losses it holds (the last pipeline stage's tensor-rank-0
 process of each data-parallel replica holds its rows; other ranks hold none) at their positions in
 a vector as long as the step's global batch, and one all-reduce over the world gives every rank
-every row's loss. All ranks therefore take the same decision from the same numbers (and hold the same spike
-window, saved in every checkpoint), and no rank can wait in a collective another one skipped. The
-writer rank then builds the iteration's trace records from its own copy of the train dataset (no
+every row's loss. All ranks therefore take the same decision from the same numbers (and hold the
+same spike window, saved in every checkpoint), and no rank can wait in a collective another one
+skipped. The writer rank then builds the iteration's trace records from its own copy of the train dataset (no
 collective) and writes ``traces/iter_XXXXXXX.jsonl``.
 
 Cost per step: one all-reduce of (global batch size) float64 values and one host sync to read
