@@ -88,9 +88,15 @@ class BatchSchedule:
         """Validation batches: always full, so every pass measures the same amount of data."""
         return cls(cfg.train.global_batch_size, cfg.train.micro_batch_size, dp)
 
+    @property
+    def ramp_batches(self) -> int:
+        """Batches that start within the ramp's samples (0 without a ramp); every later batch is
+        full."""
+        return len(self._starts) - 1
+
     def start(self, batch: int) -> int:
         """The first global sample of ``batch``; also the samples of batches ``0 .. batch-1``."""
-        ramp = len(self._starts) - 1
+        ramp = self.ramp_batches
         if batch <= ramp:
             return self._starts[batch]
         return self._starts[ramp] + (batch - ramp) * self.global_batch_size
