@@ -103,6 +103,26 @@ def test_resume_in_the_middle_of_the_ramp_is_exact(single, tmp_path, tiny_corpus
         assert [resumed[i][key] for i in resumed] == [expected[i][key] for i in resumed]
 
 
+def test_a_skipped_batch_inside_the_ramp_moves_no_other_batch(tmp_path, tiny_corpus,
+                                                             tiny_tokenizer):
+    from tests.dist import run_distributed
+    from tests.train.test_rewind import _worker
+
+    # Batch 3 (iteration 4, 4 sequences) gets a NaN gradient: trace.on_spike=skip retries
+    # iteration 4 on batch 4, which keeps its own size; the update was dropped, so neither the
+    # LR schedule nor consumed_samples count the discarded step.
+    config = _config(tmp_path, tiny_corpus, tiny_tokenizer, "skip", parallel={"dp": 2},
+                     trace={"on_spike": "skip"})
+    result, _ = run_distributed(_worker, 2, str(config), 3)
+    assert result == {"skipped": [4], "weights_kept": [True]}
+    records = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").open()]
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4, 4, 5, 6, 7]
+    assert records[3]["rewind"] == {"from": 4, "to": 3, "skipped": [4]}
+    assert [r["global_batch_size"] for r in records] == [2, 2, 2, 4, 4, 6, 8, 8]
+    assert [r["consumed_samples"] for r in records] == [2, 4, 6, 10, 10, 16, 24, 32]
+    assert records[4]["lr"] == records[3]["lr"]
+
+
 def test_trace_inside_the_ramp_rebuilds_the_tokens_fed(single, tmp_path, tiny_corpus,
                                                        tiny_tokenizer):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
