@@ -305,6 +305,7 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> Layout:
                           f"{t.global_batch_size} / (micro_batch_size {t.micro_batch_size} * dp "
                           f"{dims.dp})) must be a multiple of parallel.pp ({dims.pp}) for the "
                           f"interleaved schedule.")
+    _check_rampup(t, dims)
     _check_schedule(cfg)
     _check_sections(cfg)
     _check_performance(cfg, dims)
@@ -315,6 +316,48 @@ def validate(cfg: Config, world_size: int, check_paths: bool = True) -> Layout:
                                                       dims.tp),
                   kv_channels=m.hidden_size // m.num_attention_heads,
                   num_query_groups=m.num_query_groups or m.num_attention_heads)
+
+
+def _check_rampup(t, dims: ParallelDims) -> None:
+    """``train.rampup_batch_size``: what megatron-core's microbatch calculator asserts (or divides
+    by) when the ramp starts, and every batch of the ramp splitting into whole microbatches."""
+    ramp = t.rampup_batch_size
+    if ramp is None:
+        return
+    key = f"train.rampup_batch_size={ramp!r}"
+    if (not isinstance(ramp, (list, tuple)) or len(ramp) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in ramp)):
+        raise ConfigError(f"{key}: expected three integers [start, increment, samples] (e.g. "
+                          f"[32, 32, 2000000]: start at 32 sequences, add 32 at a time over the "
+                          f"first 2,000,000 samples), or null for no ramp-up.")
+    start, increment, samples = ramp
+    if start < 1 or increment < 1 or samples < 1:
+        raise ConfigError(f"{key}: start ({start}), increment ({increment}) and samples "
+                          f"({samples}) must each be at least 1 (megatron-core's calculator "
+                          f"divides samples by the number of increments); set null for no "
+                          f"ramp-up.")
+    if start >= t.global_batch_size:
+        raise ConfigError(f"{key}: start ({start}) must be below train.global_batch_size "
+                          f"({t.global_batch_size}), the size the ramp ends at (start == global "
+                          f"is no ramp: set train.rampup_batch_size=null).")
+    if (t.global_batch_size - start) % increment:
+        raise ConfigError(f"{key}: (global_batch_size {t.global_batch_size} - start {start}) % "
+                          f"increment {increment} = {(t.global_batch_size - start) % increment}: "
+                          f"the ramp must reach the global batch in whole increments; choose an "
+                          f"increment dividing {t.global_batch_size - start}.")
+    per_step = t.micro_batch_size * dims.dp
+    for name, value in (("start", start), ("increment", increment)):
+        if value % per_step:
+            raise ConfigError(f"{key}: {name} ({value}) % (micro_batch_size "
+                              f"({t.micro_batch_size}) * dp ({dims.dp})) = {value % per_step}: "
+                              f"every batch of the ramp must split into whole microbatches; "
+                              f"choose a {name} that is a multiple of {per_step}.")
+        if dims.vpp and (value // per_step) % dims.pp:
+            raise ConfigError(f"{key}: {name} ({value}) is {value // per_step} microbatches per "
+                              f"data-parallel rank (/ (micro_batch_size {t.micro_batch_size} * "
+                              f"dp {dims.dp})), not a multiple of parallel.pp ({dims.pp}) as the "
+                              f"interleaved schedule needs in every step; choose a multiple of "
+                              f"{per_step * dims.pp}.")
 
 
 def _check_values(cfg: Config, world_size: int) -> None:

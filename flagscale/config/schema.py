@@ -190,6 +190,14 @@ class TrainConfig:
     check, Megatron-LM's default). Off by default because flagscale never applies such a step
     anyway (the optimizer drops it) and ``trace.on_spike`` then reports, skips or rewinds past
     its batch, which a stopped run cannot."""
+    rampup_batch_size: Optional[list] = None
+    """Batch-size ramp-up ``[start, increment, samples]`` (Megatron-LM's ``--rampup-batch-size``,
+    run by megatron-core's microbatch calculator): the global batch starts at ``start`` sequences
+    and grows by ``increment`` in equal steps over the first ``samples`` samples until it reaches
+    ``global_batch_size``; ``null`` (default) trains at the full batch from the first step.
+    ``start`` and ``increment`` must be multiples of ``micro_batch_size * dp``. Iterations stay
+    optimizer steps (ramp steps are smaller); the LR schedule then counts samples, so
+    ``warmup_iterations`` and ``lr_decay_iterations`` still end at those iterations."""
 
     @property
     def final_lr(self) -> float:
@@ -343,7 +351,8 @@ class Layout:
     dims: ParallelDims
     """Parallel degrees; ``tp``, ``pp``, ``cp``, ``dp``, ``vpp`` and ``world_size`` read them."""
     num_microbatches: int
-    """Microbatches per optimizer step on each data-parallel rank."""
+    """Microbatches per optimizer step on each data-parallel rank at the full global batch (a
+    ``train.rampup_batch_size`` step has fewer: ``flagscale.data.datasets.BatchSchedule``)."""
     padded_vocab_size: int
     """Embedding rows: the vocabulary padded to a multiple of make_vocab_size_divisible_by * tp."""
     kv_channels: int

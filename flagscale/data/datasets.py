@@ -1,13 +1,17 @@
 """Training datasets: megatron-core GPT datasets (blended when weighted) over indexed files, and
-the one function that decides which global sample each row of each microbatch reads.
+the one formula that decides which global sample each row of each microbatch reads.
 
-The order is fixed and layout-aware: global sample ``g`` of iteration ``it`` is
+The order is fixed and layout-aware: global sample ``g`` of row ``j`` of microbatch ``m`` on
+data-parallel rank ``r`` of global batch ``b`` is
 
-    g = it * GBS + m * MBS * DP + r * MBS + j      (microbatch m, data-parallel rank r, row j)
+    g = start(b) + m * MBS * DP + r * MBS + j
 
-where ``it`` is the *batch* index: iteration ``i`` (1-based) normally reads batch ``i - 1``, and
-batches named by ``data.skip_iterations`` are stepped over (:func:`batch_index`). So a resume at any
-iteration continues exactly, and a trace can name the sample of any row.
+where ``start(b)`` is the sum of the sizes of batches ``0 .. b-1`` (``b * GBS`` without a batch-size
+ramp-up; with ``train.rampup_batch_size`` megatron-core's microbatch calculator sizes each batch
+from the samples before it: :class:`BatchSchedule`). ``b`` is the *batch* index: iteration ``i``
+(1-based) normally reads batch ``i - 1``, and batches named by ``data.skip_iterations`` are stepped
+over (:func:`batch_index`). So a resume at any iteration continues exactly, and a trace can name the
+sample of any row.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from concurrent.futures import Future
+from functools import lru_cache
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -53,11 +58,84 @@ def train_batches(cfg: Config) -> int:
     return batch_index(cfg, cfg.train.iterations - 1) + 1 + reserve
 
 
-def global_sample_index(iteration: int, microbatch: int, dp_rank: int, row: int,
-                        micro_batch_size: int, dp: int, global_batch_size: int) -> int:
-    """The global sample index read by one row of one microbatch (0-based iteration)."""
-    return (iteration * global_batch_size + microbatch * micro_batch_size * dp
-            + dp_rank * micro_batch_size + row)
+class BatchSchedule:
+    """Sizes and first samples of a run's global batches, and the global sample of every row.
+
+    Without a ramp every batch holds ``global_batch_size`` samples. With ``rampup_batch_size``
+    ``[start, increment, samples]`` the size of batch ``b`` is what megatron-core's
+    ``RampupBatchsizeNumMicroBatchesCalculator`` gives for the samples of batches ``0 .. b-1``
+    (the training loop asks megatron-core's global calculator the same question each step). A
+    batch's size depends only on its position in the data, not on which batches were skipped: a
+    skip steps over a batch without moving the others.
+    """
+
+    def __init__(self, global_batch_size: int, micro_batch_size: int, dp: int,
+                 rampup: Optional[tuple] = None):
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.dp = dp
+        self._starts = _ramp_starts(global_batch_size, micro_batch_size, dp, rampup)
+
+    @classmethod
+    def for_training(cls, cfg: Config, dp: int) -> "BatchSchedule":
+        """The train batches of ``cfg`` at data-parallel size ``dp``."""
+        t = cfg.train
+        return cls(t.global_batch_size, t.micro_batch_size, dp,
+                   tuple(t.rampup_batch_size) if t.rampup_batch_size else None)
+
+    @classmethod
+    def for_validation(cls, cfg: Config, dp: int) -> "BatchSchedule":
+        """Validation batches: always full, so every pass measures the same amount of data."""
+        return cls(cfg.train.global_batch_size, cfg.train.micro_batch_size, dp)
+
+    @property
+    def ramp_batches(self) -> int:
+        """Batches that start within the ramp's samples (0 without a ramp); every later batch is
+        full."""
+        return len(self._starts) - 1
+
+    def start(self, batch: int) -> int:
+        """The first global sample of ``batch``; also the samples of batches ``0 .. batch-1``."""
+        ramp = self.ramp_batches
+        if batch <= ramp:
+            return self._starts[batch]
+        return self._starts[ramp] + (batch - ramp) * self.global_batch_size
+
+    def size(self, batch: int) -> int:
+        """Samples in ``batch``."""
+        return self.start(batch + 1) - self.start(batch)
+
+    def num_microbatches(self, batch: int) -> int:
+        """Microbatches of ``batch`` on each data-parallel rank."""
+        return self.size(batch) // (self.micro_batch_size * self.dp)
+
+    def sample_index(self, batch: int, microbatch: int, dp_rank: int, row: int) -> int:
+        """The global sample read by one row of one microbatch of ``batch``."""
+        return (self.start(batch) + microbatch * self.micro_batch_size * self.dp
+                + dp_rank * self.micro_batch_size + row)
+
+
+@lru_cache(maxsize=8)
+def _ramp_starts(global_batch_size: int, micro_batch_size: int, dp: int,
+                 rampup: Optional[tuple]) -> tuple[int, ...]:
+    """First samples of the batches of the ramp, then of the first batch after it (``(0,)``
+    without a ramp); every later batch is full. Cached: the trainer, the tracer and the data
+    reader of one run share it."""
+    if rampup is None:
+        return (0,)
+    from megatron.core.num_microbatches_calculator import (
+        RampupBatchsizeNumMicroBatchesCalculator)
+
+    start, increment, samples = rampup
+    # rank=1: megatron logs the ramp from rank 0; the trainer's global calculator does that.
+    calculator = RampupBatchsizeNumMicroBatchesCalculator(
+        global_batch_size, micro_batch_size, dp, False, 1, start, increment, samples)
+    starts = [0]
+    # The calculator gives the full batch once more than `samples` samples were consumed.
+    while starts[-1] <= samples:
+        calculator.update(starts[-1], consistency_check=True)
+        starts.append(starts[-1] + calculator.get_current_global_batch_size())
+    return tuple(starts)
 
 
 def check_training_data(cfg: Config) -> None:
@@ -112,7 +190,7 @@ def build_datasets(cfg: Config, layout: Layout, eod: int, cache_dir: Path,
         raise DataError("data.paths is empty: nothing to train on.")
     weights = [w for w, _ in prefixes]
     paths = [p for _, p in prefixes]
-    train_samples = train_batches(cfg) * cfg.train.global_batch_size
+    train_samples = BatchSchedule.for_training(cfg, layout.dp).start(train_batches(cfg))
     cache_dir.mkdir(parents=True, exist_ok=True)
     gpt_config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
@@ -141,33 +219,35 @@ def build_datasets(cfg: Config, layout: Layout, eod: int, cache_dir: Path,
         raise DataError(f"The train split of data.paths {paths} yields {have} samples of "
                         f"{cfg.train.seq_length} tokens, but {train_batches(cfg)} batches "
                         f"({cfg.train.iterations} iterations, plus skipped ones and those "
-                        f"trace.on_spike may skip) x global batch {cfg.train.global_batch_size} "
-                        f"need {train_samples}. Add data or give the train split more weight "
-                        f"(data.split={cfg.data.split!r}).")
+                        f"trace.on_spike may skip) of global batch {cfg.train.global_batch_size}"
+                        f"{_ramp_note(cfg)} need {train_samples}. Add data or give the train "
+                        f"split more weight (data.split={cfg.data.split!r}).")
     return train, valid
+
+
+def _ramp_note(cfg: Config) -> str:
+    ramp = cfg.train.rampup_batch_size
+    return f" (ramped up from {ramp[0]} over {ramp[2]} samples)" if ramp else ""
 
 
 FIELDS = ("tokens", "labels", "loss_mask", "position_ids")
 """The tensors of a microbatch, each ``[micro_batch_size, seq_length]``."""
 
 
-def host_microbatches(dataset, cfg: Config, layout: Layout, dp_rank: int, batch: int,
+def host_microbatches(dataset, schedule: BatchSchedule, dp_rank: int, batch: int,
                       pin: bool = False) -> list[dict]:
     """This data-parallel rank's microbatches of global batch ``batch`` in host memory, in page-
     locked (pinned) memory with ``pin`` so copies to a GPU can run asynchronously."""
     result = []
-    for m in range(layout.num_microbatches):
-        tensors = _read_microbatch(dataset, cfg, layout, dp_rank, batch, m)
+    for m in range(schedule.num_microbatches(batch)):
+        tensors = _read_microbatch(dataset, schedule, dp_rank, batch, m)
         result.append({k: v.pin_memory() for k, v in tensors.items()} if pin else tensors)
     return result
 
 
-def _read_microbatch(dataset, cfg: Config, layout: Layout, dp_rank: int, batch: int,
-                     m: int) -> dict:
-    t = cfg.train
-    rows = [dataset[global_sample_index(batch, m, dp_rank, j, t.micro_batch_size, layout.dp,
-                                        t.global_batch_size)]
-            for j in range(t.micro_batch_size)]
+def _read_microbatch(dataset, schedule: BatchSchedule, dp_rank: int, batch: int, m: int) -> dict:
+    rows = [dataset[schedule.sample_index(batch, m, dp_rank, j)]
+            for j in range(schedule.micro_batch_size)]
     return {key: torch.stack([r[key] for r in rows]) for key in FIELDS}
 
 
@@ -185,12 +265,13 @@ def to_device(microbatch: dict, device: torch.device, cp: int = 1) -> dict:
 
 
 def microbatches(dataset, cfg: Config, layout: Layout, dp_rank: int, batch: int,
-                 device: torch.device) -> Iterator[dict]:
-    """Yield this data-parallel rank's microbatches of global batch ``batch``, on ``device``,
-    read one at a time on the calling thread."""
-    for m in range(layout.num_microbatches):
-        yield to_device(_read_microbatch(dataset, cfg, layout, dp_rank, batch, m), device,
-                        layout.cp)
+                 device: torch.device, schedule: Optional[BatchSchedule] = None) -> Iterator[dict]:
+    """Yield this data-parallel rank's microbatches of global batch ``batch`` of ``schedule``
+    (default: ``cfg``'s train batches), on ``device``, read one at a time on the calling
+    thread."""
+    schedule = schedule or BatchSchedule.for_training(cfg, layout.dp)
+    for m in range(schedule.num_microbatches(batch)):
+        yield to_device(_read_microbatch(dataset, schedule, dp_rank, batch, m), device, layout.cp)
 
 
 class BatchPrefetcher:
@@ -205,8 +286,8 @@ class BatchPrefetcher:
     def __init__(self, dataset, cfg: Config, layout: Layout, dp_rank: int):
         from concurrent.futures import ThreadPoolExecutor
 
-        self._read = lambda batch: host_microbatches(dataset, cfg, layout, dp_rank, batch,
-                                                     pin=True)
+        schedule = BatchSchedule.for_training(cfg, layout.dp)
+        self._read = lambda batch: host_microbatches(dataset, schedule, dp_rank, batch, pin=True)
         self._cp = layout.cp
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flagscale-data")
         self._pending: Optional[tuple[int, Future]] = None

@@ -9,8 +9,10 @@ Definitions (REFERENCE section 3):
   data loading, and a single one of them can be several times a normal step. An interval holding
   only such steps reports ``null`` throughput; ``timed_steps`` says how many steps each average
   covers.
-- ``tokens_per_sec_per_gpu`` = global_batch * seq_length / (step_time_s * world_size): every rank of
-  the world (TP*PP*CP*DP) is a GPU, so figures compare across layouts and with published numbers.
+- ``tokens_per_sec_per_gpu`` = tokens of the interval's timed steps / (their total time *
+  world_size), a step's tokens being its global batch * seq_length (smaller steps during a
+  batch-size ramp-up): every rank of the world (TP*PP*CP*DP) is a GPU, so figures compare across
+  layouts and with published numbers.
 - ``tflops_per_gpu`` = model FLOPs per token (Megatron convention, no recomputation) *
   tokens/s/GPU / 1e12; ``mfu`` = that / the device's peak dense TFLOP/s (``null`` when unknown).
   ``hfu`` adds the forward work repeated by activation recomputation (equal to ``mfu`` without it).
@@ -60,34 +62,40 @@ class ThroughputMeter:
         self.warmup_steps = warmup_steps
         self._first_timed = 1 + warmup_steps
         self._times: list[float] = []
+        self._tokens: list[int] = []
 
     def start(self, start_iteration: int) -> None:
         """A run starts (or resumes) after ``start_iteration``: its first steps are warm-up.
         Warns once when MFU cannot be reported."""
         self._first_timed = start_iteration + 1 + self.warmup_steps
-        self._times = []
+        self._times, self._tokens = [], []
         if self.peak_tflops is None:
             warnings.warn(f"MFU will not be reported: {self.peak_missing_reason}.", stacklevel=2)
 
-    def add_step(self, iteration: int, step_time_s: float) -> None:
-        """The wall time of 1-based ``iteration`` (ignored while warming up)."""
+    def add_step(self, iteration: int, step_time_s: float, tokens: Optional[int] = None) -> None:
+        """The wall time of 1-based ``iteration`` (ignored while warming up), which trained on
+        ``tokens`` (default ``tokens_per_step``, the full global batch)."""
         if iteration >= self._first_timed:
             self._times.append(step_time_s)
+            self._tokens.append(self.tokens_per_step if tokens is None else tokens)
 
     def end_interval(self) -> dict:
         """The throughput and memory keys of the interval since the last call; starts the next."""
-        times, self._times = self._times, []
-        return {**self.interval_metrics(times), **memory_usage()}
+        times, tokens, self._times, self._tokens = self._times, self._tokens, [], []
+        return {**self.interval_metrics(times, tokens), **memory_usage()}
 
-    def interval_metrics(self, step_times: list[float]) -> dict:
-        """The throughput keys of a record for an interval whose timed steps took ``step_times``."""
+    def interval_metrics(self, step_times: list[float],
+                         step_tokens: Optional[list[int]] = None) -> dict:
+        """The throughput keys of a record for an interval whose timed steps took ``step_times``
+        and trained on ``step_tokens`` (default: ``tokens_per_step`` each)."""
         out = dict.fromkeys(("step_time_s", "tokens_per_sec_per_gpu", "tflops_per_gpu", "mfu",
                              "hfu"))
         out["timed_steps"] = len(step_times)
         if not step_times:
             return out
         step_time = sum(step_times) / len(step_times)
-        tokens = self.tokens_per_step / (step_time * self.world_size)
+        total = sum(step_tokens) if step_tokens else self.tokens_per_step * len(step_times)
+        tokens = total / (sum(step_times) * self.world_size)
         tflops = self.flops.flops_per_token * tokens / 1e12
         out.update(step_time_s=step_time, tokens_per_sec_per_gpu=tokens, tflops_per_gpu=tflops)
         if self.peak_tflops is not None:

@@ -123,6 +123,7 @@ def _candidate(cfg: Config, dims: ParallelDims, configured: bool,
     if not batch_from_config:
         # A bare model has no batch: assume enough microbatches to fill the pipeline.
         candidate.train.global_batch_size = candidate.train.micro_batch_size * dims.dp * dims.pp
+        candidate.train.rampup_batch_size = None
     return candidate
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Mapping, Optional
 
 from flagscale.config import Config, Layout
-from flagscale.data.datasets import batch_index, global_sample_index
+from flagscale.data.datasets import BatchSchedule, batch_index
 from flagscale.errors import ConfigError
 
 
@@ -54,6 +54,7 @@ class Tracer:
         self.dataset = dataset
         self.parts = list(getattr(dataset, "datasets", [dataset]))
         self.tokenizer = tokenizer
+        self.batches = BatchSchedule.for_training(cfg, layout.dp)
         self.skipped: list[int] = []
         """Batches the run skipped on its own at spikes (see
         :func:`~flagscale.data.datasets.batch_index`), besides ``data.skip_iterations``."""
@@ -75,9 +76,8 @@ class Tracer:
                                   f"1..{t.iterations}, or pass the config (and overrides) the "
                                   f"run was started with.")
             batch = batch_index(self.cfg, iteration - 1, self.skipped)
-        rows = [(m, r, j, global_sample_index(batch, m, r, j, t.micro_batch_size, self.layout.dp,
-                                              t.global_batch_size))
-                for m in range(self.layout.num_microbatches) for r in range(self.layout.dp)
+        rows = [(m, r, j, self.batches.sample_index(batch, m, r, j))
+                for m in range(self.batches.num_microbatches(batch)) for r in range(self.layout.dp)
                 for j in range(t.micro_batch_size)]
         return sorted(rows, key=lambda row: row[3])
 

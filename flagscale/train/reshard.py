@@ -219,9 +219,11 @@ def prepare_resume(checkpoint: Path, cfg: Config, layout: Layout, run_dir: Path,
     stage = ParallelDims(tp=src.tp, pp=src.pp, cp=src.cp, vpp=src.vpp,
                          dp=world // model_parallel)
     saved = layout_config(load_config(base=meta.config), stage)
-    # Converting reads no data: one microbatch per DP rank fits any world the layout does.
+    # Converting reads no data: one microbatch per DP rank (and no ramp-up) fits any world the
+    # layout does.
     stage_cfg = dataclasses.replace(saved, train=dataclasses.replace(
-        saved.train, global_batch_size=saved.train.micro_batch_size * stage.dp))
+        saved.train, global_batch_size=saved.train.micro_batch_size * stage.dp,
+        rampup_batch_size=None))
     stage_layout = validate(stage_cfg, world, check_paths=False)
     work = target.with_name(f".{target.name}.work")
     if dist.get_rank() == 0 and work.exists():

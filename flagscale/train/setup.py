@@ -14,6 +14,7 @@ from datetime import timedelta
 import torch
 
 from flagscale.config import Config, Layout
+from flagscale.data.datasets import BatchSchedule
 from flagscale.models import build_model
 from flagscale.platform import Platform
 
@@ -37,7 +38,7 @@ def build_training(cfg: Config, layout: Layout, platform: Platform) -> TrainingO
              for i, chunk in enumerate(build_model(cfg, layout, platform))]
     optimizer = _build_optimizer(cfg, model, ddp)
     configure_schedule(model, optimizer, ddp)
-    return TrainingObjects(model, optimizer, _build_scheduler(cfg, optimizer))
+    return TrainingObjects(model, optimizer, _build_scheduler(cfg, optimizer, layout))
 
 
 def init_process_group(platform: Platform) -> tuple[int, int]:
@@ -125,16 +126,44 @@ def _build_optimizer(cfg: Config, model, ddp):
     return get_megatron_optimizer(optimizer_config(cfg, ddp), model)
 
 
-def _build_scheduler(cfg: Config, optimizer):
+def _build_scheduler(cfg: Config, optimizer, layout: Layout):
+    """megatron-core's LR and weight-decay schedule. It counts iterations, except under a
+    batch-size ramp-up, where it counts samples as Megatron-LM does (:func:`step_scheduler`):
+    warmup and decay then last the samples of their iterations' (ramped) batches, so they still
+    end at ``warmup_iterations`` and ``lr_decay_iterations``."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     t = cfg.train
     decay = t.lr_decay_iterations or t.iterations
+    steps = (BatchSchedule.for_training(cfg, layout.dp).start if t.rampup_batch_size
+             else (lambda iterations: iterations))
+    warmup = steps(t.warmup_iterations)
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.final_lr,
-        lr_warmup_steps=t.warmup_iterations, lr_decay_steps=max(decay, t.warmup_iterations + 1),
+        lr_warmup_steps=warmup, lr_decay_steps=max(steps(decay), warmup + 1),
         lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
-        wd_incr_steps=decay, wd_incr_style="constant")
+        wd_incr_steps=steps(decay), wd_incr_style="constant")
+
+
+def step_scheduler(cfg: Config, scheduler, batch_size: int) -> None:
+    """Advance the LR schedule past one optimizer step of ``batch_size`` samples, in its unit
+    (:func:`_build_scheduler`): samples under a ramp-up, else one iteration (what checkpoints
+    of runs without a ramp hold)."""
+    scheduler.step(increment=batch_size if cfg.train.rampup_batch_size else 1)
+
+
+def init_batch_calculator(cfg: Config, layout: Layout, rank: int) -> None:
+    """(Re)initialise megatron-core's global microbatch calculator for the run; the trainer
+    updates it before every step (``update_num_microbatches``) and reads the step's microbatch
+    count and global batch size from it."""
+    from megatron.core.num_microbatches_calculator import (
+        destroy_num_microbatches_calculator, init_num_microbatches_calculator)
+
+    t = cfg.train
+    # One process may build several trainers (tests, notebooks): start afresh.
+    destroy_num_microbatches_calculator()
+    init_num_microbatches_calculator(rank, t.rampup_batch_size, t.global_batch_size,
+                                     t.micro_batch_size, layout.dp)
 
 
 def configure_schedule(model, optimizer, ddp) -> None:

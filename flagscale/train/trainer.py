@@ -32,7 +32,8 @@ from flagscale.checkpoint import (AsyncSaves, CheckpointMeta, latest_checkpoint,
                                   read_run_state, resolve_checkpoint, save_checkpoint)
 from flagscale.config import Config, config_to_dict, dump_config
 from flagscale.config.history import write_run_config
-from flagscale.data.datasets import BatchPrefetcher, batch_index, build_datasets, microbatches
+from flagscale.data.datasets import (BatchPrefetcher, BatchSchedule, batch_index, build_datasets,
+                                     microbatches)
 from flagscale.data.fingerprint import (check_data_unchanged, data_cache_dir, shared_fingerprints,
                                         write_run_fingerprints)
 from flagscale.errors import FlagScaleError
@@ -44,8 +45,8 @@ from flagscale.train.callbacks.spikes import StepDiscarded
 from flagscale.train.callbacks.stop import StoppedBySignal
 from flagscale.train.preflight import check_run
 from flagscale.train.run_dir import claim_run_dir
-from flagscale.train.setup import (build_training, finish_param_sync, init_model_parallel,
-                                   init_process_group)
+from flagscale.train.setup import (build_training, finish_param_sync, init_batch_calculator,
+                                   init_model_parallel, init_process_group, step_scheduler)
 from flagscale.train.step_summary import StepSummary
 
 
@@ -91,6 +92,15 @@ class Trainer:
 
         built = build_training(cfg, self.layout, self.platform)
         self.model, self.optimizer, self.scheduler = built.model, built.optimizer, built.scheduler
+        init_batch_calculator(cfg, self.layout, rank)
+        self.batches = BatchSchedule.for_training(cfg, self.layout.dp)
+        """Size and first sample of every global batch (a ramp-up's too): the data this loop
+        reads, the trace names and megatron-core's calculator sizes are the same."""
+        if self.is_writer and cfg.train.rampup_batch_size:
+            start, increment, samples = cfg.train.rampup_batch_size
+            print(f"flagscale: batch-size ramp-up from {start} to {cfg.train.global_batch_size} "
+                  f"sequences by {increment} over {samples} samples: the first "
+                  f"{self.batches.ramp_batches} steps ramp up", flush=True)
         self._stop = StopOnSignalCallback(stop_request)
         self.callbacks = sorted([*build_callbacks(cfg, self.layout, self.run_dir, self.is_writer),
                                  *callbacks, self._stop], key=lambda c: -c.priority)
@@ -170,7 +180,16 @@ class Trainer:
         """One optimizer step on the global batch of iteration ``self.iteration + 1``, ending
         with the step summary (:mod:`flagscale.train.step_summary`): the loss and every
         callback's ``add_to_step_summary`` slots summed over the world in one all-reduce."""
+        from megatron.core.num_microbatches_calculator import (
+            get_current_global_batch_size, get_num_microbatches, update_num_microbatches)
+
         cfg, device = self.cfg, self.platform.device
+        batch = batch_index(cfg, self.iteration, self.skipped_batches)
+        # The calculator sizes the step from the samples before its batch in the data (as
+        # Megatron-LM counts them, skipped batches included): a resumed or rewound run ramps
+        # exactly as the uninterrupted one.
+        update_num_microbatches(self.batches.start(batch), consistency_check=True)
+        batch_size = get_current_global_batch_size()
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -178,8 +197,8 @@ class Trainer:
         try:
             reduced = self._forward_backward(
                 forward_step_func=_forward_step,
-                data_iterator=self._train_iterators(),
-                model=self.model, num_microbatches=self.layout.num_microbatches,
+                data_iterator=self._train_iterators(batch),
+                model=self.model, num_microbatches=get_num_microbatches(),
                 seq_length=cfg.train.seq_length, micro_batch_size=cfg.train.micro_batch_size,
                 forward_only=False)
         except RuntimeError as exc:
@@ -190,13 +209,14 @@ class Trainer:
             raise
         updated, grad_norm = self._optimizer_step()
         if updated:
-            self.scheduler.step(increment=1)
+            step_scheduler(cfg, self.scheduler, batch_size)
         self.iteration += 1
-        self.consumed_samples += cfg.train.global_batch_size
+        self.consumed_samples += batch_size
         if self._gc_interval and self.iteration % self._gc_interval == 0:
             gc.collect()
         step = StepInfo(self.iteration, grad_norm,
-                        _sample_losses(reduced, self.layout.cp) if self._holds_loss else None)
+                        _sample_losses(reduced, self.layout.cp) if self._holds_loss else None,
+                        batch_size)
         summary = StepSummary(device)
         summary.add("loss", _sum_losses(reduced if self._holds_loss else [], device))
         self._call("add_to_step_summary", step, summary)
@@ -205,6 +225,7 @@ class Trainer:
         self.record_metric("lr", lr)
         self.record_metric("grad_norm", grad_norm, reduce="mean")
         self.record_metric("consumed_samples", self.consumed_samples)
+        self.record_metric("global_batch_size", batch_size)
         return step
 
     def _optimizer_step(self) -> tuple[bool, float]:
@@ -261,8 +282,9 @@ class Trainer:
                            log_now=True)
         self._log_metrics()
         if checkpoint is None:
+            self.consumed_samples -= self.batches.size(
+                batch_index(self.cfg, self.iteration - 1, self.skipped_batches))
             self.iteration -= 1
-            self.consumed_samples -= self.cfg.train.global_batch_size
         else:
             loaded = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler,
                                      self.cfg.model, self.layout)
@@ -333,7 +355,7 @@ class Trainer:
         for i in range(cfg.train.eval_iterations):
             reduced = self._forward_backward(
                 forward_step_func=_forward_step,
-                data_iterator=self._data_iterators(self.valid_dataset,
+                data_iterator=self._data_iterators(self.valid_dataset, self._valid_batches,
                                                    pass_index * cfg.train.eval_iterations + i),
                 model=self.model, num_microbatches=self.layout.num_microbatches,
                 seq_length=cfg.train.seq_length, micro_batch_size=cfg.train.micro_batch_size,
@@ -436,6 +458,7 @@ class Trainer:
         if self._gc_interval:
             gc.disable()
             gc.collect()
+        self._valid_batches = BatchSchedule.for_validation(self.cfg, self.layout.dp)
         self._prefetcher = (BatchPrefetcher(self.train_dataset, self.cfg, self.layout,
                                             self._dp_rank) if cuda else None)
 
@@ -445,12 +468,11 @@ class Trainer:
         if self._gc_interval:
             gc.enable()
 
-    def _train_iterators(self):
-        """This step's data iterators; with the prefetcher, this step's batch copied to the
-        device at once and the next step's read started."""
-        batch = batch_index(self.cfg, self.iteration, self.skipped_batches)
+    def _train_iterators(self, batch: int):
+        """The data iterators of this step, which reads global batch ``batch``; with the
+        prefetcher, the batch copied to the device at once and the next step's read started."""
         if self._prefetcher is None:
-            return self._data_iterators(self.train_dataset, batch)
+            return self._data_iterators(self.train_dataset, self.batches, batch)
         device_batch = self._prefetcher.device_microbatches(batch, self.platform.device)
         if self.iteration + 1 < self.end_iteration:
             # A rewind that adds a skip makes this guess wrong; the step then reads its batch.
@@ -458,11 +480,12 @@ class Trainer:
                                                   self.skipped_batches))
         return self._chunk_iterators(lambda: iter(device_batch))
 
-    def _data_iterators(self, dataset, batch: int):
-        """One iterator per model chunk; chunks that neither embed nor compute the loss get
-        None."""
+    def _data_iterators(self, dataset, schedule: BatchSchedule, batch: int):
+        """One iterator per model chunk over batch ``batch`` of ``schedule``; chunks that neither
+        embed nor compute the loss get None."""
         return self._chunk_iterators(lambda: microbatches(
-            dataset, self.cfg, self.layout, self._dp_rank, batch, self.platform.device))
+            dataset, self.cfg, self.layout, self._dp_rank, batch, self.platform.device,
+            schedule))
 
     def _chunk_iterators(self, make):
         iters = [make() if (c.module.pre_process or c.module.post_process) else None
@@ -486,11 +509,13 @@ def _checkpoint_to_load(cfg: Config, run_dir: Path) -> Optional[Path]:
 
 def _warn_if_data_order_changed(cfg: Config, saved: dict, checkpoint: Path) -> None:
     """megatron-core's GPT dataset shuffles over the run's total sample count: a resume that
-    changes it (more iterations, other skips, batch, sequence, seed, data) reads a different order
-    from the one the checkpoint's run planned, so samples may repeat or be missed."""
+    changes it (more iterations, other skips, batch or its ramp-up, sequence, seed, data) reads a
+    different order from the one the checkpoint's run planned, so samples may repeat or be
+    missed."""
     if not saved:
         return
-    keys = [("train", k) for k in ("iterations", "global_batch_size", "seq_length", "seed")] + \
+    keys = [("train", k) for k in ("iterations", "global_batch_size", "rampup_batch_size",
+                                   "seq_length", "seed")] + \
         [("data", k) for k in ("paths", "split", "skip_iterations")]
     changed = [f"{a}.{b}: {saved.get(a, {}).get(b)!r} -> {getattr(getattr(cfg, a), b)!r}"
                for a, b in keys if a in saved and b in saved[a]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from flagscale.config import load_config, validate
-from flagscale.data.datasets import batch_index, build_datasets, global_sample_index, microbatches
+from flagscale.data.datasets import BatchSchedule, batch_index, build_datasets, microbatches
 
 
 def test_skipped_iterations_retire_their_batch_and_shift_later_ones():
@@ -24,6 +24,6 @@ def test_microbatch_rows_read_the_documented_global_samples(tmp_path, tiny_corpu
     for dp_rank in range(2):
         for m, batch in enumerate(microbatches(dataset, cfg, layout, dp_rank, 2, torch.device("cpu"))):
             for row in range(2):
-                g = global_sample_index(2, m, dp_rank, row, 2, 2, 8)
+                g = BatchSchedule.for_training(cfg, 2).sample_index(2, m, dp_rank, row)
                 assert g == 2 * 8 + m * 4 + dp_rank * 2 + row
                 assert torch.equal(batch["tokens"][row], dataset[g]["tokens"])

@@ -35,11 +35,17 @@ def test_example_validates_and_fits(name, world, layout):
 
 
 def test_aquila2_34b_recipe_conversion():
-    """Sample counts of the FlagScale v0.1 recipe converted to iterations of 1024 sequences."""
+    """Sample counts of the FlagScale v0.1 recipe converted to iterations through its batch-size
+    ramp-up (32 -> 1024 by 32 over 2M samples), as megatron-core's calculator sizes the steps."""
+    from flagscale.data.datasets import BatchSchedule
+
     cfg = load_config(EXAMPLES / "aquila2_34b/h100_64nodes.yaml")
     t = cfg.train
     assert (t.global_batch_size, t.micro_batch_size, t.seq_length) == (1024, 1, 4096)
-    assert t.iterations == 488_281_250 // 1024 and t.warmup_iterations == 500_000 // 1024
+    assert t.rampup_batch_size == [32, 32, 2_000_000]
+    samples = BatchSchedule.for_training(cfg, 32).start  # samples before an iteration
+    assert samples(t.iterations) <= 488_281_250 < samples(t.iterations + 1)
+    assert samples(t.warmup_iterations - 1) < 500_000 <= samples(t.warmup_iterations)
     assert (t.lr, t.min_lr, t.lr_decay_style) == (1.5e-4, 1.5e-5, "cosine")
     assert (t.adam_beta1, t.adam_beta2, t.weight_decay, t.clip_grad) == (0.9, 0.95, 0.1, 1.0)
     assert cfg.parallel.sequence_parallel and cfg.model.init_method_std == 0.0165

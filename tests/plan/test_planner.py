@@ -73,7 +73,12 @@ def test_aquila2_34b_recipe_layout_fits_on_512_gpus():
     assert len(recipe) == 1 and recipe[0].fits and recipe[0].configured
     assert recipe[0].sequence_parallel
     assert 20 < recipe[0].memory.total_gib < 32
-    unsharded = [lay for lay in plan.layouts if (lay.tp, lay.pp) == (1, 1)]
+    # DP512 cannot split the ramp-up's first batch of 32 sequences: TP1 PP1 is no layout of the
+    # recipe; without the ramp it is one, and does not fit.
+    assert not [lay for lay in plan.layouts if (lay.tp, lay.pp) == (1, 1)]
+    no_ramp = plan_for(str(EXAMPLES / "aquila2_34b" / "h100_64nodes.yaml"), None, 512,
+                       overrides=("train.rampup_batch_size=null",))
+    unsharded = [lay for lay in no_ramp.layouts if (lay.tp, lay.pp) == (1, 1)]
     assert unsharded and not unsharded[0].fits
     # The recipe ran on A100-40G: it must fit there too.
     a100 = plan_for(None, "aquila2_34b", 512, device="a100-40g")

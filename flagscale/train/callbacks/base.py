@@ -29,6 +29,9 @@ class StepInfo:
     sample_losses: Any
     """Per-row losses of this rank's microbatches, in order, as a device tensor; None on ranks
     that do not compute the loss (not the last pipeline stage, or TP rank > 0)."""
+    batch_size: int
+    """Sequences in this step's global batch (fewer than ``train.global_batch_size`` during a
+    batch-size ramp-up)."""
     summary: dict = field(default_factory=dict)
     """The step summary: each slot added in ``add_to_step_summary``, summed over every rank of
     the world, as a list of floats (see :class:`~flagscale.train.step_summary.StepSummary`)."""

@@ -2,14 +2,14 @@
 
 Every step each rank places the per-sample losses it holds (the last pipeline stage's tensor-rank-0
 process of each data-parallel replica holds its rows; other ranks hold none) at their positions in
-a ``global_batch_size`` vector of the step summary (:mod:`flagscale.train.step_summary`), whose
-one all-reduce over the world gives every rank every row's loss. All ranks therefore take the
-same decision from the same numbers (and hold the same spike window, saved in every checkpoint),
-and no rank can wait in a collective another one skipped. The
-writer rank then builds the iteration's trace records from its own copy of the train dataset (no
-collective) and writes ``traces/iter_XXXXXXX.jsonl``.
+a vector as long as the step's global batch in the step summary
+(:mod:`flagscale.train.step_summary`), whose one all-reduce over the world gives every rank every
+row's loss. All ranks therefore take the same decision from the same numbers (and hold the same
+spike window, saved in every checkpoint), and no rank can wait in a collective another one
+skipped. The writer rank then builds the iteration's trace records from its own copy of the train
+dataset (no collective) and writes ``traces/iter_XXXXXXX.jsonl``.
 
-Cost per step: ``global_batch_size`` float64 values more in the step summary's all-reduce, no
+Cost per step: (global batch size) float64 values more in the step summary's all-reduce, no
 collective or host sync of its own. A report costs seconds but only at a spike, at most
 ``trace.max_reports`` times per run.
 """
@@ -21,7 +21,7 @@ import math
 import torch
 
 from flagscale.checkpoint import latest_checkpoint, read_run_state
-from flagscale.data.datasets import batch_index, global_sample_index
+from flagscale.data.datasets import batch_index
 from flagscale.errors import FlagScaleError
 from flagscale.trace import SpikeDetector, Tracer, add_skipped_batches, write_spike_report
 from flagscale.train.callbacks.base import Callback, StepInfo
@@ -39,7 +39,8 @@ class SpikeReportCallback(Callback):
         self.reports_written = 0
         self.rewinds = 0
         self.tracer = None
-        self.positions = None
+        self._dp_rank = 0
+        self._positions: dict[int, torch.Tensor] = {}
         self.reported = None
         """The iteration whose report this step wrote, for :meth:`_discard` to complete."""
 
@@ -49,26 +50,33 @@ class SpikeReportCallback(Callback):
         from flagscale.data.tokenizer import load_tokenizer
 
         trainer = self.trainer
-        t, layout = trainer.cfg.train, trainer.layout
-        dp_rank = parallel_state.get_data_parallel_rank()
-        # This rank's rows in its microbatch order (how the trainer concatenates sample_losses),
-        # placed where they sit in the global batch: batch 0's global sample indices.
-        self.positions = torch.tensor(
-            [global_sample_index(0, m, dp_rank, j, t.micro_batch_size, layout.dp,
-                                 t.global_batch_size)
-             for m in range(layout.num_microbatches) for j in range(t.micro_batch_size)],
-            device=trainer.platform.device)
+        self._dp_rank = parallel_state.get_data_parallel_rank()
         if trainer.is_writer:
             tokenizer = (load_tokenizer(trainer.cfg.data.tokenizer) if trainer.cfg.data.tokenizer
                          else None)
-            self.tracer = Tracer(trainer.cfg, layout, trainer.train_dataset, tokenizer)
+            self.tracer = Tracer(trainer.cfg, trainer.layout, trainer.train_dataset, tokenizer)
             self.tracer.skipped = trainer.skipped_batches
 
+    def _rows(self, batch: int) -> torch.Tensor:
+        """This rank's rows of global batch ``batch`` in its microbatch order (how the trainer
+        concatenates sample_losses), placed where they sit in that batch; one tensor per batch
+        size (a ramp-up has a few)."""
+        batches = self.trainer.batches
+        size = batches.size(batch)
+        if size not in self._positions:
+            first = batches.start(batch)
+            self._positions[size] = torch.tensor(
+                [batches.sample_index(batch, m, self._dp_rank, j) - first
+                 for m in range(batches.num_microbatches(batch))
+                 for j in range(batches.micro_batch_size)], device=self.trainer.platform.device)
+        return self._positions[size]
+
     def add_to_step_summary(self, step: StepInfo, summary) -> None:
-        losses = torch.zeros(self.trainer.cfg.train.global_batch_size, dtype=torch.float64,
-                             device=self.positions.device)
+        trainer = self.trainer
+        losses = torch.zeros(step.batch_size, dtype=torch.float64, device=trainer.platform.device)
         if step.sample_losses is not None:
-            losses[self.positions] = step.sample_losses.to(torch.float64)
+            batch = batch_index(trainer.cfg, step.iteration - 1, trainer.skipped_batches)
+            losses[self._rows(batch)] = step.sample_losses.to(torch.float64)
         summary.add("sample_losses", losses)
 
     def post_step(self, step: StepInfo) -> None:

@@ -30,7 +30,8 @@ class ThroughputCallback(Callback):
 
     def post_step(self, step: StepInfo) -> None:
         now = time.perf_counter()
-        self.meter.add_step(step.iteration, now - self._last)
+        self.meter.add_step(step.iteration, now - self._last,
+                            step.batch_size * self.trainer.cfg.train.seq_length)
         self._last = now
 
     def pre_log_metrics(self, iteration: int, metrics: dict) -> None:
