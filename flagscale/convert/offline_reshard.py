@@ -126,8 +126,8 @@ def _bucket_params(path: Path, maps: list, tp: int, reader: CheckpointReader) ->
         ranks = stages[min(stages)]  # a tied output layer's copy on the last stage is the same
         first = ranks[min(ranks)][1]
         wanted = list(range(tp)) if first["tp_axis"] is not None else [0]
-        if [r for r in wanted if r not in ranks]:
-            missing = [r for r in wanted if r not in ranks]
+        missing = [r for r in wanted if r not in ranks]
+        if missing:
             raise CheckpointError(f"{path}: the index maps place no TP shard of rank(s) "
                                   f"{missing} of '{first['name']}': a rank's shard is missing.")
         local = _numel(first["shape"]) // len(wanted)

@@ -219,8 +219,8 @@ def prepare_resume(checkpoint: Path, cfg: Config, layout: Layout, run_dir: Path,
                        optimizer_sharding(common), int(common.get("iteration", 0)), ())
     if meta.param_index_maps:
         log(f"flagscale: {checkpoint} was saved at {src.describe()} with optimizer state that "
-            f"reloads only there; converting it offline for {layout.dims.describe()} into "
-            f"{target} (reused next time)")
+            f"reloads only there; converting it for {layout.dims.describe()} into {target} "
+            f"offline on rank 0 (reused next time)")
         return _convert_offline(plan)
     world = dist.get_world_size()
     model_parallel = src.tp * src.pp * src.cp
