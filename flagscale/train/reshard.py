@@ -40,6 +40,7 @@ from flagscale.checkpoint.meta import (RESHARDABLE, CheckpointMeta, needs_conver
 from flagscale.checkpoint.output import atomic_output_dir
 from flagscale.checkpoint.reader import CheckpointReader
 from flagscale.checkpoint.reshard import ReshardPlan, layout_config, plan_reshard
+from flagscale.checkpoint.state import saved_vocab_rows
 from flagscale.config import (Config, Layout, ParallelDims, config_to_dict, load_config,
                               validate)
 from flagscale.convert.offline_reshard import reshard_offline
@@ -214,6 +215,7 @@ def prepare_resume(checkpoint: Path, cfg: Config, layout: Layout, run_dir: Path,
             (target / _SOURCE_FILE).read_text().strip() == str(checkpoint.resolve())):
         log(f"flagscale: {checkpoint} was saved at {src.describe()}; loading its conversion "
             f"for {layout.dims.describe()} made earlier, {target}")
+        _log_padding(common, target, layout, log)
         return target
     plan = ReshardPlan(checkpoint, target, load_config(base=meta.config), src, layout.dims,
                        optimizer_sharding(common), int(common.get("iteration", 0)), ())
@@ -221,7 +223,9 @@ def prepare_resume(checkpoint: Path, cfg: Config, layout: Layout, run_dir: Path,
         log(f"flagscale: {checkpoint} was saved at {src.describe()} with optimizer state that "
             f"reloads only there; converting it for {layout.dims.describe()} into {target} "
             f"offline on rank 0 (reused next time)")
-        return _convert_offline(plan)
+        _convert_offline(plan)
+        _log_padding(common, target, layout, log)
+        return target
     world = dist.get_world_size()
     model_parallel = src.tp * src.pp * src.cp
     if world % model_parallel:
@@ -253,6 +257,24 @@ def prepare_resume(checkpoint: Path, cfg: Config, layout: Layout, run_dir: Path,
         shutil.rmtree(work)
     dist.barrier()
     return target
+
+
+def vocab_padding_line(saved: int, rows: int, vocab: int) -> str:
+    """What a resume says when the checkpoint's vocabulary padding is not this layout's."""
+    return (f"flagscale: embedding and output layer padded to {rows} rows here, {saved} in the "
+            f"checkpoint (vocab {vocab}): padding rows "
+            f"{'trimmed' if rows < saved else 'added as zeros'}")
+
+
+def _log_padding(common: dict, converted: Path, layout: Layout,
+                 log: Callable[[str], None]) -> None:
+    # The offline conversion already holds this layout's rows, so the load that follows sees no
+    # padding change to report: the change from the checkpoint the user named is said here.
+    saved = saved_vocab_rows(common)
+    if saved not in (None, layout.padded_vocab_size) and \
+            saved_vocab_rows(read_run_state(converted)) == layout.padded_vocab_size:
+        log(vocab_padding_line(saved, layout.padded_vocab_size,
+                               CheckpointMeta.from_common(common).config["model"]["vocab_size"]))
 
 
 def _publish(done: Path, target: Path, checkpoint: Path) -> None:

@@ -90,3 +90,23 @@ def test_reshard_to_tp1_keeps_every_real_row_and_trims_the_padding(source):
         checked += 1
     # weights, master weights and both moments of the embedding and the output layer
     assert checked == 8
+
+
+def test_reshard_back_to_tp2_zero_pads_the_rows_the_padding_adds(source):
+    from flagscale.train.reshard import reshard
+
+    tmp = source["tmp"]
+    narrow, back = tmp / "tp1_offline", tmp / "tp2_again"
+    reshard(source["checkpoint"], narrow, tp=1, progress=False, log=lambda line: None)
+    reshard(narrow, back, tp=2, progress=False, log=lambda line: None)
+    a, b = CheckpointReader(narrow), CheckpointReader(back)
+    padded = 0
+    for key in a.tensors:
+        before, after = a.read_full(key), b.read_full(key)
+        if not key.endswith(VOCAB_KEYS):
+            assert torch.equal(before, after), key
+            continue
+        assert before.shape[0] == 4224 and after.shape[0] == 4352, key
+        assert torch.equal(after[:4224], before) and not after[4224:].any(), key
+        padded += 1
+    assert padded == 8
