@@ -18,10 +18,11 @@ Where the state comes from:
 - ``dp_reshardable`` optimizer state (training's save): flat DDP-bucket buffers, one per (tp, pp,
   vpp) rank and bucket, each DP rank's slice a chunk of its own. The checkpoint's
   :attr:`~flagscale.checkpoint.meta.CheckpointMeta.param_index_maps` place every parameter in
-  them; its TP shards are read (only those byte ranges, from every DP rank's chunk that holds
-  a part) straight into the global tensor: concatenated along the TP axis, fc1's shards being
-  [gate_i; up_i] halves that go to the gate and up halves of the global [gate; up]. A
-  parameter held on several pipeline stages (a tied output layer) is taken from the first.
+  them. Each TP shard is read (only its byte range, from every DP rank's chunk that holds a
+  part) and written as the chunk of the global tensor it is: its slice along the TP axis, or
+  for fc1, whose shards are [gate_i; up_i], its rows of the gate half and of the up half of
+  the global [gate; up]. A parameter held on several pipeline stages (a tied output layer) is
+  taken from the first.
 - ``fully_reshardable`` state: already in parameter shapes; copied like the weights.
 
 Embedding and output-layer rows (weights, master weights, both moments) are trimmed or
@@ -29,8 +30,9 @@ zero-padded to the target layout's vocabulary padding. The RNG states are kept w
 not change; at another TP/PP they belong to no rank of the new layout and are left out (a resume
 seeds afresh, as it does at any new layout).
 
-Memory: one parameter's tensor for one state kind at a time (plus its TP shard where the TP axis
-is not the leading one), and the chunks queued for writing, bounded by the largest parameter.
+Memory: the chunk being read (a model tensor's layer, or one TP shard of one state kind) and the
+chunks queued for writing, at most the largest chunk's bytes: a few times the largest
+parameter's fp32 size at most.
 """
 
 from __future__ import annotations
@@ -221,32 +223,43 @@ class _Rows:
         return torch.cat([tensor, pad])
 
 
-def _assemble(reader: CheckpointReader, param: _Param, kind: str) -> torch.Tensor:
-    """The global tensor of one parameter's state ``kind``, read from its TP shards."""
-    dtype = reader.dtype(f"{param.shards[0].buffer}.{kind}")
-    out = torch.empty(param.shape, dtype=dtype)
-    tp = len(param.shards)
-    if tp == 1:
-        reader.read_flat(f"{param.shards[0].buffer}.{kind}", param.shards[0].start, out.view(-1))
-        return out
-    axis = param.tp_axis
-    local = list(param.shape)
-    local[axis] //= tp
-    row = _numel(param.shape[1:])
+def _pieces(param: _Param, rows: Optional[int]) -> list[tuple[tuple, tuple, Optional[_Shard]]]:
+    """The output chunks of one parameter's state: ``(offsets, sizes, run)`` in the parameter's
+    global tensor, each a contiguous run of one TP shard starting at ``run`` (the shard's
+    [gate; up] halves of fc1 are two), or zeros (``run`` None) for
+    vocabulary rows the target padding adds. ``rows``: the target's vocabulary rows, for the
+    embedding and output layer (None for the rest)."""
+    shape, tp = param.shape, len(param.shards)
+    axis = param.tp_axis if tp > 1 else None
+    local = list(shape)
+    if axis is not None:
+        local[axis] //= tp
+    runs = []
     for rank, shard in enumerate(param.shards):
-        name = f"{shard.buffer}.{kind}"
         if param.gated:
-            # [gate_i; up_i] -> rows i of the global gate half and of the global up half
-            half, total = local[0] // 2, param.shape[0] // 2
-            reader.read_flat(name, shard.start, out[rank * half:(rank + 1) * half].view(-1))
-            reader.read_flat(name, shard.start + half * row,
-                             out[total + rank * half:total + (rank + 1) * half].view(-1))
-        elif axis == 0:
-            reader.read_flat(name, shard.start, out[rank * local[0]:(rank + 1) * local[0]].view(-1))
+            half, total, row = local[0] // 2, shape[0] // 2, _numel(shape[1:])
+            runs.append(((rank * half, 0), (half, *shape[1:]), shard))
+            runs.append(((total + rank * half, 0), (half, *shape[1:]),
+                         _Shard(shard.buffer, shard.start + half * row)))
         else:
-            piece = reader.read_flat(name, shard.start, torch.empty(local, dtype=dtype).view(-1))
-            out.narrow(axis, rank * local[axis], local[axis]).copy_(piece.view(local))
-    return out
+            offsets = [0] * len(shape)
+            if axis is not None:
+                offsets[axis] = rank * local[axis]
+            runs.append((tuple(offsets), tuple(local), shard))
+    if rows is None or rows == shape[0]:
+        return runs
+    if axis not in (None, 0):
+        raise CheckpointError(f"'{param.key}' is split along axis {axis}; its vocabulary rows "
+                              f"cannot be trimmed or padded.")
+    fitted = []
+    for offsets, sizes, run in runs:  # rows past the target's padding are dropped
+        keep = min(sizes[0], rows - offsets[0])
+        if keep > 0:
+            fitted.append((offsets, (keep, *sizes[1:]), run))
+    if rows > shape[0]:
+        fitted.append(((shape[0],) + (0,) * (len(shape) - 1),
+                       (rows - shape[0], *shape[1:]), None))
+    return fitted
 
 
 def _objects(plan: ReshardPlan, reader: CheckpointReader) -> list[str]:
@@ -311,7 +324,8 @@ def _copy_jobs(reader: CheckpointReader, keys: list[str], rows: _Rows) -> list[_
 
 def _state_jobs(path: Path, reader: CheckpointReader, params: list[_Param],
                 rows: _Rows) -> list[_Job]:
-    """The optimizer state of every parameter, assembled from the flat buffers."""
+    """The optimizer state of every parameter, read from the flat buffers one TP shard (one
+    contiguous run of it) at a time and written as a chunk of its global tensor."""
     jobs = []
     for param in params:
         saved = tuple(reader.shape(param.key))
@@ -320,18 +334,23 @@ def _state_jobs(path: Path, reader: CheckpointReader, params: list[_Param],
             raise CheckpointError(f"{path}: the index maps give '{param.key}' the shape "
                                   f"{param.shape}, its weights are {expected}.")
         out = rows.shape(param.key, saved)
-        offsets = ((param.layer,) + (0,) * len(param.shape) if param.layer is not None
-                   else (0,) * len(param.shape))
+        target_rows = out[0] if rows.applies(param.key) else None
+        lead = (param.layer,) if param.layer is not None else ()
         for kind in KINDS:
-            element = torch.empty((), dtype=reader.dtype(
-                f"{param.shards[0].buffer}.{kind}")).element_size()
-            nbytes = _numel(out[1:] if param.layer is not None else out) * element
+            dtype = reader.dtype(f"{param.shards[0].buffer}.{kind}")
+            element = torch.empty((), dtype=dtype).element_size()
+            for offsets, sizes, run in _pieces(param, target_rows):
+                chunk = (1,) * len(lead) + sizes
 
-            def read(param=param, kind=kind):
-                tensor = rows.fit(param.key, _assemble(reader, param, kind))
-                return tensor if param.layer is None else tensor.unsqueeze(0)
+                def read(run=run, kind=kind, chunk=chunk, dtype=dtype):
+                    if run is None:
+                        return torch.zeros(chunk, dtype=dtype)
+                    out = torch.empty(chunk, dtype=dtype)
+                    reader.read_flat(f"{run.buffer}.{kind}", run.start, out.view(-1))
+                    return out
 
-            jobs.append(_Job(f"{STATE_PREFIX}.{kind}.{param.key}", out, offsets, nbytes, read))
+                jobs.append(_Job(f"{STATE_PREFIX}.{kind}.{param.key}", out, lead + offsets,
+                                 _numel(sizes) * element, read))
     return jobs
 
 
