@@ -297,3 +297,17 @@ def test_missing_rank_shard_is_named_before_any_output(source):
         reshard(broken, out, tp=2, progress=False)
     assert not out.exists() and not [p for p in out.parent.iterdir()
                                      if p.name.startswith(".from_missing")]
+
+
+def test_bucket_state_without_index_maps_goes_through_the_engine(source, reference):
+    """Another tool's dp_reshardable save records no index maps: only the engine, building the
+    same buckets at the saved layout, can cut it into parameters."""
+    no_maps = source["tmp"] / "no_maps"
+    shutil.copytree(source["checkpoint"], no_maps)
+    common = torch.load(no_maps / "common.pt", weights_only=False)
+    del common["flagscale"]["param_index_maps"]
+    torch.save(common, no_maps / "common.pt")
+    out = source["tmp"] / "no_maps_out"
+    proc = run_cli("reshard", "--input", no_maps, "--output", out, "--dp", "1")
+    assert "without parameter index maps" in proc.stdout
+    _assert_same_state(out, reference)
