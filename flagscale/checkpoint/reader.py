@@ -18,6 +18,7 @@ this parser does not recognise (a transformed/compressed chunk) falls back to ``
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import pickle
 import struct
@@ -345,6 +346,38 @@ class CheckpointReader:
         for result in self._pool.map(run, jobs):
             del result
         return out
+
+    def map_flat(self, key: str, start: int, numel: int) -> Optional[torch.Tensor]:
+        """Elements ``[start, start + numel)`` of the 1-D tensor ``key`` as a tensor over the
+        file's own pages (memory-mapped copy-on-write: no bytes are copied, and the pages go
+        when the tensor does), where one stored plain chunk holds them all; None otherwise."""
+        for chunk in self._metadata(key).chunks:
+            first = chunk.offsets[0]
+            if len(chunk.sizes) == 1 and first <= start and start + numel <= first + chunk.sizes[0]:
+                return self._map(key, chunk, start - first, (numel,))
+        return None
+
+    def map_chunk(self, key: str, chunk) -> Optional[torch.Tensor]:
+        """A stored chunk of ``key`` (one of ``tensors[key].chunks``) as :meth:`map_flat` maps
+        it; None for one it cannot map."""
+        return self._map(key, chunk, 0, tuple(chunk.sizes))
+
+    def _map(self, key: str, chunk, skip: int, shape: tuple) -> Optional[torch.Tensor]:
+        raw = self._raw(key, chunk)
+        numel = 1
+        for n in shape:
+            numel *= n
+        if raw is None or tuple(raw.size) != tuple(chunk.sizes) or numel == 0 or \
+                tuple(raw.stride) != torch.empty(raw.size).stride():
+            return None
+        element = torch.empty((), dtype=raw.dtype).element_size()
+        position = raw.position + (raw.storage_offset + skip) * element
+        base = position - position % mmap.ALLOCATIONGRANULARITY
+        fd = self._fd(self._storage[_index(key, chunk)].relative_path)
+        pages = mmap.mmap(fd, position - base + numel * element, offset=base,
+                          access=mmap.ACCESS_COPY)
+        return torch.frombuffer(pages, dtype=raw.dtype, count=numel,
+                                offset=position - base).view(shape)
 
     def read_object(self, unique_key: str):
         """The data of the stored ShardedObject ``unique_key`` (e.g. ``rng_state/shard_0.0_1.1``)."""

@@ -305,13 +305,23 @@ class _Job:
 
 
 def _copy_jobs(reader: CheckpointReader, keys: list[str], rows: _Rows) -> list[_Job]:
-    """Tensors stored in their global shape: copied one layer (or one tensor) at a time."""
+    """Tensors stored in their global shape: copied chunk by chunk as stored, or (where the
+    vocabulary rows change) one tensor at a time."""
     jobs = []
     for key in keys:
         shape = tuple(reader.shape(key))
         out = rows.shape(key, shape)
         element = torch.empty((), dtype=reader.dtype(key)).element_size()
-        if _layered(key):
+        if out == shape:
+            for chunk in reader.tensors[key].chunks:
+                region = (tuple(chunk.offsets), tuple(chunk.sizes))
+
+                def read(key=key, chunk=chunk, region=region):
+                    mapped = reader.map_chunk(key, chunk)
+                    return mapped if mapped is not None else reader.read({key: region})[key]
+
+                jobs.append(_Job(key, out, region[0], _numel(region[1]) * element, read))
+        elif _layered(key):
             for layer in range(shape[0]):
                 region = ((layer,) + (0,) * (len(shape) - 1), (1,) + shape[1:])
                 jobs.append(_Job(key, out, region[0], _numel(out[1:]) * element,
@@ -345,9 +355,12 @@ def _state_jobs(path: Path, reader: CheckpointReader, params: list[_Param],
                 def read(run=run, kind=kind, chunk=chunk, dtype=dtype):
                     if run is None:
                         return torch.zeros(chunk, dtype=dtype)
-                    out = torch.empty(chunk, dtype=dtype)
-                    reader.read_flat(f"{run.buffer}.{kind}", run.start, out.view(-1))
-                    return out
+                    name, numel = f"{run.buffer}.{kind}", _numel(chunk)
+                    mapped = reader.map_flat(name, run.start, numel)
+                    if mapped is not None:
+                        return mapped.view(chunk)
+                    return reader.read_flat(name, run.start, torch.empty(numel, dtype=dtype)
+                                            ).view(chunk)
 
                 jobs.append(_Job(f"{STATE_PREFIX}.{kind}.{param.key}", out, lead + offsets,
                                  _numel(sizes) * element, read))
