@@ -30,9 +30,11 @@ zero-padded to the target layout's vocabulary padding. The RNG states are kept w
 not change; at another TP/PP they belong to no rank of the new layout and are left out (a resume
 seeds afresh, as it does at any new layout).
 
-Memory: the chunk being read (a model tensor's layer, or one TP shard of one state kind) and the
-chunks queued for writing, at most the largest chunk's bytes: a few times the largest
-parameter's fp32 size at most.
+Memory: the chunks queued for writing, at most the largest chunk's bytes ahead of the disk (a
+stored chunk of a model tensor, or one TP shard of one state kind). Chunks are memory-mapped from
+the source files rather than read into buffers, so a byte is copied once, into the output file;
+only embedding and output-layer tensors in their global shape (the weights; the optimizer state
+of a ``fully_reshardable`` source) are read and rebuilt whole when their vocabulary rows change.
 """
 
 from __future__ import annotations
