@@ -193,6 +193,12 @@ def _pread_into(fd: int, tensor: torch.Tensor, position: int) -> None:
         done += n
 
 
+def _index(key: str, chunk):
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    return MetadataIndex(key, chunk.offsets)
+
+
 class CheckpointReader:
     """Offline reader of one torch_dist checkpoint directory."""
 
@@ -211,6 +217,9 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path / '.metadata'} cannot be read ({exc}).") from None
         self.tensors = {key: md for key, md in metadata.state_dict_metadata.items()
                         if isinstance(md, TensorStorageMetadata)}
+        self.objects = [key for key, md in metadata.state_dict_metadata.items()
+                        if not isinstance(md, TensorStorageMetadata)]
+        """Unique keys (``key/shard_...``) of the ShardedObjects stored."""
         self._storage = metadata.storage_data
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -270,13 +279,21 @@ class CheckpointReader:
                                           f".metadata lists ({exc.strerror}).") from None
             return self._fds[relative]
 
+    def _raw(self, key: str, chunk) -> Optional[_RawTensor]:
+        """Where a stored chunk's elements lie; None for an archive :func:`_locate` does not
+        parse (read through ``torch.load``)."""
+        info = self._storage[_index(key, chunk)]
+        if info.transform_descriptors:
+            return None
+        return _locate(self._fd(info.relative_path), info.offset, info.length)
+
     def _read_chunk(self, key: str, chunk, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One stored chunk of ``key``, whole (into ``out``, contiguous, when given)."""
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
         info = self._storage[MetadataIndex(key, chunk.offsets)]
         fd = self._fd(info.relative_path)
-        raw = None if info.transform_descriptors else _locate(fd, info.offset, info.length)
+        raw = self._raw(key, chunk)
         if raw is None or tuple(raw.size) != tuple(chunk.sizes):
             data = torch.load(_Slice(fd, info.offset, info.length), map_location="cpu",
                               weights_only=True)
@@ -320,6 +337,88 @@ class CheckpointReader:
         for result in self._pool.map(run, jobs):
             del result
         return out
+
+    def read_flat(self, key: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Elements ``[start, start + out.numel())`` of the 1-D tensor ``key`` (a flat optimizer
+        buffer of a ``dp_reshardable`` save), read into ``out``: only those bytes of the stored
+        chunks are read, straight into place."""
+        md = self._metadata(key)
+        end = start + out.numel()
+        if len(md.size) != 1 or end > md.size[0] or md.properties.dtype != out.dtype:
+            raise CheckpointError(f"Elements [{start}, {end}) of '{key}' ({tuple(md.size)}, "
+                                  f"{md.properties.dtype}) in {self.path} cannot be read as "
+                                  f"{out.dtype}: the checkpoint does not match its index map.")
+        jobs, covered = [], 0
+        for chunk in md.chunks:
+            lo, hi = max(start, chunk.offsets[0]), min(end, chunk.offsets[0] + chunk.sizes[0])
+            if hi > lo:
+                jobs.append((chunk, lo, hi))
+                covered += hi - lo
+        if covered != end - start:
+            raise CheckpointError(f"Checkpoint {self.path} holds only {covered} of elements "
+                                  f"[{start}, {end}) of '{key}': a rank's shard is missing.")
+
+        def run(job):
+            chunk, lo, hi = job
+            dst = out[lo - start:hi - start]
+            raw = self._raw(key, chunk)
+            if raw is None or tuple(raw.size) != tuple(chunk.sizes) or len(raw.stride) != 1 \
+                    or raw.stride[0] != 1:
+                dst.copy_(self._read_chunk(key, chunk)[lo - chunk.offsets[0]:hi - chunk.offsets[0]])
+                return
+            element = out.element_size()
+            fd = self._fd(self._storage[_index(key, chunk)].relative_path)
+            _pread_into(fd, dst, raw.position + (raw.storage_offset + lo - chunk.offsets[0])
+                        * element)
+
+        for result in self._pool.map(run, jobs):
+            del result
+        return out
+
+    def map_flat(self, key: str, start: int, numel: int) -> Optional[torch.Tensor]:
+        """Elements ``[start, start + numel)`` of the 1-D tensor ``key`` as a tensor over the
+        file's own pages (memory-mapped copy-on-write: no bytes are copied, and the pages go
+        when the tensor does), where one stored plain chunk holds them all; None otherwise."""
+        for chunk in self._metadata(key).chunks:
+            first = chunk.offsets[0]
+            if len(chunk.sizes) == 1 and first <= start and start + numel <= first + chunk.sizes[0]:
+                return self._map(key, chunk, start - first, (numel,))
+        return None
+
+    def map_chunk(self, key: str, chunk) -> Optional[torch.Tensor]:
+        """A stored chunk of ``key`` (one of ``tensors[key].chunks``) as :meth:`map_flat` maps
+        it; None for one it cannot map."""
+        return self._map(key, chunk, 0, tuple(chunk.sizes))
+
+    def _map(self, key: str, chunk, skip: int, shape: tuple) -> Optional[torch.Tensor]:
+        raw = self._raw(key, chunk)
+        numel = 1
+        for n in shape:
+            numel *= n
+        if raw is None or tuple(raw.size) != tuple(chunk.sizes) or numel == 0 or \
+                tuple(raw.stride) != torch.empty(raw.size).stride():
+            return None
+        element = torch.empty((), dtype=raw.dtype).element_size()
+        position = raw.position + (raw.storage_offset + skip) * element
+        base = position - position % mmap.ALLOCATIONGRANULARITY
+        fd = self._fd(self._storage[_index(key, chunk)].relative_path)
+        pages = mmap.mmap(fd, position - base + numel * element, offset=base,
+                          access=mmap.ACCESS_COPY)
+        return torch.frombuffer(pages, dtype=raw.dtype, count=numel,
+                                offset=position - base).view(shape)
+
+    def read_object(self, unique_key: str):
+        """The data of the stored ShardedObject ``unique_key`` (e.g. ``rng_state/shard_0.0_1.1``)."""
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        if unique_key not in self.objects:
+            raise CheckpointError(f"Object '{unique_key}' is not in checkpoint {self.path}.")
+        info = self._storage[MetadataIndex(unique_key)]
+        fd = self._fd(info.relative_path)
+        data = torch.load(_Slice(fd, info.offset, info.length), map_location="cpu",
+                          weights_only=False)
+        # megatron-core saves the list of a key's objects
+        return data[0] if isinstance(data, list) and len(data) == 1 else data
 
     def read_full(self, key: str) -> torch.Tensor:
         """The whole global tensor ``key``."""

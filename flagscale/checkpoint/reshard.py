@@ -1,12 +1,14 @@
 """Plan a checkpoint's rewrite for another TP/PP/DP layout: every check that needs no process
 (checkpoint readable, optimizer state present, target layout valid for the model and batch,
-output free), and the stages the worker processes run. Running the stages builds the model,
-DDP and optimizer as training does, so it lives in :mod:`flagscale.train.reshard`.
+output free), and how it is rewritten.
 
-A checkpoint whose distributed-optimizer state is not ``fully_reshardable`` (megatron-core's
-``dp_reshardable``: flat bucket-space buffers that only reload at the same TP/PP) is first loaded
-at its own layout and saved ``fully_reshardable``; the ``fully_reshardable`` state is then loaded
-at the target layout and saved again, so the output has provably loaded there.
+A flagscale training checkpoint (``dp_reshardable`` with its parameter index maps, or
+``fully_reshardable``) is rewritten offline in one process
+(:mod:`flagscale.convert.offline_reshard`). Bucket-space state without index maps (a
+``dp_reshardable`` or ``dp_zero_gather_scatter`` save of another tool) can only be cut into
+parameters by the engine that built the same buckets: it is loaded at its own layout on worker
+processes and saved ``fully_reshardable``, then loaded at the target layout and saved again
+(``stages``, run by :mod:`flagscale.train.reshard`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from flagscale.checkpoint.meta import (LOADABLE_SHARDINGS, RESHARDABLE, CheckpointMeta,
-                                       optimizer_sharding)
+from flagscale.checkpoint.meta import (LOADABLE_SHARDINGS, RESHARDABLE, TRAINING_SHARDING,
+                                       CheckpointMeta, optimizer_sharding)
 from flagscale.checkpoint.output import check_output_location
 from flagscale.checkpoint.paths import resolve_checkpoint
 from flagscale.checkpoint.state import check_compatible, read_run_state
@@ -40,7 +42,13 @@ class ReshardPlan:
     source_sharding: str
     iteration: int
     stages: tuple[ParallelDims, ...]
-    """Layouts to load and save at, in order (each loads the previous one's output)."""
+    """Layouts the engine loads and saves at, in order (each loads the previous one's output);
+    empty when the rewrite is offline."""
+
+    @property
+    def offline(self) -> bool:
+        """Whether the rewrite runs in one process without building the model."""
+        return not self.stages
 
 
 def layout_config(cfg: Config, dims: ParallelDims) -> Config:
@@ -107,12 +115,12 @@ def plan_reshard(input: str | os.PathLike, output: str | os.PathLike, tp: Option
                               f"flagscale reshard can load (expected one of "
                               f"{', '.join(LOADABLE_SHARDINGS)}).")
     dst = target_dims(src, tp, pp, dp, vpp)
-    if sharding != RESHARDABLE:
+    offline = sharding == RESHARDABLE or (sharding == TRAINING_SHARDING
+                                          and bool(meta.param_index_maps))
+    if not offline:
         check_layout(cfg, src, "Source")
     derived = check_layout(cfg, dst, "Target")
     check_compatible(source, common, cfg.model, derived)
-    stages = [src] if sharding != RESHARDABLE else []
-    if not stages or dst != src:
-        stages.append(dst)
+    stages = [] if offline else [src] + ([dst] if dst != src else [])
     return ReshardPlan(source, output, cfg, src, dst, sharding, int(common.get("iteration", 0)),
                        tuple(stages))

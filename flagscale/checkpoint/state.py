@@ -434,7 +434,7 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler, model_config
                    or {"distrib_optim_sharding_type": RESHARDABLE})
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True,
                                                             metadata=content)
-    if meta.dims == layout.dims and has_optimizer:
+    if meta.dims == layout.dims and has_optimizer and _holds_rng_states(path):
         sharded["rng_state"] = _rng_object(layout.dims, common.get("rng_keyed_by", "pp,tp"))
     strategy = FullyParallelLoadStrategyWrapper(
         get_default_load_sharded_strategy(str(path)),
@@ -458,6 +458,14 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler, model_config
             "vocab_rows": (rows, layout.padded_vocab_size)
             if (rows := saved_vocab_rows(common)) not in (None, layout.padded_vocab_size)
             else None}
+
+
+def _holds_rng_states(path: Path) -> bool:
+    # flagscale reshard leaves them out at a new TP/PP, where no rank of the layout owned them.
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return any(key.startswith("rng_state/")
+               for key in FileSystemReader(str(path)).read_metadata().state_dict_metadata)
 
 
 def _materialize_optimizer_state(optimizer) -> None:

@@ -5,13 +5,15 @@ Rewrite a training checkpoint for another layout, Adam moments and fp32 master w
     flagscale reshard --input runs/a/checkpoints --output ckpt/a_tp2 --tp 2 --dp 1
     flagscale train CONFIG parallel.tp=2 checkpoint.load=ckpt/a_tp2     # resumes exactly
 
-The output is saved fully_reshardable (loads at any TP/PP/DP) after loading at the target layout,
-so it is proven to load there. Checkpoints whose distributed-optimizer state only reloads at its
-own TP/PP (megatron-core's dp_reshardable) are first loaded at their own layout. Each step runs
-on tp*pp*dp local worker processes on the checkpoint config's platform (auto: one GPU each where
-GPUs exist, else CPU processes with gloo) unless --platform says otherwise. Unset --tp/--pp keep
-the checkpoint's; unset --dp keeps its world size. --output may not be, hold or lie inside the
-input, a training run or a checkpoint.
+The output is saved fully_reshardable (megatron-core's format that loads at any TP/PP/DP), with
+every real embedding/output row kept when the vocabulary padding changes. A flagscale training
+checkpoint is converted in this one process, tensor by tensor, reading only the byte ranges it
+needs and never building the model (peak memory: a few times the largest parameter); a progress
+bar counts the bytes. Only bucket-space optimizer state without flagscale's parameter index maps
+(another tool's dp_reshardable save) is loaded by tp*pp*dp local worker processes at its own
+layout, on --platform (default: the checkpoint config's). Unset --tp/--pp keep the checkpoint's;
+unset --dp keeps its world size. --output may not be, hold or lie inside the input, a training
+run or a checkpoint.
 """
 
 from __future__ import annotations

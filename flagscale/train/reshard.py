@@ -1,12 +1,15 @@
 """Rewrite a training checkpoint for another TP/PP/DP layout, Adam moments and fp32 master
-weights included, and make checkpoints whose optimizer state cannot reshard loadable anywhere.
+weights included, into megatron-core's ``fully_reshardable`` format, which loads at any layout.
 
     from flagscale.train.reshard import reshard
     reshard("runs/a/checkpoints", "ckpt/a_tp2", tp=2)      # then: checkpoint.load=ckpt/a_tp2
 
-Why processes and not an offline rewrite: megatron-core alone knows how a layout's DDP buckets and
-distributed-optimizer shards map onto parameters, so each stage planned by
-:func:`flagscale.checkpoint.reshard.plan_reshard` runs the real engine on local worker processes
+A flagscale training checkpoint is rewritten in this one process, tensor by tensor, without
+building the model (:mod:`flagscale.convert.offline_reshard`: its saved index maps place every
+parameter in the distributed optimizer's flat buffers). Only bucket-space optimizer state that
+records no such maps (written by another tool) goes through the engine: megatron-core alone
+knows how a layout's DDP buckets map onto parameters, so each stage planned by
+:func:`flagscale.checkpoint.reshard.plan_reshard` runs on local worker processes
 (:mod:`flagscale.train.reshard_worker` under torchrun; gloo CPU processes on a machine without
 GPUs), building model, DDP and optimizer exactly as training does.
 
@@ -14,8 +17,7 @@ The output is one checkpoint directory (pass it as ``checkpoint.load``), written
 under a temporary name and renamed when complete; the input is only read.
 
 Training needs none of this by hand: :func:`prepare_resume` converts a checkpoint whose optimizer
-state only reloads at another TP/PP/VPP inside the resuming run's own processes, before it builds
-its model.
+state only reloads at another TP/PP/VPP before the resuming run builds its model.
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ from flagscale.checkpoint.meta import (RESHARDABLE, CheckpointMeta, needs_conver
 from flagscale.checkpoint.output import atomic_output_dir
 from flagscale.checkpoint.reader import CheckpointReader
 from flagscale.checkpoint.reshard import ReshardPlan, layout_config, plan_reshard
+from flagscale.checkpoint.state import saved_vocab_rows
 from flagscale.config import (Config, Layout, ParallelDims, config_to_dict, load_config,
                               validate)
+from flagscale.convert.offline_reshard import reshard_offline
 from flagscale.errors import CheckpointError
 
 WORKER_MODULE = "flagscale.train.reshard_worker"
@@ -111,27 +115,33 @@ def _count_tensors(path: Path) -> tuple[int, int]:
 def reshard(input: str | os.PathLike, output: str | os.PathLike, tp: Optional[int] = None,
             pp: Optional[int] = None, dp: Optional[int] = None, vpp: Optional[int] = None,
             overwrite: bool = False, platform: Optional[str] = None,
-            log: Callable[[str], None] = print) -> ReshardResult:
+            log: Callable[[str], None] = print, progress: bool = True) -> ReshardResult:
     """Write ``input`` (a flagscale training checkpoint at any layout and optimizer sharding) to
-    ``output`` as a ``fully_reshardable`` checkpoint proven to load at the target layout.
+    ``output`` as a ``fully_reshardable`` checkpoint for the target layout.
 
-    Every check runs before any process starts (:func:`plan_reshard`). ``platform`` (default:
-    the checkpoint config's) is the workers' platform: ``cpu`` runs gloo processes, ``cuda``
-    needs one GPU per process of the larger layout.
+    Every check runs before anything is written (:func:`plan_reshard`, then the offline
+    converter's checks of the source). ``progress`` shows a progress bar of the bytes written.
+    ``platform`` (default: the checkpoint config's) is the engine workers' platform, used only
+    for sources without index maps: ``cpu`` runs gloo processes, ``cuda`` needs one GPU per
+    process of the larger layout.
     """
     start = time.perf_counter()
     plan = plan_reshard(input, output, tp, pp, dp, vpp)
     with atomic_output_dir(plan.output, overwrite, command="reshard",
                            inputs=[input, plan.source]) as tmp:
-        work = tmp / ".work"
-        work.mkdir()
-        if plan.source_sharding != RESHARDABLE:
-            log(f"flagscale reshard: {plan.source} has '{plan.source_sharding}' optimizer state, "
-                f"which reloads only at its own {plan.source_dims.describe()}")
-        final = _run_stages(plan.stages, plan.source, work, platform or plan.config.platform, log)
-        for item in final.iterdir():
-            os.replace(item, tmp / item.name)
-        shutil.rmtree(work)
+        if plan.offline:
+            reshard_offline(plan, tmp, progress=progress)
+        else:
+            work = tmp / ".work"
+            work.mkdir()
+            log(f"flagscale reshard: {plan.source} has '{plan.source_sharding}' optimizer state "
+                f"without parameter index maps, which reloads only at its own "
+                f"{plan.source_dims.describe()}")
+            final = _run_stages(plan.stages, plan.source, work,
+                                platform or plan.config.platform, log)
+            for item in final.iterdir():
+                os.replace(item, tmp / item.name)
+            shutil.rmtree(work)
         model_tensors, optimizer_tensors = _count_tensors(tmp)
     result = ReshardResult(plan, model_tensors, optimizer_tensors, time.perf_counter() - start)
     log(result.summary())
@@ -186,10 +196,11 @@ def prepare_resume(checkpoint: Path, cfg: Config, layout: Layout, run_dir: Path,
     """Collective, before this run builds its model: the checkpoint to load at ``layout``.
 
     That is ``checkpoint`` itself, unless its optimizer state is bucket-space
-    (``dp_reshardable``, training's default) saved at another TP/PP/VPP: then the run's own
-    processes load it at its saved TP/PP/VPP (DP takes what the world allows) and save it
-    ``fully_reshardable`` under :func:`converted_dir`, which is returned, and reused by the next
-    resume from the same checkpoint. ``log`` gets one line saying so.
+    (``dp_reshardable``, training's default) saved at another TP/PP/VPP: then it is converted
+    to ``fully_reshardable`` under :func:`converted_dir`, which is returned, and reused by the
+    next resume from the same checkpoint. ``log`` gets one line saying so. A flagscale
+    checkpoint is converted offline by rank 0 alone (:func:`_convert_offline`); one without
+    parameter index maps by the run's own processes through the engine at its saved layout.
     """
     import torch.distributed as dist
 
@@ -199,20 +210,31 @@ def prepare_resume(checkpoint: Path, cfg: Config, layout: Layout, run_dir: Path,
         return checkpoint
     meta = CheckpointMeta.from_common(common)
     src, target = meta.dims, converted_dir(checkpoint, run_dir, layout.dims)
+    # Every rank decides on what exists before the barrier below; only then is target written.
     if (target / "metadata.json").is_file() and (target / _SOURCE_FILE).is_file() and (
             (target / _SOURCE_FILE).read_text().strip() == str(checkpoint.resolve())):
         log(f"flagscale: {checkpoint} was saved at {src.describe()}; loading its conversion "
             f"for {layout.dims.describe()} made earlier, {target}")
+        _log_padding(common, target, layout, log)
+        return target
+    plan = ReshardPlan(checkpoint, target, load_config(base=meta.config), src, layout.dims,
+                       optimizer_sharding(common), int(common.get("iteration", 0)), ())
+    if meta.param_index_maps:
+        log(f"flagscale: {checkpoint} was saved at {src.describe()} with optimizer state that "
+            f"reloads only there; converting it for {layout.dims.describe()} into {target} "
+            f"offline on rank 0 (reused next time)")
+        _convert_offline(plan)
+        _log_padding(common, target, layout, log)
         return target
     world = dist.get_world_size()
     model_parallel = src.tp * src.pp * src.cp
     if world % model_parallel:
         raise CheckpointError(
             f"{checkpoint} holds '{optimizer_sharding(common)}' optimizer state saved at "
-            f"{src.describe()}, which converts only on a world that tp*pp*cp = {model_parallel} "
-            f"divides; this run has {world} processes. Convert it once: flagscale reshard "
-            f"--input {checkpoint} --output NEW_DIR --tp {layout.tp} --pp {layout.pp}, then set "
-            f"checkpoint.load=NEW_DIR.")
+            f"{src.describe()} without parameter index maps, which converts only on a world "
+            f"that tp*pp*cp = {model_parallel} divides; this run has {world} processes. Convert "
+            f"it once: flagscale reshard --input {checkpoint} --output NEW_DIR --tp {layout.tp} "
+            f"--pp {layout.pp}, then set checkpoint.load=NEW_DIR.")
     log(f"flagscale: {checkpoint} was saved at {src.describe()} with optimizer state that "
         f"reloads only there; converting it for {layout.dims.describe()} into {target} "
         f"(reused next time)")
@@ -233,10 +255,72 @@ def prepare_resume(checkpoint: Path, cfg: Config, layout: Layout, run_dir: Path,
                           meta.config)
     gc.collect()  # the source layout's model and optimizer go before this layout's are built
     if dist.get_rank() == 0:
-        (done / _SOURCE_FILE).write_text(f"{checkpoint.resolve()}\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(done, target)
+        _publish(done, target, checkpoint)
         shutil.rmtree(work)
+    dist.barrier()
+    return target
+
+
+def vocab_padding_line(saved: int, rows: int, vocab: int) -> str:
+    """What a resume says when the checkpoint's vocabulary padding is not this layout's."""
+    return (f"flagscale: embedding and output layer padded to {rows} rows here, {saved} in the "
+            f"checkpoint (vocab {vocab}): padding rows "
+            f"{'trimmed' if rows < saved else 'added as zeros'}")
+
+
+def _log_padding(common: dict, converted: Path, layout: Layout,
+                 log: Callable[[str], None]) -> None:
+    # The offline conversion already holds this layout's rows, so the load that follows sees no
+    # padding change to report: the change from the checkpoint the user named is said here.
+    saved = saved_vocab_rows(common)
+    if saved not in (None, layout.padded_vocab_size) and \
+            saved_vocab_rows(read_run_state(converted)) == layout.padded_vocab_size:
+        log(vocab_padding_line(saved, layout.padded_vocab_size,
+                               CheckpointMeta.from_common(common).config["model"]["vocab_size"]))
+
+
+def _publish(done: Path, target: Path, checkpoint: Path) -> None:
+    (done / _SOURCE_FILE).write_text(f"{checkpoint.resolve()}\n")
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(done, target)
+
+
+_POLL_SECONDS = 1.0
+
+
+def _convert_offline(plan: ReshardPlan) -> Path:
+    """Collective: rank 0 converts ``plan`` offline into ``plan.output``; the other ranks wait
+    for the result on the file system (a conversion may outlast the process group's
+    collective timeout) and raise CheckpointError if rank 0 failed."""
+    import torch.distributed as dist
+
+    target = plan.output
+    work = target.with_name(f".{target.name}.work")
+    failed = target.with_name(f".{target.name}.failed")
+    if dist.get_rank() == 0:
+        for stale in (work, failed):
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            elif stale.exists():
+                stale.unlink()
+    dist.barrier()
+    if dist.get_rank() == 0:
+        try:
+            work.mkdir(parents=True)
+            reshard_offline(plan, work)
+            _publish(work, target, plan.source)
+        except BaseException as exc:
+            failed.write_text(f"{type(exc).__name__}: {exc}\n")
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    else:
+        source = str(plan.source.resolve())
+        while not ((target / _SOURCE_FILE).is_file()
+                   and (target / _SOURCE_FILE).read_text().strip() == source):
+            if failed.is_file():
+                raise CheckpointError(f"Converting {plan.source} into {target} failed on rank 0: "
+                                      f"{failed.read_text().strip()}")
+            time.sleep(_POLL_SECONDS)
     dist.barrier()
     return target

@@ -1,6 +1,7 @@
 """Worker entry of ``flagscale reshard``, started by :func:`flagscale.train.reshard.reshard` on
-every local process (``torchrun ... -m flagscale.train.reshard_worker PLAN.json``); not a user
-command.
+every local process (``torchrun ... -m flagscale.train.reshard_worker PLAN.json``) for a source
+whose bucket-space optimizer state has no parameter index maps (everything else converts
+offline, in one process); not a user command.
 
 The plan names the input checkpoint, the platform and the layouts to load and save at.
 """

@@ -430,10 +430,10 @@ class Trainer:
                 "weights only (no optimizer state in it); starting at iteration")
             print(f"flagscale: loaded {checkpoint}: {what} {self.iteration}", flush=True)
             if loaded["vocab_rows"]:
+                from flagscale.train.reshard import vocab_padding_line
+
                 saved, rows = loaded["vocab_rows"]
-                print(f"flagscale: embedding and output layer padded to {rows} rows here, "
-                      f"{saved} in the checkpoint (vocab {self.cfg.model.vocab_size}): padding "
-                      f"rows {'trimmed' if rows < saved else 'added as zeros'}", flush=True)
+                print(vocab_padding_line(saved, rows, self.cfg.model.vocab_size), flush=True)
 
     def _load_callback_states(self, states: dict) -> None:
         # Callback state is keyed by class name: one stateful callback of each class per run.

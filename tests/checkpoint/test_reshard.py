@@ -3,7 +3,8 @@
 One tiny run at dp=2 saves iteration 5 (``dp_reshardable``, training's default) and continues to
 8; its losses at 6-8 are the reference a resume at any other layout must reproduce. Adam moments
 and fp32 master weights are compared tensor for tensor, read offline from the resharded
-checkpoints and from the source's state saved ``fully_reshardable`` at its own layout.
+checkpoints and from the source's state saved ``fully_reshardable`` at its own layout by the
+engine itself. A second run at tp=2 checks the offline converter's TP reassembly the same way.
 """
 
 from __future__ import annotations
@@ -81,6 +82,20 @@ def _assert_same_losses(actual: dict, expected: dict, what: str) -> None:
     assert actual.keys() == expected.keys() == set(range(SAVED + 1, LAST + 1)), what
     for it, loss in expected.items():
         assert actual[it] == pytest.approx(loss, rel=1e-5), f"{what}: iteration {it}"
+
+
+@pytest.fixture(scope="module")
+def tp2_source(source):
+    """The same run at tp=2: its iteration-5 checkpoint, its losses at 6-8, and its state saved
+    fully_reshardable by the engine at tp=2."""
+    run_dir = source["tmp"] / "tp2_source"
+    run_cli("train", source["config"], "parallel.tp=2", "parallel.dp=1", f"run.dir={run_dir}")
+    checkpoint = run_dir / "checkpoints" / f"iter_{SAVED:07d}"
+    run_distributed(resave, 2, checkpoint, source["tmp"] / "tp2_reference",
+                    ParallelDims(tp=2, pp=1, dp=1), "fully_reshardable")
+    return {"checkpoint": checkpoint,
+            "losses": {i: loss for i, loss in _losses(run_dir).items() if i > SAVED},
+            "reference": source["tmp"] / "tp2_reference" / f"iter_{SAVED:07d}"}
 
 
 def _assert_same_state(resharded: Path, original: Path) -> None:
@@ -246,3 +261,53 @@ def test_failed_reshard_leaves_no_partial_output(source):
     assert "is incomplete" in proc.stderr and str(shard) in proc.stderr
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "keep.txt"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".good.")]
+
+
+def test_offline_reshard_of_tp2_state_equals_the_engines_own_save(source, tp2_source):
+    """TP shards (fc1's gate/up halves, row- and column-split weights) are reassembled from the
+    flat buffers bit for bit, in this one process, without megatron-core's parallel state."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    out = source["tmp"] / "tp2_offline"
+    result = reshard(tp2_source["checkpoint"], out, progress=False, log=lambda line: None)
+    assert result.plan.offline and (result.model_tensors, result.optimizer_tensors) == (9, 27)
+    assert not dist.is_initialized() and not parallel_state.model_parallel_is_initialized()
+    _assert_same_state(out, tp2_source["reference"])
+    assert optimizer_sharding(read_run_state(out)) == "fully_reshardable"
+    assert CheckpointMeta.from_common(read_run_state(out)).data_fingerprint == \
+        CheckpointMeta.from_common(read_run_state(tp2_source["checkpoint"])).data_fingerprint
+
+
+def test_resume_of_a_tp2_save_at_pp2_with_vpp_follows_the_run(source, tp2_source):
+    out: list = []
+    resumed = _resume(source, "tp2_to_vpp", tp2_source["checkpoint"], "parallel.pp=2",
+                      "parallel.vpp=2", "parallel.dp=1", stdout=out)
+    assert "offline on rank 0" in out[0]
+    _assert_same_losses(resumed, tp2_source["losses"], "tp=2 save resumed at pp=2 vpp=2")
+
+
+def test_missing_rank_shard_is_named_before_any_output(source):
+    broken = source["tmp"] / "missing_shard"
+    shutil.copytree(source["checkpoint"], broken)
+    shard = sorted(broken.glob("*.distcp"))[-1]
+    shard.unlink()
+    out = source["tmp"] / "from_missing"
+    with pytest.raises(CheckpointError, match=f"shard {shard} is missing"):
+        reshard(broken, out, tp=2, progress=False)
+    assert not out.exists() and not [p for p in out.parent.iterdir()
+                                     if p.name.startswith(".from_missing")]
+
+
+def test_bucket_state_without_index_maps_goes_through_the_engine(source, reference):
+    """Another tool's dp_reshardable save records no index maps: only the engine, building the
+    same buckets at the saved layout, can cut it into parameters."""
+    no_maps = source["tmp"] / "no_maps"
+    shutil.copytree(source["checkpoint"], no_maps)
+    common = torch.load(no_maps / "common.pt", weights_only=False)
+    del common["flagscale"]["param_index_maps"]
+    torch.save(common, no_maps / "common.pt")
+    out = source["tmp"] / "no_maps_out"
+    proc = run_cli("reshard", "--input", no_maps, "--output", out, "--dp", "1")
+    assert "without parameter index maps" in proc.stdout
+    _assert_same_state(out, reference)

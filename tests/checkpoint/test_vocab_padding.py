@@ -109,3 +109,4 @@ def test_reshard_keeps_every_real_row_and_trims_or_zero_pads_the_padding(source)
     assert checked == 8
     # The trimmed checkpoint trains on in one process as the TP=2 run did.
     _resume(source, narrow, "tp1_one_process", "--nproc", "1", "parallel.tp=1")
+
