@@ -255,21 +255,11 @@ def _check_master_weights(file: Path, optimizer, model_chunks, weights: dict) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flagscale.errors import FlagScaleError
-    from flagscale.platform import megatron_quiet
+    from flagscale.train.reshard_worker import run_worker
 
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m flagscale.train.megatron_lm_import PLAN.json (started by "
-              "`flagscale reshard` / `flagscale convert`)", file=sys.stderr)
-        return 2
-    try:
-        with megatron_quiet():
-            convert_rank(argv[0])
-    except FlagScaleError as exc:
-        print(f"flagscale Megatron-LM import worker: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_worker(sys.argv[1:] if argv is None else argv, convert_rank,
+                      "flagscale.train.megatron_lm_import",
+                      "`flagscale reshard` / `flagscale convert`")
 
 
 def reshard_megatron_lm(input: str | os.PathLike, output: str | os.PathLike,
