@@ -46,6 +46,7 @@ bench: install
 	$(PY) benchmarks/preprocess.py
 	$(PY) benchmarks/convert.py
 	$(PY) benchmarks/checkpoint.py
+	$(PY) benchmarks/reshard.py
 
 # On NVIDIA GPUs: train a ~1B Llama in bf16, print tokens/s/GPU, TFLOP/s/GPU and MFU, save, reload,
 # export and validate; exits non-zero without a GPU, if the loss does not fall or the export fails.
