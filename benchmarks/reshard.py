@@ -6,8 +6,9 @@ against the largest parameter and against a plain copy of the checkpoint's bytes
 The source is a real training checkpoint, not a synthetic one: the tiny preset widened to
 --hidden/--layers (defaults: ~1.04B parameters, fp32, 16 heads in 4 query groups) trains one
 step at tp=--tp on --tp CPU processes and saves what training saves (``dp_reshardable``: each
-rank's flat DDP-bucket buffers, with the parameter index maps). Training it needs ~17 GB of
-memory at the default size; run a small size (``--hidden 256 --layers 4``) to check the script.
+rank's flat DDP-bucket buffers, with the parameter index maps). fp32 Adam needs 16 bytes per
+parameter, and the save more: the default size does not train in 24 GiB (``--layers 16``, 0.74B,
+does); run a small size (``--hidden 256 --layers 4``) to check the script.
 
 Then --rounds rounds alternate, each in a fresh process: ``reshard`` of the source to tp=1 (the
 TP shards of every parameter reassembled), and ``shutil.copytree`` of the source. Printed: the
