@@ -36,6 +36,10 @@ def run_train(config: str, overrides: list[str], nproc: int | None = None,
     if dry_run:
         print(dump_config(cfg), end="")
         print(f"# layout: {layout.describe()}; padded vocab {layout.padded_vocab_size}")
+        if cfg.train.rampup_batch_size:
+            from flagscale.data.datasets import BatchSchedule
+
+            print(f"# {BatchSchedule.for_training(cfg, layout.dp).describe_ramp()}")
         return 0
     from flagscale.launch.local import run_local
 

@@ -74,6 +74,7 @@ class BatchSchedule:
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
         self.dp = dp
+        self.rampup = rampup
         self._starts = _ramp_starts(global_batch_size, micro_batch_size, dp, rampup)
 
     @classmethod
@@ -93,6 +94,15 @@ class BatchSchedule:
         """Batches that start within the ramp's samples (0 without a ramp); every later batch is
         full."""
         return len(self._starts) - 1
+
+    def describe_ramp(self) -> Optional[str]:
+        """One line naming the ramp-up and its length in steps; None without a ramp."""
+        if self.rampup is None:
+            return None
+        start, increment, samples = self.rampup
+        return (f"batch-size ramp-up from {start} to {self.global_batch_size} sequences by "
+                f"{increment} over {samples} samples: the first {self.ramp_batches} steps ramp "
+                f"up ({self.num_microbatches(0)} microbatches per rank in the first)")
 
     def start(self, batch: int) -> int:
         """The first global sample of ``batch``; also the samples of batches ``0 .. batch-1``."""

@@ -96,11 +96,8 @@ class Trainer:
         self.batches = BatchSchedule.for_training(cfg, self.layout.dp)
         """Size and first sample of every global batch (a ramp-up's too): the data this loop
         reads, the trace names and megatron-core's calculator sizes are the same."""
-        if self.is_writer and cfg.train.rampup_batch_size:
-            start, increment, samples = cfg.train.rampup_batch_size
-            print(f"flagscale: batch-size ramp-up from {start} to {cfg.train.global_batch_size} "
-                  f"sequences by {increment} over {samples} samples: the first "
-                  f"{self.batches.ramp_batches} steps ramp up", flush=True)
+        if self.is_writer and self.batches.rampup:
+            print(f"flagscale: {self.batches.describe_ramp()}", flush=True)
         self._stop = StopOnSignalCallback(stop_request)
         self.callbacks = sorted([*build_callbacks(cfg, self.layout, self.run_dir, self.is_writer),
                                  *callbacks, self._stop], key=lambda c: -c.priority)

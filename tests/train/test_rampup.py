@@ -183,6 +183,17 @@ def test_a_ramp_in_whole_increments_validates():
     assert [BatchSchedule.for_training(cfg, 1).size(b) for b in range(6)] == [2, 2, 2, 2, 2, 2]
 
 
+def test_dry_run_names_the_ramp_and_its_length():
+    config = Path(__file__).resolve().parents[2] / "examples" / "tiny" / "config.yaml"
+    out = run_cli("train", config, "--dry-run", "--nproc", "2",
+                  "train.rampup_batch_size=[8,8,64]").stdout
+    cfg = load_config(str(config), ["train.rampup_batch_size=[8,8,64]"])
+    ramp = BatchSchedule.for_training(cfg, 2)
+    assert (f"# batch-size ramp-up from 8 to {cfg.train.global_batch_size} sequences by 8 over "
+            f"64 samples: the first {ramp.ramp_batches} steps ramp up "
+            f"({8 // (cfg.train.micro_batch_size * 2)} microbatches per rank in the first)") in out
+
+
 @pytest.mark.parametrize("ramp, world, extra, message", [
     ([3, 5, 100], 2, [], "start (3) % (micro_batch_size (1) * dp (2)) = 1"),
     ([4, 2, 100], 4, [], "increment (2) % (micro_batch_size (1) * dp (4)) = 2"),
