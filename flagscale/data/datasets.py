@@ -102,7 +102,7 @@ class BatchSchedule:
         start, increment, samples = self.rampup
         return (f"batch-size ramp-up from {start} to {self.global_batch_size} sequences by "
                 f"{increment} over {samples} samples: the first {self.ramp_batches} steps ramp "
-                f"up ({self.num_microbatches(0)} microbatches per rank in the first)")
+                f"up (microbatches per rank at first: {self.num_microbatches(0)})")
 
     def start(self, batch: int) -> int:
         """The first global sample of ``batch``; also the samples of batches ``0 .. batch-1``."""

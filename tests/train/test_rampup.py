@@ -183,15 +183,13 @@ def test_a_ramp_in_whole_increments_validates():
     assert [BatchSchedule.for_training(cfg, 1).size(b) for b in range(6)] == [2, 2, 2, 2, 2, 2]
 
 
-def test_dry_run_names_the_ramp_and_its_length():
-    config = Path(__file__).resolve().parents[2] / "examples" / "tiny" / "config.yaml"
-    out = run_cli("train", config, "--dry-run", "--nproc", "2",
-                  "train.rampup_batch_size=[8,8,64]").stdout
-    cfg = load_config(str(config), ["train.rampup_batch_size=[8,8,64]"])
-    ramp = BatchSchedule.for_training(cfg, 2)
-    assert (f"# batch-size ramp-up from 8 to {cfg.train.global_batch_size} sequences by 8 over "
-            f"64 samples: the first {ramp.ramp_batches} steps ramp up "
-            f"({8 // (cfg.train.micro_batch_size * 2)} microbatches per rank in the first)") in out
+def test_dry_run_names_the_ramp_and_its_length(tmp_path, tiny_corpus, tiny_tokenizer):
+    config = _config(tmp_path, tiny_corpus, tiny_tokenizer, "dry")
+    out = run_cli("train", config, "--dry-run", "--nproc", "2").stdout
+    ramp = BatchSchedule.for_training(load_config(str(config)), 2)
+    assert (f"# batch-size ramp-up from 2 to 8 sequences by 2 over 16 samples: the first "
+            f"{ramp.ramp_batches} steps ramp up (microbatches per rank at first: 1)") in out
+    assert not (tmp_path / "dry").exists()  # a dry run creates no run directory
 
 
 @pytest.mark.parametrize("ramp, world, extra, message", [
