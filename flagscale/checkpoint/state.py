@@ -446,6 +446,10 @@ def load_checkpoint(path: Path, model_chunks, optimizer, scheduler, model_config
     if has_optimizer:
         optimizer.load_state_dict(state["optimizer"])
         if "scheduler" in common:  # Megatron-LM's own (in samples) is converted by its importer
+            # megatron-core's load_state_dict steps the scheduler *by* the saved count: from a
+            # scheduler that has already stepped (a rewind in the same process) the LR would
+            # land past the checkpoint's.
+            scheduler.num_steps = 0
             scheduler.load_state_dict(common["scheduler"])
     else:
         optimizer.reload_model_params()

@@ -123,6 +123,28 @@ def test_a_skipped_batch_inside_the_ramp_moves_no_other_batch(tmp_path, tiny_cor
     assert records[4]["lr"] == records[3]["lr"]
 
 
+def test_a_rewind_inside_the_ramp_resumes_the_ramp_from_the_checkpoint(tmp_path, tiny_corpus,
+                                                                      tiny_tokenizer):
+    from tests.dist import run_distributed
+    from tests.train.test_rewind import _worker
+
+    # Batch 3 (iteration 4, 4 sequences) is bad: the run rewinds to its checkpoint of iteration 2
+    # (consumed 4), trains iteration 3 on batch 2 again and iteration 4 on batch 4; batch 4 keeps
+    # the size of its place in the data (4), and every later batch too.
+    config = _config(tmp_path, tiny_corpus, tiny_tokenizer, "rewind", parallel={"dp": 2},
+                     checkpoint={"save_interval": 2},
+                     trace={"on_spike": "rewind", "max_rewinds": 1, "spike_factor": 100.0})
+    result, _ = run_distributed(_worker, 2, str(config), 3)
+    assert result["skipped"] == [4]
+    records = [json.loads(x) for x in (tmp_path / "rewind" / "metrics.jsonl").open()]
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4, 3, 4, 5, 6, 7]
+    assert records[3]["rewind"] == {"from": 4, "to": 2, "skipped": [4]}
+    assert [r["global_batch_size"] for r in records] == [2, 2, 2, 4, 2, 4, 6, 8, 8]
+    assert [r["consumed_samples"] for r in records] == [2, 4, 6, 10, 6, 10, 16, 24, 32]
+    # The LR schedule counts samples: after the rewind it is where the checkpoint left it.
+    assert records[4]["lr"] == records[2]["lr"]
+
+
 def test_trace_inside_the_ramp_rebuilds_the_tokens_fed(single, tmp_path, tiny_corpus,
                                                        tiny_tokenizer):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
