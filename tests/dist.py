@@ -12,6 +12,7 @@ torchrun workers for training) and returns the completed process.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import socket
@@ -78,6 +79,12 @@ def run_cli(*args: str, check: bool = True, timeout: float = 600,
         raise AssertionError(f"flagscale {' '.join(map(str, args))} exited {proc.returncode}:\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def run_losses(run_dir: Path) -> dict[int, float]:
+    """The loss of every iteration a run's ``metrics.jsonl`` records."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["iteration"]: r["loss"] for r in records}
 
 
 def tiny_config(path: Path, corpus: str, tokenizer: str, run_dir: Path, **sections) -> Path:

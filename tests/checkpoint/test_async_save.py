@@ -3,19 +3,12 @@ at by ``latest`` only once written, and resume exactly."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 import yaml
 
 from flagscale.checkpoint import read_run_state
-from tests.dist import run_cli
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["iteration"]: r["loss"] for r in records}
+from tests.dist import run_cli, run_losses
 
 
 def test_background_saves_complete_and_resume_exactly(tmp_path, tiny_corpus, tiny_tokenizer):
@@ -40,7 +33,7 @@ def test_background_saves_complete_and_resume_exactly(tmp_path, tiny_corpus, tin
 
     run_cli("train", config, f"checkpoint.load={checkpoints / 'iter_0000002'}",
             "checkpoint.save_interval=0", f"run.dir={tmp_path / 'resumed'}")
-    expected, resumed = _losses(tmp_path / "async"), _losses(tmp_path / "resumed")
+    expected, resumed = run_losses(tmp_path / "async"), run_losses(tmp_path / "resumed")
     assert resumed.keys() == {3, 4}
     for it in (3, 4):
         assert resumed[it] == pytest.approx(expected[it], rel=1e-6), it

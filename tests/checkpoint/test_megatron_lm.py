@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from flagscale.errors import CheckpointError
-from tests.dist import run_cli, run_distributed, tiny_config
+from tests.dist import run_cli, run_distributed, run_losses, tiny_config
 
 SAVED, LAST = 3, 5
 
@@ -40,12 +40,7 @@ def source(tmp_path_factory, tiny_corpus, tiny_tokenizer):
     run_cli("train", config)
     return {"tmp": tmp, "config": config, "tokenizer": tiny_tokenizer,
             "checkpoint": tmp / "source" / "checkpoints" / f"iter_{SAVED:07d}",
-            "losses": {i: loss for i, loss in _losses(tmp / "source").items() if i > SAVED}}
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["iteration"]: r["loss"] for r in records}
+            "losses": {i: loss for i, loss in run_losses(tmp / "source").items() if i > SAVED}}
 
 
 def _megatron_args(cfg, layout, consumed: int, tokenizer: str, ckpt_format: str) -> Namespace:
@@ -157,7 +152,7 @@ def _assert_resumes_like_continuing(source: dict, name: str, checkpoint: Path,
     run_dir = source["tmp"] / name
     run_cli("train", source["config"], *layout, f"checkpoint.load={checkpoint}",
             "checkpoint.save_interval=0", f"run.dir={run_dir}")
-    losses = _losses(run_dir)
+    losses = run_losses(run_dir)
     assert sorted(losses) == sorted(source["losses"]) == [SAVED + 1, LAST], name
     for iteration, loss in source["losses"].items():
         assert losses[iteration] == pytest.approx(loss, rel=1e-5), (name, iteration)

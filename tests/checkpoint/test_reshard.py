@@ -9,7 +9,6 @@ engine itself. A second run at tp=2 checks the offline converter's TP reassembly
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from flagscale.checkpoint.reader import CheckpointReader
 from flagscale.config import ParallelDims
 from flagscale.errors import CheckpointError, ConfigError, FlagScaleError, OutputError
 from flagscale.train.reshard import converted_dir, reshard, resave
-from tests.dist import run_cli, run_distributed
+from tests.dist import run_cli, run_distributed, run_losses
 
 SAVED, LAST = 5, 8
 
@@ -43,11 +42,6 @@ def _config(tmp: Path, corpus: str, tokenizer: str) -> Path:
     return path
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["iteration"]: r["loss"] for r in records}
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory, tiny_corpus, tiny_tokenizer):
     """A dp=2 run: its iteration-5 checkpoint and its losses at 6-8 (the continued reference)."""
@@ -56,7 +50,7 @@ def source(tmp_path_factory, tiny_corpus, tiny_tokenizer):
     run_cli("train", config)
     return {"config": config, "tmp": tmp,
             "checkpoint": tmp / "source" / "checkpoints" / f"iter_{SAVED:07d}",
-            "losses": {i: loss for i, loss in _losses(tmp / "source").items() if i > SAVED}}
+            "losses": {i: loss for i, loss in run_losses(tmp / "source").items() if i > SAVED}}
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +69,10 @@ def _resume(source: dict, name: str, checkpoint: Path, *layout: str,
                    "checkpoint.save_interval=0", f"run.dir={run_dir}")
     if stdout is not None:
         stdout.append(proc.stdout)
-    return _losses(run_dir)
+    return run_losses(run_dir)
 
 
-def _assert_same_losses(actual: dict, expected: dict, what: str) -> None:
+def _assert_samerun_losses(actual: dict, expected: dict, what: str) -> None:
     assert actual.keys() == expected.keys() == set(range(SAVED + 1, LAST + 1)), what
     for it, loss in expected.items():
         assert actual[it] == pytest.approx(loss, rel=1e-5), f"{what}: iteration {it}"
@@ -94,7 +88,7 @@ def tp2_source(source):
     run_distributed(resave, 2, checkpoint, source["tmp"] / "tp2_reference",
                     ParallelDims(tp=2, pp=1, dp=1), "fully_reshardable")
     return {"checkpoint": checkpoint,
-            "losses": {i: loss for i, loss in _losses(run_dir).items() if i > SAVED},
+            "losses": {i: loss for i, loss in run_losses(run_dir).items() if i > SAVED},
             "reference": source["tmp"] / "tp2_reference" / f"iter_{SAVED:07d}"}
 
 
@@ -137,7 +131,7 @@ def test_resume_at_tp2_converts_once_and_matches_continuing_at_dp2(source):
     out: list = []
     resumed = _resume(source, "tp2", source["checkpoint"], "parallel.tp=2", "parallel.dp=1",
                       stdout=out)
-    _assert_same_losses(resumed, source["losses"], "resumed at tp=2")
+    _assert_samerun_losses(resumed, source["losses"], "resumed at tp=2")
     converted = converted_dir(source["checkpoint"], source["tmp"] / "tp2",
                               ParallelDims(tp=2, pp=1, dp=1))
     assert converted.name == "iter_0000005.tp2pp1"
@@ -154,7 +148,7 @@ def test_resume_at_another_dp_loads_directly(source):
     out: list = []
     resumed = _resume(source, "dp1", source["checkpoint"], "--nproc", "1", "parallel.dp=1",
                       stdout=out)
-    _assert_same_losses(resumed, source["losses"], "resumed at dp=1")
+    _assert_samerun_losses(resumed, source["losses"], "resumed at dp=1")
     assert "converting" not in out[0]
     assert not (source["tmp"] / "dp1" / "checkpoints" / "resharded").exists()
 
@@ -194,7 +188,7 @@ def test_reshard_to_pp2_keeps_optimizer_state_and_resumes_exactly(source, refere
     assert CheckpointMeta.from_common(read_run_state(out)).dims == ParallelDims(tp=1, pp=2, dp=1)
     assert yaml.safe_load((out / "flagscale_config.yaml").read_text())["parallel"]["pp"] == 2
     resumed = _resume(source, "pp2_run", out, "parallel.pp=2", "parallel.dp=1")
-    _assert_same_losses(resumed, source["losses"], "resharded to pp=2")
+    _assert_samerun_losses(resumed, source["losses"], "resharded to pp=2")
 
 
 def test_dp_reshardable_checkpoint_reshards_to_tp2(source, reference):
@@ -211,7 +205,7 @@ def test_dp_reshardable_checkpoint_reshards_to_tp2(source, reference):
     assert "tp=1 pp=1 dp=2 (dp_reshardable) -> tp=2 pp=1 dp=1 (fully_reshardable)" in proc.stdout
     _assert_same_state(out, reference)
     resumed = _resume(source, "dp_to_tp2_run", out, "parallel.tp=2", "parallel.dp=1")
-    _assert_same_losses(resumed, source["losses"], "dp_reshardable resharded to tp=2")
+    _assert_samerun_losses(resumed, source["losses"], "dp_reshardable resharded to tp=2")
 
 
 def test_bad_target_layout_fails_before_any_work(source):
@@ -284,7 +278,7 @@ def test_resume_of_a_tp2_save_at_pp2_with_vpp_follows_the_run(source, tp2_source
     resumed = _resume(source, "tp2_to_vpp", tp2_source["checkpoint"], "parallel.pp=2",
                       "parallel.vpp=2", "parallel.dp=1", stdout=out)
     assert "offline on rank 0" in out[0]
-    _assert_same_losses(resumed, tp2_source["losses"], "tp=2 save resumed at pp=2 vpp=2")
+    _assert_samerun_losses(resumed, tp2_source["losses"], "tp=2 save resumed at pp=2 vpp=2")
 
 
 def test_missing_rank_shard_is_named_before_any_output(source):

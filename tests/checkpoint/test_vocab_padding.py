@@ -11,7 +11,6 @@ in as zeros.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,10 @@ import yaml
 
 from flagscale.checkpoint.reader import CheckpointReader
 from flagscale.config import padded_vocab_size
-from tests.dist import run_cli
+from tests.dist import run_cli, run_losses
 
 VOCAB, SAVED, LAST = 4200, 5, 10
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["iteration"]: r["loss"] for r in records}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +43,7 @@ def source(tmp_path_factory, tiny_corpus, tiny_tokenizer):
     run_cli("train", config)
     return {"config": config, "tmp": tmp,
             "checkpoint": tmp / "source" / "checkpoints" / f"iter_{SAVED:07d}",
-            "losses": {i: v for i, v in _losses(tmp / "source").items() if i > SAVED}}
+            "losses": {i: v for i, v in run_losses(tmp / "source").items() if i > SAVED}}
 
 
 def test_padding_differs_between_the_layouts():
@@ -63,7 +57,7 @@ def _resume(source, checkpoint: Path, name: str, *layout: str) -> str:
     proc = run_cli("train", source["config"], *layout, "parallel.sequence_parallel=false",
                    f"checkpoint.load={checkpoint}",
                    "checkpoint.save_interval=0", f"run.dir={run_dir}")
-    resumed = _losses(run_dir)
+    resumed = run_losses(run_dir)
     assert resumed.keys() == source["losses"].keys() == set(range(SAVED + 1, LAST + 1))
     for it, loss in source["losses"].items():
         assert resumed[it] == pytest.approx(loss, rel=1e-4), \

@@ -4,22 +4,16 @@ with the requeue status, and the resumed run trains exactly what an uninterrupte
 
 from __future__ import annotations
 
-import json
 import signal
 
 import pytest
 
 from flagscale.checkpoint import read_run_state
 from flagscale.platform.lifetime import EXIT_REQUEUE
-from tests.dist import run_cli
+from tests.dist import run_cli, run_losses
 from tests.launch.test_local import logged_iterations, start_train, wait_for, write_config
 
 ITERATIONS = 24
-
-
-def _losses(run_dir) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["iteration"]: r["loss"] for r in records}
 
 
 def test_sigusr1_saves_after_the_step_exits_for_requeue_and_resumes_exactly(
@@ -28,7 +22,7 @@ def test_sigusr1_saves_after_the_step_exits_for_requeue_and_resumes_exactly(
     config = write_config(tmp_path, tiny_corpus, tiny_tokenizer,
                           train={"iterations": ITERATIONS}, parallel={"dp": 2})
     run_cli("train", config, f"run.dir={straight_dir}")
-    straight = _losses(straight_dir)
+    straight = run_losses(straight_dir)
 
     proc = start_train(config, f"run.dir={stopped_dir}")
     wait_for(lambda: len(logged_iterations(stopped_dir)) >= 3, "iteration 3", proc)
@@ -50,7 +44,7 @@ def test_sigusr1_saves_after_the_step_exits_for_requeue_and_resumes_exactly(
 
     resumed = run_cli("train", config, f"run.dir={stopped_dir}")
     assert f"resuming at iteration {stopped_at}" in resumed.stdout
-    losses = _losses(stopped_dir)
+    losses = run_losses(stopped_dir)
     assert sorted(losses) == list(range(1, ITERATIONS + 1))
     for iteration in range(1, ITERATIONS + 1):
         assert losses[iteration] == pytest.approx(straight[iteration], rel=1e-6), iteration
