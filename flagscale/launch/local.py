@@ -34,6 +34,10 @@ import sys
 import time
 from typing import Optional, Sequence
 
+# Imported here, not in the signal handler: a signal can arrive while torchrun's agent is itself
+# importing psutil, and the handler would then see the half-initialised module.
+import psutil
+
 from flagscale.platform.lifetime import EXIT_REQUEUE
 
 LAUNCHER_ENV = "FLAGSCALE_LAUNCHER_PID"
@@ -123,8 +127,6 @@ class _Forwarder:
 
 def _worker_pids() -> list[int]:
     """The agent runs in this process, so its workers are this process's children."""
-    import psutil
-
     return [child.pid for child in psutil.Process().children()]
 
 
