@@ -80,9 +80,11 @@ def main(argv=None) -> int:
     # Reload: resume from the saved checkpoint for a few more steps.
     _flagscale("train", "examples/tiny/config.yaml", "--nproc", str(gpus),
                *_overrides(run_dir, gpus, args.iterations + 10, str(data)))
+    # Beside the run, not in it: flagscale writes no command's output into a run directory.
     export = subprocess.run([sys.executable, "-m", "flagscale", "convert", "mcore-to-hf",
                              "--input", str(run_dir / "checkpoints"), "--output",
-                             str(run_dir / "hf"), "--overwrite"], cwd=ROOT)
+                             str(run_dir.with_name(run_dir.name + "_hf")), "--overwrite"],
+                            cwd=ROOT)
 
     from flagscale.config import load_config
     from flagscale.metrics.devices import detect_device, peak_tflops

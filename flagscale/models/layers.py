@@ -19,7 +19,9 @@ class RMSNorm(torch.nn.RMSNorm):
     """
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
-        super().__init__(hidden_size, eps=eps)
+        # In the model's dtype, as every other megatron-core weight: an fp32 weight under bf16
+        # activations sends torch.rms_norm to its slow unfused path (seen on an H200).
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         self.weight.sequence_parallel = config.sequence_parallel
 
 

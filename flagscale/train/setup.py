@@ -58,6 +58,17 @@ def init_process_group(platform: Platform) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def destroy_process_groups() -> None:
+    """Release megatron-core's parallel groups and the default process group, if set up."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_model_parallel(cfg: Config, layout: Layout) -> None:
     """(Re)initialise megatron-core's parallel state for ``layout`` and seed its RNG tracker."""
     from megatron.core import parallel_state

@@ -45,8 +45,9 @@ from flagscale.train.callbacks.spikes import StepDiscarded
 from flagscale.train.callbacks.stop import StoppedBySignal
 from flagscale.train.preflight import check_run
 from flagscale.train.run_dir import claim_run_dir
-from flagscale.train.setup import (build_training, finish_param_sync, init_batch_calculator,
-                                   init_model_parallel, init_process_group, step_scheduler)
+from flagscale.train.setup import (build_training, destroy_process_groups, finish_param_sync,
+                                   init_batch_calculator, init_model_parallel, init_process_group,
+                                   step_scheduler)
 from flagscale.train.step_summary import StepSummary
 
 
@@ -61,6 +62,9 @@ def train(cfg: Config) -> int:
             print(f"flagscale: {stop}; nothing new to save", file=sys.stderr, flush=True)
         return EXIT_REQUEUE
     trainer.fit()
+    # A run that ends normally releases its groups itself: NCCL warns about (and can hang on)
+    # communicators left to the interpreter's exit.
+    destroy_process_groups()
     return EXIT_REQUEUE if trainer.stopped_by_signal else 0
 
 
