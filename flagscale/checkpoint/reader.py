@@ -222,6 +222,7 @@ class CheckpointReader:
         """Unique keys (``key/shard_...``) of the ShardedObjects stored."""
         self._storage = metadata.storage_data
         self._fds: dict[str, int] = {}
+        self._located: dict[tuple, Optional[_RawTensor]] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="flagscale-ckpt-read")
 
@@ -282,10 +283,56 @@ class CheckpointReader:
     def _raw(self, key: str, chunk) -> Optional[_RawTensor]:
         """Where a stored chunk's elements lie; None for an archive :func:`_locate` does not
         parse (read through ``torch.load``)."""
-        info = self._storage[_index(key, chunk)]
-        if info.transform_descriptors:
-            return None
-        return _locate(self._fd(info.relative_path), info.offset, info.length)
+        cached = (key, tuple(chunk.offsets))
+        if cached not in self._located:
+            info = self._storage[_index(key, chunk)]
+            self._located[cached] = (None if info.transform_descriptors else
+                                     _locate(self._fd(info.relative_path), info.offset,
+                                             info.length))
+        return self._located[cached]
+
+    def row_ranges(self, key: str, rows: Sequence[tuple[int, int]], layer: Optional[int] = None
+                   ) -> Optional[list[tuple[int, int, int]]]:
+        """Where rows ``[start, stop)`` of ``key`` (of transformer layer ``layer`` of a tensor
+        stacked over layers) lie in the ``.distcp`` files, in order: ``(fd, position, nbytes)``
+        byte ranges whose concatenation is those rows as stored, to be copied file to file.
+        None where that does not hold: a chunk splits rows (a tensor-parallel split of columns)
+        or is not a plain contiguous saved tensor."""
+        md = self._metadata(key)
+        axis = 0 if layer is None else 1
+        row_numel = 1
+        for n in md.size[axis + 1:]:
+            row_numel *= n
+        element = torch.empty((), dtype=md.properties.dtype).element_size()
+        ranges: list[tuple[int, int, int]] = []
+        for start, stop in rows:
+            pieces = []
+            for chunk in md.chunks:
+                first = chunk.offsets[axis]
+                lo, hi = max(start, first), min(stop, first + chunk.sizes[axis])
+                if hi <= lo or (layer is not None and not
+                                chunk.offsets[0] <= layer < chunk.offsets[0] + chunk.sizes[0]):
+                    continue
+                raw = self._raw(key, chunk)
+                if list(chunk.sizes[axis + 1:]) != list(md.size[axis + 1:]) or raw is None or \
+                        tuple(raw.size) != tuple(chunk.sizes) or \
+                        tuple(raw.stride) != torch.empty(raw.size).stride():
+                    return None
+                row = lo - first + (0 if layer is None else
+                                    (layer - chunk.offsets[0]) * chunk.sizes[1])
+                fd = self._fd(self._storage[_index(key, chunk)].relative_path)
+                pieces.append((lo, hi, fd, raw.position + (raw.storage_offset + row * row_numel)
+                               * element))
+            pieces.sort()
+            if sum(hi - lo for lo, hi, _, _ in pieces) != stop - start:
+                return None
+            for lo, hi, fd, position in pieces:
+                nbytes = (hi - lo) * row_numel * element
+                if ranges and ranges[-1][0] == fd and sum(ranges[-1][1:]) == position:
+                    ranges[-1] = (fd, ranges[-1][1], ranges[-1][2] + nbytes)  # one longer copy
+                else:
+                    ranges.append((fd, position, nbytes))
+        return ranges
 
     def _read_chunk(self, key: str, chunk, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One stored chunk of ``key``, whole (into ``out``, contiguous, when given)."""

@@ -5,7 +5,9 @@
     result = mcore_to_hf("runs/tiny/checkpoints", "hf/tiny", dtype="bf16")
 
 Reads in one process whatever TP/PP/VPP layout wrote the checkpoint, one transformer layer at a
-time (tensor bytes read straight from the ``.distcp`` files, ``flagscale.checkpoint.reader``),
+time (tensor bytes read straight from the ``.distcp`` files, ``flagscale.checkpoint.reader``;
+a tensor already stored in the export's dtype as whole rows is copied file to file by the kernel,
+as a plain copy is),
 and streams tensors into sharded safetensors (each written at its planned offset by a few writer
 threads) while the next layer is read (peak memory: a few layers); names, order and shapes come
 from the family's weight mapping (``flagscale.convert.mapping``). A model with tied embeddings is written without
@@ -33,7 +35,7 @@ from flagscale.config import Config, load_config
 from flagscale.convert import mapping as M
 from flagscale.convert.common import DTYPE_NAMES, DTYPES, prefetched
 from flagscale.convert.hf_config import generation_config_dict, hf_config_dict
-from flagscale.convert.safetensors_stream import plan_shards, write_sharded
+from flagscale.convert.safetensors_stream import FileBytes, plan_shards, write_sharded
 from flagscale.convert.tokenizer import export_tokenizer
 from flagscale.errors import CheckpointError, ConversionError, DataError
 
@@ -75,17 +77,40 @@ def checkpoint_config(path: Path) -> Config:
     return load_config(base=raw)
 
 
-def _hf_groups(reader: CheckpointReader, prefix: str, wm: M.WeightMap,
-               dtype: torch.dtype) -> Iterator[tuple[Optional[int], list[tuple[str, torch.Tensor]]]]:
+def _file_bytes(reader: CheckpointReader, key: str, entry: M.Entry, wm: M.WeightMap,
+                layer: Optional[int], dtype: torch.dtype) -> Optional[list[FileBytes]]:
+    """``entry``'s HF tensors as byte ranges of the checkpoint's files, where they are stored in
+    the export's dtype as whole rows (no tensor-parallel column split); else None."""
+    stacked = (wm.dims.num_layers,) if layer is not None else ()
+    if reader.dtype(key) != dtype or reader.shape(key) != stacked + entry.mcore_shape(wm.dims):
+        return None  # a wrong shape is reported, naming the tensor, on the read path
+    parts = []
+    for rows, shape in zip(entry.hf_rows(wm.dims), entry.hf_shapes(wm.dims)):
+        ranges = reader.row_ranges(key, rows, layer)
+        if ranges is None:
+            return None
+        parts.append(FileBytes(tuple(shape), tuple(ranges)))
+    return parts
+
+
+def _hf_groups(reader: CheckpointReader, prefix: str, wm: M.WeightMap, dtype: torch.dtype
+               ) -> Iterator[tuple[Optional[int], list[tuple[str, torch.Tensor | FileBytes]]]]:
     """``(layer or None, HF tensors)`` in file order, in groups read together: the head, each
-    layer, the tail."""
+    layer, the tail. A tensor stored in the export's dtype as whole rows comes as
+    :class:`FileBytes` (copied file to file, never read); the others are read and converted."""
     where = str(reader.path)
     for layer, entries in wm.groups():
-        keys = [prefix + e.mcore for e in entries]
+        copied = {e.mcore: _file_bytes(reader, prefix + e.mcore, e, wm, layer, dtype)
+                  for e in entries}
+        read = tuple(e for e in entries if copied[e.mcore] is None)
+        keys = [prefix + e.mcore for e in read]
         raw = ({k: reader.read_full(k) for k in keys} if layer is None
-               else reader.read_layer(keys, layer))
-        tensors = {e.mcore: raw.pop(prefix + e.mcore) for e in entries}
-        yield layer, [(name, t.to(dtype)) for name, t in wm.to_hf(tensors, entries, layer, where)]
+               else reader.read_layer(keys, layer)) if keys else {}
+        converted = dict(wm.to_hf({e.mcore: raw.pop(prefix + e.mcore) for e in read}, read,
+                                  layer, where))
+        yield layer, [(name, converted[name].to(dtype) if copied[e.mcore] is None
+                       else copied[e.mcore][i])
+                      for e in entries for i, name in enumerate(e.hf_names(layer))]
 
 
 def _tensors(groups, bar, layers: int) -> Iterator[tuple[str, torch.Tensor]]:

@@ -12,7 +12,8 @@ global tensors with their shard metadata, so one process writes it and any TP/PP
 recorded in the saved config.
 
 No model is built: the safetensors are read one group at a time (the embedding, each layer, the
-final norm and output layer), mapped through the family's weight mapping and streamed into the
+final norm and output layer), each Hugging Face tensor's rows straight into their place in the
+megatron-core tensor the family's weight mapping assembles from them, and streamed into the
 checkpoint's files as megatron-core would have saved them (one chunk per layer of each stacked
 tensor, plus the layer modules' ``_extra_state`` objects, taken from one megatron-core layer built
 for that purpose), while the next group is read. Peak memory is a few layers, whatever the depth.
@@ -36,7 +37,7 @@ import torch
 import yaml
 
 from flagscale.checkpoint.output import atomic_output_dir
-from flagscale.checkpoint.reader import READ_THREADS
+from flagscale.checkpoint.reader import READ_THREADS, empty
 from flagscale.config import (Config, ModelConfig, ParallelDims, config_to_dict,
                               padded_vocab_size)
 from flagscale.config import validate as check_config
@@ -105,16 +106,39 @@ def _layer_objects(layer, num_layers: int) -> list[dict]:
              if isinstance(item, ShardedObject)} for index in range(num_layers)]
 
 
+def _read_group(weights: SafetensorsReader, wm: M.WeightMap, entries, layer: Optional[int],
+                pool: ThreadPoolExecutor) -> dict[str, torch.Tensor]:
+    """The megatron-core tensors of ``entries``, each assembled by reading its Hugging Face
+    rows straight into place (no intermediate HF tensors to join), several reads at once."""
+    out, reads = {}, []
+    for e in entries:
+        names = e.hf_names(layer)
+        for name, shape in zip(names, e.hf_shapes(wm.dims)):
+            if weights.shape(name) != tuple(shape):
+                raise ConversionError(
+                    f"Tensor '{name}' in {weights.where} has shape {weights.shape(name)}, "
+                    f"expected {tuple(shape)} for this architecture. The weights do not match "
+                    f"the config (wrong config.json, or a different model).")
+        dtypes = {weights.dtype(name) for name in names}
+        if len(dtypes) != 1:
+            raise ConversionError(f"{weights.where}: {', '.join(names)} have different dtypes "
+                                  f"({', '.join(sorted(map(str, dtypes)))}).")
+        out[e.mcore] = e.fill(empty(e.mcore_shape(wm.dims), dtypes.pop()), wm.dims,
+                              lambda i, start, stop, dst, names=names:
+                              reads.append((names[i], start, stop, dst)))
+    for done in pool.map(lambda job: weights.rows(*job), reads):
+        del done
+    return out
+
+
 def _groups(weights: SafetensorsReader, wm: M.WeightMap, dtype: torch.dtype):
-    """``(layer or None, {mcore key: tensor}, HF bytes read)`` in file order, mapped and cast.
-    A group's tensors are read in parallel (file reads release the GIL)."""
+    """``(layer or None, {mcore key: tensor}, HF bytes read)`` in file order, cast to
+    ``dtype``."""
     with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="flagscale-hf-read") as pool:
         for layer, entries in wm.groups():
-            names = [name for e in entries for name in e.hf_names(layer)]
-            hf = dict(zip(names, pool.map(weights.get, names)))
-            nbytes = sum(t.numel() * t.element_size() for t in hf.values())
-            mapped = wm.from_hf(hf, entries, layer, weights.where)
-            del hf
+            mapped = _read_group(weights, wm, entries, layer, pool)
+            nbytes = sum(weights.nbytes(name) for e in entries
+                         for name in e.hf_names(layer))
             yield layer, {k: t.to(dtype) for k, t in mapped.items()}, nbytes
 
 

@@ -3,17 +3,20 @@
 A safetensors file is an 8-byte header length, a JSON header (name -> dtype, shape, byte range)
 and the raw bytes. Every shape is known before any tensor is produced, so each file's header is
 written first and each tensor is written at its offset as it is produced: memory holds the few
-tensors waiting to be written, not a shard.
+tensors waiting to be written, not a shard. A tensor whose bytes already lie in other files
+(:class:`FileBytes`) is copied file to file by the kernel and never enters memory.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, Union
 
 import torch
 
@@ -26,6 +29,17 @@ MAX_QUEUED_BYTES = 1 << 30
 """Bytes of tensors waiting to be written before :func:`write_sharded` takes the next one."""
 
 _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_COPY_CHUNK = 64 << 20
+
+
+@dataclass(frozen=True)
+class FileBytes:
+    """A tensor whose bytes, in the output's dtype, are the concatenation of byte ranges of
+    open files (e.g. rows of a checkpoint's stored tensors)."""
+
+    shape: tuple[int, ...]
+    ranges: tuple[tuple[int, int, int], ...]
+    """``(fd, position, nbytes)`` in order."""
 
 
 def plan_shards(entries: Sequence[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
@@ -54,7 +68,7 @@ def shard_file_names(count: int) -> list[str]:
 
 
 def write_sharded(out_dir: Path, shards, dtype: torch.dtype,
-                  tensors: Iterator[tuple[str, torch.Tensor]],
+                  tensors: Iterator[tuple[str, Union[torch.Tensor, FileBytes]]],
                   max_queued_bytes: int = MAX_QUEUED_BYTES,
                   on_written: Callable[[int], object] = lambda nbytes: None) -> int:
     """Write ``tensors`` (yielded in the planned order) into the planned shards and the
@@ -103,7 +117,13 @@ def write_sharded(out_dir: Path, shards, dtype: torch.dtype,
     return total
 
 
-def _write_tensor(fd: int, position: int, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+def _write_tensor(fd: int, position: int, tensor: Union[torch.Tensor, FileBytes],
+                  dtype: torch.dtype) -> None:
+    if isinstance(tensor, FileBytes):
+        for source, start, nbytes in tensor.ranges:
+            _copy_range(source, start, nbytes, fd, position)
+            position += nbytes
+        return
     data = tensor.to(dtype).contiguous()  # a view (a QKV part) is gathered here, off the caller
     raw = data.view(-1).view(torch.uint8)
     _pwrite_all(fd, memoryview(raw.numpy()) if raw.numel() else b"", position)
@@ -113,6 +133,32 @@ def _pwrite_all(fd: int, data, position: int) -> None:
     view, done = memoryview(data), 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], position + done)
+
+
+def _copy_range(source: int, start: int, nbytes: int, fd: int, position: int) -> None:
+    """Copy ``nbytes`` at ``start`` of file ``source`` to ``position`` of ``fd``: in the kernel
+    (``copy_file_range``: no pass through this process's memory, as a plain file copy), or
+    through a bounded buffer where the file systems do not support it."""
+    done = 0
+    while done < nbytes:
+        try:
+            n = os.copy_file_range(source, fd, min(nbytes - done, 1 << 30), start + done,
+                                   position + done)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            break
+        if n == 0:
+            raise ConversionError(f"Unexpected end of file copying {nbytes} bytes at offset "
+                                  f"{start}: a checkpoint file is truncated.")
+        done += n
+    while done < nbytes:
+        data = os.pread(source, min(nbytes - done, _COPY_CHUNK), start + done)
+        if not data:
+            raise ConversionError(f"Unexpected end of file copying {nbytes} bytes at offset "
+                                  f"{start}: a checkpoint file is truncated.")
+        _pwrite_all(fd, data, position + done)
+        done += len(data)
 
 
 _FROM_NAMES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
@@ -196,11 +242,18 @@ class SafetensorsReader:
         shape = self.shape(name)
         return self.rows(name, 0, shape[0] if shape else 1).reshape(shape)
 
-    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of tensor ``name`` (its first axis)."""
+    def rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """Rows ``start:stop`` of tensor ``name`` (its first axis), read straight into ``out``
+        (contiguous, of their shape and stored dtype) when given."""
         file, offset, dtype, shape = self._entry(name)
         row = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
-        out = empty((stop - start, *shape[1:]), dtype)
+        if out is None:
+            out = empty((stop - start, *shape[1:]), dtype)
+        elif out.dtype != dtype or tuple(out.shape) != (stop - start, *shape[1:]) or \
+                not out.is_contiguous():
+            raise ConversionError(f"Internal error reading rows {start}:{stop} of '{name}' "
+                                  f"({dtype}, {shape}) into a {out.dtype} {tuple(out.shape)}.")
         view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else b""
         done, position = 0, offset + start * row
         while done < len(view):
@@ -211,7 +264,8 @@ class SafetensorsReader:
             done += n
         return out
 
-    def nbytes(self) -> int:
-        """Bytes of all tensors."""
+    def nbytes(self, name: str | None = None) -> int:
+        """Bytes of tensor ``name``, or of all tensors."""
+        entries = self._entries.values() if name is None else [self._entry(name)]
         return sum(math.prod(s) * torch.empty((), dtype=d).element_size()
-                   for _, _, d, s in self._entries.values())
+                   for _, _, d, s in entries)

@@ -16,21 +16,24 @@ Facts the entries rely on (REFERENCE section 4):
 - No RoPE permutation: both sides rotate halves (mcore ``rotary_interleaved=False``).
 - Embedding and output layer rows are padded above the true vocabulary.
 
-Entries are pure: they take and return tensors and never touch files.
+Entries are pure: they take and return tensors and never touch files. Every Hugging Face tensor
+of the kinds here is a selection of the megatron-core tensor's rows (``hf_rows``), which is how
+``to_hf`` converts and how an export copies rows straight from file to file.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
-from flagscale.errors import ConversionError
 from flagscale.models.spec import ModelDims
 
 if TYPE_CHECKING:  # entries are declared at import; torch is needed only to convert
     import torch
 
 Shape = tuple[int, ...]
+Rows = tuple[tuple[int, int], ...]
+"""``(start, stop)`` row ranges of a megatron-core tensor (first axis, no layer axis), in order."""
 
 
 def _columns(mcore: str, dims: ModelDims) -> Shape:
@@ -63,11 +66,44 @@ class Entry:
     def mcore_shape(self, dims: ModelDims) -> Shape:
         raise NotImplementedError
 
-    def to_hf(self, tensor: torch.Tensor, dims: ModelDims) -> tuple[torch.Tensor, ...]:
+    def hf_rows(self, dims: ModelDims) -> tuple[Rows, ...]:
+        """Per Hugging Face tensor, the rows of the megatron-core tensor it is made of."""
         raise NotImplementedError
 
+    def to_hf(self, tensor: torch.Tensor, dims: ModelDims) -> tuple[torch.Tensor, ...]:
+        """The Hugging Face tensors of ``tensor``: its rows as :meth:`hf_rows` lists them."""
+        import torch
+
+        return tuple(tensor[rows[0][0]:rows[0][1]] if len(rows) == 1 else
+                     torch.cat([tensor[start:stop] for start, stop in rows])
+                     for rows in self.hf_rows(dims))
+
+    def fill(self, out: torch.Tensor, dims: ModelDims,
+             take: Callable[[int, int, int, torch.Tensor], object]) -> torch.Tensor:
+        """Assemble the megatron-core tensor in ``out`` (its shape): ``take(i, start, stop,
+        dst)`` puts rows ``start:stop`` of Hugging Face tensor ``i`` into ``dst``; rows no HF
+        tensor gives (the vocabulary padding) are zeroed. Returns ``out``."""
+        covered = [(out.shape[0], out.shape[0])]
+        for i, rows in enumerate(self.hf_rows(dims)):
+            at = 0
+            for start, stop in rows:
+                take(i, at, at + stop - start, out[start:stop])
+                at += stop - start
+                covered.append((start, stop))
+        edge = 0
+        for start, stop in sorted(covered):
+            if start > edge:
+                out[edge:start].zero_()
+            edge = max(edge, stop)
+        return out
+
     def from_hf(self, tensors: tuple[torch.Tensor, ...], dims: ModelDims) -> torch.Tensor:
-        raise NotImplementedError
+        """The megatron-core tensor made of the Hugging Face ``tensors`` (see :meth:`fill`)."""
+        shape = self.mcore_shape(dims)
+        if self.hf_rows(dims) == (((0, shape[0]),),):
+            return tensors[0]  # the same tensor on both sides
+        return self.fill(tensors[0].new_empty(shape), dims,
+                         lambda i, start, stop, dst: dst.copy_(tensors[i][start:stop]))
 
 
 @dataclass(frozen=True)
@@ -87,11 +123,8 @@ class Direct(Entry):
     def mcore_shape(self, dims: ModelDims) -> Shape:
         return tuple(getattr(dims, attr) for attr in self.shape)
 
-    def to_hf(self, tensor, dims):
-        return (tensor,)
-
-    def from_hf(self, tensors, dims):
-        return tensors[0]
+    def hf_rows(self, dims):
+        return (((0, self.mcore_shape(dims)[0]),),)
 
 
 @dataclass(frozen=True)
@@ -110,20 +143,8 @@ class Vocab(Entry):
     def mcore_shape(self, dims: ModelDims) -> Shape:
         return (dims.vocab_rows, dims.hidden_size)
 
-    def to_hf(self, tensor, dims):
-        return (tensor[:dims.vocab_size],)
-
-    def from_hf(self, tensors, dims):
-        weight = tensors[0]
-        extra = dims.vocab_rows - weight.shape[0]
-        if extra < 0:
-            raise ConversionError(f"Cannot pad a vocabulary of {weight.shape[0]} rows down to "
-                                  f"{dims.vocab_rows}.")
-        if extra == 0:
-            return weight
-        import torch
-
-        return torch.cat([weight, weight.new_zeros(extra, *weight.shape[1:])])
+    def hf_rows(self, dims):
+        return (((0, dims.vocab_size),),)
 
 
 @dataclass(frozen=True)
@@ -145,21 +166,12 @@ class QKV(Entry):
     def mcore_shape(self, dims: ModelDims) -> Shape:
         return (dims.q_width + 2 * dims.kv_width, *_columns(self.mcore, dims))
 
-    def to_hf(self, tensor, dims):
+    def hf_rows(self, dims):
         d, g, hpg = dims.head_dim, dims.num_query_groups, dims.heads_per_group
-        cols = tensor.shape[1:]
-        q, k, v = tensor.reshape(g, (hpg + 2) * d, *cols).split([hpg * d, d, d], dim=1)
-        return tuple(t.reshape(-1, *cols).contiguous() for t in (q, k, v))
-
-    def from_hf(self, tensors, dims):
-        import torch
-
-        q, k, v = tensors
-        d, g, hpg = dims.head_dim, dims.num_query_groups, dims.heads_per_group
-        cols = q.shape[1:]
-        grouped = torch.cat([q.reshape(g, hpg * d, *cols), k.reshape(g, d, *cols),
-                             v.reshape(g, d, *cols)], dim=1)
-        return grouped.reshape(-1, *cols)
+        group = (hpg + 2) * d
+        return (tuple((i * group, i * group + hpg * d) for i in range(g)),
+                tuple((i * group + hpg * d, i * group + (hpg + 1) * d) for i in range(g)),
+                tuple((i * group + (hpg + 1) * d, (i + 1) * group) for i in range(g)))
 
 
 @dataclass(frozen=True)
@@ -180,10 +192,6 @@ class GatedMLP(Entry):
     def mcore_shape(self, dims: ModelDims) -> Shape:
         return (2 * dims.ffn_hidden_size, *_columns(self.mcore, dims))
 
-    def to_hf(self, tensor, dims):
-        return tuple(t.contiguous() for t in tensor.chunk(2, dim=0))
-
-    def from_hf(self, tensors, dims):
-        import torch
-
-        return torch.cat(tensors)
+    def hf_rows(self, dims):
+        ffn = dims.ffn_hidden_size
+        return (((0, ffn),), ((ffn, 2 * ffn),))

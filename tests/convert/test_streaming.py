@@ -156,3 +156,33 @@ def test_imported_chunks_are_read_from_their_raw_bytes(mcore_ckpt):
             raw = _locate(reader._fd(info.relative_path), info.offset, info.length)
             assert raw is not None and raw.size == tuple(chunk.sizes), key
     reader.close()
+
+
+
+SPLIT_ROWS = {"decoder.layers.self_attention.linear_proj.weight",
+              "decoder.layers.mlp.linear_fc2.weight"}
+"""Row-parallel weights: a training save at TP > 1 splits each of their rows across shards."""
+
+
+def copied_entries(ckpt, dtype, layer=0) -> tuple[set, set]:
+    """(megatron-core keys an export to ``dtype`` copies file to file, all keys) of ``ckpt``'s
+    head, tail and layer ``layer``."""
+    from flagscale.convert import mapping as M
+    from flagscale.convert.export import _file_bytes, open_checkpoint
+
+    _, cfg, reader, prefix = open_checkpoint(ckpt)
+    wm = M.WeightMap.of(cfg.model, padded_vocab_size=reader.shape(prefix + M.EMBEDDING)[0])
+    groups = ((wm.head + wm.tail, None), (wm.layer, layer))
+    copied = {e.mcore for entries, at in groups for e in entries
+              if _file_bytes(reader, prefix + e.mcore, e, wm, at, dtype) is not None}
+    reader.close()
+    return copied, {e.mcore for e in wm.entries}
+
+
+def test_export_copies_tensors_stored_in_its_dtype_file_to_file(mcore_ckpt):
+    # The importer stores whole global rows, so an export in the stored dtype (fp32 here) copies
+    # every tensor's bytes in the kernel (the bitwise round trip above checks them); another
+    # dtype is read and converted.
+    copied, everything = copied_entries(mcore_ckpt, torch.float32, layer=3)
+    assert copied == everything
+    assert copied_entries(mcore_ckpt, torch.bfloat16)[0] == set()

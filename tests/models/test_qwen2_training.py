@@ -1,15 +1,17 @@
 """A tiny Qwen2 (q/k/v biases, GQA, tied embeddings) trains on 2 real processes at TP=2 and at
 PP=2 (where megatron-core keeps a copy of the embedding on the last stage) with the losses of one
-process, and its PP=2 checkpoint exports to a Hugging Face Qwen2 that validates."""
+process, and its checkpoints export to a Hugging Face Qwen2 that validates."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 from flagscale.convert import mcore_to_hf
 from flagscale.checkpoint.reader import CheckpointReader
+from tests.convert.test_streaming import SPLIT_ROWS, copied_entries
 from tests.dist import run_cli
 from tests.train.test_parallel_parity import _assert_close, _config, _losses
 
@@ -41,8 +43,12 @@ def test_tiny_qwen2_trains_on_two_processes_like_one(layout, tmp_path, tiny_corp
     reader = CheckpointReader(ckpt)
     assert "decoder.layers.self_attention.linear_qkv.bias" in reader.tensors
     assert "output_layer.weight" not in reader.tensors  # the tied copy is saved once
-    if layout == {"pp": 2}:
-        result = mcore_to_hf(ckpt, tmp_path / "hf", dtype="fp32")
-        assert result.max_abs_diff is not None and result.max_abs_diff <= result.tolerance
-        config = json.loads((tmp_path / "hf" / "config.json").read_text())
-        assert config["architectures"] == ["Qwen2ForCausalLM"] and config["tie_word_embeddings"]
+    result = mcore_to_hf(ckpt, tmp_path / "hf", dtype="fp32")
+    assert result.max_abs_diff is not None and result.max_abs_diff <= result.tolerance
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"] and config["tie_word_embeddings"]
+    if layout == {"tp": 2}:
+        # The validated export above took both paths: rows split across TP shards are read and
+        # joined, everything else is copied file to file.
+        copied, everything = copied_entries(ckpt, torch.float32)
+        assert copied == everything - SPLIT_ROWS
