@@ -257,7 +257,11 @@ def pool_context():
 
     Fork starts workers instantly; spawn would re-import the caller's main module (often torch and
     megatron-core: seconds per worker). The pool is started before any thread of ours (the
-    progress bar's monitor) exists, as torch's DataLoader does with its fork workers.
+    progress bar's monitor) exists, as torch's DataLoader does with its fork workers. A process
+    that has already run the HF tokenizers library's own thread pool (a parallel
+    ``encode_batch``, training a tokenizer) forks workers that encode on that library's serial
+    path, about 20% slower with a 128K BPE (measured): call :func:`preprocess` from a fresh
+    process, as ``flagscale preprocess`` is.
     """
     return multiprocessing.get_context(
         "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
