@@ -267,6 +267,10 @@ def pool_context():
         "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
 
 
+_DRAIN_SECONDS = 60.0
+"""How long a pool being shut down early waits for each block in flight."""
+
+
 def _ordered_results(tasks: Iterator[tuple], tokenizer: Tokenizer, workers: int) -> Iterator:
     """encode_block over ``tasks`` in order: in-process for one worker, else a bounded pool."""
     if workers <= 1:
@@ -275,14 +279,24 @@ def _ordered_results(tasks: Iterator[tuple], tokenizer: Tokenizer, workers: int)
         return
     with pool_context().Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
         pending: deque = deque()
-        for task in tasks:
-            pending.append((task, pool.apply_async(encode_block, (task,))))
-            if len(pending) >= 4 * workers:
+        try:
+            for task in tasks:
+                pending.append((task, pool.apply_async(encode_block, (task,))))
+                if len(pending) >= 4 * workers:
+                    head, result = pending.popleft()
+                    yield head, result.get()
+            while pending:
                 head, result = pending.popleft()
                 yield head, result.get()
-        while pending:
-            head, result = pending.popleft()
-            yield head, result.get()
+        except (Exception, GeneratorExit):
+            # Left early (a rejected record under --strict, a provenance mismatch): let the few
+            # blocks in flight finish before the pool's terminate() kills its workers. A worker
+            # killed while sending its result keeps the result queue's lock, and the pool's own
+            # shutdown then waits for that lock forever (seen in the test suite). Bounded, in
+            # case a worker died with its block.
+            for _, result in pending:
+                result.wait(timeout=_DRAIN_SECONDS)
+            raise
 
 
 def encoded_blocks(files: Sequence[InputFile], tokenizer: Tokenizer, workers: int,
