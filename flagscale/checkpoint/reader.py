@@ -168,7 +168,7 @@ def _read_raw(fd: int, raw: _RawTensor, out: Optional[torch.Tensor] = None) -> t
     numel = 1
     for n in raw.size:
         numel *= n
-    contiguous = torch.empty(raw.size).stride() == raw.stride or numel <= 1
+    contiguous = torch.empty(raw.size, device="meta").stride() == raw.stride or numel <= 1
     if contiguous:
         target = out if out is not None else empty(raw.size, raw.dtype)
         _pread_into(fd, target, raw.position + raw.storage_offset * element)
@@ -316,7 +316,7 @@ class CheckpointReader:
                 raw = self._raw(key, chunk)
                 if list(chunk.sizes[axis + 1:]) != list(md.size[axis + 1:]) or raw is None or \
                         tuple(raw.size) != tuple(chunk.sizes) or \
-                        tuple(raw.stride) != torch.empty(raw.size).stride():
+                        tuple(raw.stride) != torch.empty(raw.size, device="meta").stride():
                     return None
                 row = lo - first + (0 if layer is None else
                                     (layer - chunk.offsets[0]) * chunk.sizes[1])
@@ -443,7 +443,7 @@ class CheckpointReader:
         for n in shape:
             numel *= n
         if raw is None or tuple(raw.size) != tuple(chunk.sizes) or numel == 0 or \
-                tuple(raw.stride) != torch.empty(raw.size).stride():
+                tuple(raw.stride) != torch.empty(raw.size, device="meta").stride():
             return None
         element = torch.empty((), dtype=raw.dtype).element_size()
         position = raw.position + (raw.storage_offset + skip) * element
