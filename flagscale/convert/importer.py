@@ -26,7 +26,9 @@ compared with the source layer by layer (``flagscale.convert.validate``) unless
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+import threading
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -106,8 +108,29 @@ def _layer_objects(layer, num_layers: int) -> list[dict]:
              if isinstance(item, ShardedObject)} for index in range(num_layers)]
 
 
+class _Buffers:
+    """Layer-sized buffers reused from layer to layer once written: a fresh allocation per
+    layer costs page faults and zeroing, and on a node whose memory the page cache fills (any
+    long conversion), reclaiming pages first (measured: import CPU grew faster than depth)."""
+
+    def __init__(self):
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        with self._lock:
+            free = self._free.get((tuple(shape), dtype))
+            if free:
+                return free.pop()
+        return empty(shape, dtype)
+
+    def give(self, tensor: torch.Tensor) -> None:
+        with self._lock:
+            self._free.setdefault((tuple(tensor.shape), tensor.dtype), []).append(tensor)
+
+
 def _read_group(weights: SafetensorsReader, wm: M.WeightMap, entries, layer: Optional[int],
-                pool: ThreadPoolExecutor) -> dict[str, torch.Tensor]:
+                pool: ThreadPoolExecutor, buffers: _Buffers) -> dict[str, torch.Tensor]:
     """The megatron-core tensors of ``entries``, each assembled by reading its Hugging Face
     rows straight into place (no intermediate HF tensors to join), several reads at once."""
     out, reads = {}, []
@@ -123,7 +146,7 @@ def _read_group(weights: SafetensorsReader, wm: M.WeightMap, entries, layer: Opt
         if len(dtypes) != 1:
             raise ConversionError(f"{weights.where}: {', '.join(names)} have different dtypes "
                                   f"({', '.join(sorted(map(str, dtypes)))}).")
-        out[e.mcore] = e.fill(empty(e.mcore_shape(wm.dims), dtypes.pop()), wm.dims,
+        out[e.mcore] = e.fill(buffers.take(e.mcore_shape(wm.dims), dtypes.pop()), wm.dims,
                               lambda i, start, stop, dst, names=names:
                               reads.append((names[i], start, stop, dst)))
     for done in pool.map(lambda job: weights.rows(*job), reads):
@@ -131,15 +154,20 @@ def _read_group(weights: SafetensorsReader, wm: M.WeightMap, entries, layer: Opt
     return out
 
 
-def _groups(weights: SafetensorsReader, wm: M.WeightMap, dtype: torch.dtype):
+def _groups(weights: SafetensorsReader, wm: M.WeightMap, dtype: torch.dtype, buffers: _Buffers):
     """``(layer or None, {mcore key: tensor}, HF bytes read)`` in file order, cast to
-    ``dtype``."""
+    ``dtype``; a tensor still in one of ``buffers`` goes back to them once written."""
     with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="flagscale-hf-read") as pool:
         for layer, entries in wm.groups():
-            mapped = _read_group(weights, wm, entries, layer, pool)
+            mapped = _read_group(weights, wm, entries, layer, pool, buffers)
             nbytes = sum(weights.nbytes(name) for e in entries
                          for name in e.hf_names(layer))
-            yield layer, {k: t.to(dtype) for k, t in mapped.items()}, nbytes
+            cast = {}
+            for key, tensor in mapped.items():
+                cast[key] = tensor.to(dtype)
+                if cast[key] is not tensor:
+                    buffers.give(tensor)
+            yield layer, cast, nbytes
 
 
 def hf_to_mcore(input: str | Path, output: str | Path, tp: int = 1, pp: int = 1,
@@ -181,13 +209,20 @@ def hf_to_mcore(input: str | Path, output: str | Path, tp: int = 1, pp: int = 1,
         bar = tqdm(total=weights.nbytes(), desc="import", unit="B", unit_scale=True,
                    disable=None if progress is None else not progress)
         with TorchDistWriter(tmp, max_queued_bytes=layer_bytes) as writer:
-            for layer, tensors, nbytes in prefetched(_groups(weights, wm, dtype)):
+            buffers = _Buffers()
+            for layer, tensors, nbytes in prefetched(_groups(weights, wm, dtype, buffers)):
                 for key, tensor in tensors.items():
+                    # Only a tensor read into a buffer (not cast) is returned to the buffers.
+                    written = (functools.partial(buffers.give, tensor)
+                               if tensor.dtype == weights.dtype(wm.entry(key).hf_names(layer)[0])
+                               else None)
                     if layer is None:
-                        writer.add_tensor(key, tensor.shape, (0,) * tensor.dim(), tensor)
+                        writer.add_tensor(key, tensor.shape, (0,) * tensor.dim(), tensor,
+                                          written)
                     else:
                         writer.add_tensor(key, (layers, *tensor.shape),
-                                          (layer,) + (0,) * tensor.dim(), tensor.unsqueeze(0))
+                                          (layer,) + (0,) * tensor.dim(), tensor.unsqueeze(0),
+                                          written)
                 if layer is not None:
                     for unique_key, obj in objects[layer].items():
                         writer.add_object(unique_key, obj)

@@ -25,7 +25,7 @@ import pickle
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -59,11 +59,11 @@ class TorchDistWriter:
         for f in self._files:
             f.close()
 
-    def _submit(self, index_key, payload, nbytes: int) -> None:
+    def _submit(self, index_key, payload, nbytes: int, written=None) -> None:
         slot = self._queue.least_loaded()
-        self._queue.submit(slot, nbytes, self._write, slot, index_key, payload)
+        self._queue.submit(slot, nbytes, self._write, slot, index_key, payload, written)
 
-    def _write(self, slot: int, index_key, payload) -> None:
+    def _write(self, slot: int, index_key, payload, written=None) -> None:
         from torch.distributed.checkpoint.filesystem import _StorageInfo
 
         f = self._files[slot]
@@ -77,10 +77,13 @@ class TorchDistWriter:
         with self._lock:
             self._storage[index_key] = _StorageInfo(self._names[slot], offset, length)
             self.bytes_written += length
+        if written is not None:
+            written()
 
     def add_tensor(self, key: str, global_shape: Sequence[int], offsets: Sequence[int],
-                   chunk: torch.Tensor) -> None:
-        """Queue ``chunk``, the region of global tensor ``key`` starting at ``offsets``."""
+                   chunk: torch.Tensor, written: Optional[Callable[[], object]] = None) -> None:
+        """Queue ``chunk``, the region of global tensor ``key`` starting at ``offsets``;
+        ``written()`` is called once its bytes are written (its memory may then be reused)."""
         from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex,
                                                            TensorProperties,
                                                            TensorStorageMetadata)
@@ -95,7 +98,7 @@ class TorchDistWriter:
                     TensorProperties(dtype=chunk.dtype), torch.Size(global_shape), [])
             md.chunks.append(ChunkStorageMetadata(torch.Size(offsets), chunk.shape))
         self._submit(MetadataIndex(key, torch.Size(offsets)), chunk,
-                     chunk.numel() * chunk.element_size())
+                     chunk.numel() * chunk.element_size(), written)
 
     def add_object(self, unique_key: str, obj: Any) -> None:
         """Queue a ShardedObject's data under its unique key (``key/shard_<offset>_<shape>``)."""
