@@ -118,6 +118,21 @@ def param_index_map(model_chunks, optimizer, layout, model_state: dict) -> list[
                   key=lambda g: (g["pp_rank"], g["tp_rank"]))
 
 
+def same_buckets(saved_maps: list[dict], model_chunks, optimizer, layout) -> bool:
+    """Collective: whether this run's distributed optimizer holds the same parameters in the
+    same buckets, in the same order, as the save that wrote ``saved_maps`` (its
+    :func:`param_index_map`). Bucket-space (``dp_reshardable``) optimizer state reloads only
+    then; bucket padding, which follows the DP size, does not matter."""
+    current = param_index_map(model_chunks, optimizer, layout, model_sharded_state(model_chunks))
+
+    def shape(maps):
+        return [(m["tp_rank"], m["pp_rank"],
+                 [(b["key"], b["vpp_stage"], [p["name"] for p in b["params"]])
+                  for b in m["buckets"]]) for m in maps]
+
+    return shape(current) == shape(saved_maps)
+
+
 def _bucket_maps(model_chunks, optimizer, tp: int, keys: dict[int, str]) -> list[dict]:
     buckets = []
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):

@@ -35,12 +35,12 @@ from typing import Callable, Optional
 
 from flagscale.checkpoint import (complete_checkpoints, load_checkpoint, read_run_state,
                                   save_checkpoint)
-from flagscale.checkpoint.meta import (RESHARDABLE, CheckpointMeta, needs_conversion,
-                                       optimizer_sharding)
+from flagscale.checkpoint.meta import (DP_ONLY_SHARDINGS, RESHARDABLE, CheckpointMeta,
+                                       needs_conversion, optimizer_sharding)
 from flagscale.checkpoint.output import atomic_output_dir
 from flagscale.checkpoint.reader import CheckpointReader
 from flagscale.checkpoint.reshard import ReshardPlan, layout_config, plan_reshard
-from flagscale.checkpoint.state import saved_vocab_rows
+from flagscale.checkpoint.state import same_buckets, saved_vocab_rows
 from flagscale.config import (Config, Layout, ParallelDims, config_to_dict, load_config,
                               validate)
 from flagscale.convert.offline_reshard import reshard_offline
@@ -211,8 +211,7 @@ def prepare_resume(checkpoint: Path, cfg: Config, layout: Layout, run_dir: Path,
     meta = CheckpointMeta.from_common(common)
     src, target = meta.dims, converted_dir(checkpoint, run_dir, layout.dims)
     # Every rank decides on what exists before the barrier below; only then is target written.
-    if (target / "metadata.json").is_file() and (target / _SOURCE_FILE).is_file() and (
-            (target / _SOURCE_FILE).read_text().strip() == str(checkpoint.resolve())):
+    if _converted_earlier(target, checkpoint):
         log(f"flagscale: {checkpoint} was saved at {src.describe()}; loading its conversion "
             f"for {layout.dims.describe()} made earlier, {target}")
         _log_padding(common, target, layout, log)
@@ -287,6 +286,40 @@ def _publish(done: Path, target: Path, checkpoint: Path) -> None:
 
 
 _POLL_SECONDS = 1.0
+
+
+def convert_if_buckets_differ(checkpoint: Path, model_chunks, optimizer, layout: Layout,
+                              run_dir: Path, log: Callable[[str], None] = print) -> Path:
+    """Collective, once this run's model and optimizer exist: ``checkpoint``, or its offline
+    conversion to ``fully_reshardable`` (under :func:`converted_dir`, reused next time) when
+    its bucket-space optimizer state was saved in other buckets than this run's (another
+    ``parallel.ddp_bucket_size``, parameter dtype or flagscale version): megatron-core reloads
+    such state only into the buckets that wrote it."""
+    checkpoint = Path(checkpoint)
+    common = read_run_state(checkpoint)
+    meta = CheckpointMeta.from_common(common)
+    if not (meta.has_optimizer and meta.param_index_maps
+            and optimizer_sharding(common) in DP_ONLY_SHARDINGS) or \
+            same_buckets(meta.param_index_maps, model_chunks, optimizer, layout):
+        return checkpoint
+    target = converted_dir(checkpoint, run_dir, layout.dims)
+    if _converted_earlier(target, checkpoint):
+        log(f"flagscale: {checkpoint}'s optimizer state was saved in other buckets than this "
+            f"run's; loading its conversion made earlier, {target}")
+        return target
+    log(f"flagscale: {checkpoint}'s optimizer state was saved in other buckets than this run's "
+        f"(another parallel.ddp_bucket_size, parameter dtype or flagscale version), which "
+        f"megatron-core cannot reload; converting it into {target} offline on rank 0 (reused "
+        f"next time)")
+    return _convert_offline(ReshardPlan(checkpoint, target, load_config(base=meta.config),
+                                        meta.dims, layout.dims, optimizer_sharding(common),
+                                        int(common.get("iteration", 0)), ()))
+
+
+def _converted_earlier(target: Path, checkpoint: Path) -> bool:
+    """Whether ``target`` is a complete conversion of ``checkpoint``."""
+    return (target / "metadata.json").is_file() and (target / _SOURCE_FILE).is_file() and (
+        (target / _SOURCE_FILE).read_text().strip() == str(checkpoint.resolve()))
 
 
 def _convert_offline(plan: ReshardPlan) -> Path:

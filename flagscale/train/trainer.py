@@ -410,6 +410,8 @@ class Trainer:
         return prepare_resume(checkpoint, self.cfg, self.layout, self.run_dir, self.platform, log)
 
     def _resume(self, checkpoint: Optional[Path]) -> None:
+        from flagscale.train.reshard import convert_if_buckets_differ
+
         if checkpoint is None:
             return
         # This run's own checkpoints (and their layout conversions under checkpoints/resharded).
@@ -419,6 +421,9 @@ class Trainer:
                 self.data_fingerprints, f"Resuming from {checkpoint}",
                 f"Restore the data this run trained on, or train on the new data as a new run: "
                 f"run.dir=NEW_DIR checkpoint.load={checkpoint}.")
+        log = partial(print, flush=True) if self.is_writer else (lambda line: None)
+        checkpoint = convert_if_buckets_differ(checkpoint, self.model, self.optimizer,
+                                               self.layout, self.run_dir, log)
         loaded = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler,
                                  self.cfg.model, self.layout)
         self.start_iteration = self.iteration = loaded["iteration"]

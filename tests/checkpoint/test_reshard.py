@@ -153,6 +153,21 @@ def test_resume_at_another_dp_loads_directly(source):
     assert not (source["tmp"] / "dp1" / "checkpoints" / "resharded").exists()
 
 
+def test_resume_with_other_optimizer_buckets_converts_and_matches_continuing(source):
+    # Bucket-space optimizer state reloads only into the buckets that wrote it: a resume with
+    # another bucket size (or parameter dtype, or after a flagscale upgrade) is converted first
+    # instead of failing inside megatron-core's load.
+    out: list = []
+    resumed = _resume(source, "buckets", source["checkpoint"],
+                      "parallel.overlap_grad_reduce=true", "parallel.ddp_bucket_size=200000",
+                      stdout=out)
+    _assert_samerun_losses(resumed, source["losses"], "resumed with other buckets")
+    converted = converted_dir(source["checkpoint"], source["tmp"] / "buckets",
+                              ParallelDims(tp=1, pp=1, dp=2))
+    assert "saved in other buckets than this run's" in out[0] and str(converted) in out[0]
+    assert optimizer_sharding(read_run_state(converted)) == "fully_reshardable"
+
+
 def test_index_maps_place_every_byte_of_the_flat_buffers(source, reference):
     """An offline tool cuts each rank's bucket tensors into parameters with the saved maps and
     finds the same master weights and moments as the parameter-shaped save."""
