@@ -28,8 +28,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-import threading
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -137,11 +137,7 @@ def _read_group(weights: SafetensorsReader, wm: M.WeightMap, entries, layer: Opt
     for e in entries:
         names = e.hf_names(layer)
         for name, shape in zip(names, e.hf_shapes(wm.dims)):
-            if weights.shape(name) != tuple(shape):
-                raise ConversionError(
-                    f"Tensor '{name}' in {weights.where} has shape {weights.shape(name)}, "
-                    f"expected {tuple(shape)} for this architecture. The weights do not match "
-                    f"the config (wrong config.json, or a different model).")
+            M.check_shape(name, weights.shape(name), shape, weights.where)
         dtypes = {weights.dtype(name) for name in names}
         if len(dtypes) != 1:
             raise ConversionError(f"{weights.where}: {', '.join(names)} have different dtypes "
@@ -155,19 +151,22 @@ def _read_group(weights: SafetensorsReader, wm: M.WeightMap, entries, layer: Opt
 
 
 def _groups(weights: SafetensorsReader, wm: M.WeightMap, dtype: torch.dtype, buffers: _Buffers):
-    """``(layer or None, {mcore key: tensor}, HF bytes read)`` in file order, cast to
-    ``dtype``; a tensor still in one of ``buffers`` goes back to them once written."""
+    """``(layer or None, {mcore key: (tensor, release)}, HF bytes read)`` in file order, cast
+    to ``dtype``; ``release()`` (None for a cast copy) returns a tensor's buffer once written."""
     with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="flagscale-hf-read") as pool:
         for layer, entries in wm.groups():
             mapped = _read_group(weights, wm, entries, layer, pool, buffers)
             nbytes = sum(weights.nbytes(name) for e in entries
                          for name in e.hf_names(layer))
-            cast = {}
+            out = {}
             for key, tensor in mapped.items():
-                cast[key] = tensor.to(dtype)
-                if cast[key] is not tensor:
+                cast = tensor.to(dtype)
+                if cast is tensor:
+                    out[key] = (tensor, functools.partial(buffers.give, tensor))
+                else:
                     buffers.give(tensor)
-            yield layer, cast, nbytes
+                    out[key] = (cast, None)
+            yield layer, out, nbytes
 
 
 def hf_to_mcore(input: str | Path, output: str | Path, tp: int = 1, pp: int = 1,
@@ -211,18 +210,14 @@ def hf_to_mcore(input: str | Path, output: str | Path, tp: int = 1, pp: int = 1,
         with TorchDistWriter(tmp, max_queued_bytes=layer_bytes) as writer:
             buffers = _Buffers()
             for layer, tensors, nbytes in prefetched(_groups(weights, wm, dtype, buffers)):
-                for key, tensor in tensors.items():
-                    # Only a tensor read into a buffer (not cast) is returned to the buffers.
-                    written = (functools.partial(buffers.give, tensor)
-                               if tensor.dtype == weights.dtype(wm.entry(key).hf_names(layer)[0])
-                               else None)
+                for key, (tensor, release) in tensors.items():
                     if layer is None:
                         writer.add_tensor(key, tensor.shape, (0,) * tensor.dim(), tensor,
-                                          written)
+                                          release)
                     else:
                         writer.add_tensor(key, (layers, *tensor.shape),
                                           (layer,) + (0,) * tensor.dim(), tensor.unsqueeze(0),
-                                          written)
+                                          release)
                 if layer is not None:
                     for unique_key, obj in objects[layer].items():
                         writer.add_object(unique_key, obj)

@@ -30,10 +30,10 @@ EMBEDDING = "embedding.word_embeddings.weight"
 QKV = "decoder.layers.self_attention.linear_qkv.weight"
 
 
-def check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], where: str) -> None:
-    """Raise ConversionError naming ``name`` when its shape is not ``expected``."""
-    if tuple(tensor.shape) != tuple(expected):
-        raise ConversionError(f"Tensor '{name}' in {where} has shape {tuple(tensor.shape)}, "
+def check_shape(name: str, shape, expected: tuple[int, ...], where: str) -> None:
+    """Raise ConversionError naming ``name`` when ``shape`` is not ``expected``."""
+    if tuple(shape) != tuple(expected):
+        raise ConversionError(f"Tensor '{name}' in {where} has shape {tuple(shape)}, "
                               f"expected {tuple(expected)} for this architecture. The weights do "
                               f"not match the config (wrong config.json, or a different model).")
 
@@ -99,7 +99,7 @@ class WeightMap:
             label = e.mcore if layer is None else f"{e.mcore} [layer {layer}]"
             if e.mcore not in tensors:
                 raise ConversionError(f"Tensor '{label}' is missing from {where}.")
-            check_shape(label, tensors[e.mcore], e.mcore_shape(self.dims), where)
+            check_shape(label, tensors[e.mcore].shape, e.mcore_shape(self.dims), where)
             out += zip(e.hf_names(layer), e.to_hf(tensors[e.mcore], self.dims))
         return out
 
@@ -113,7 +113,7 @@ class WeightMap:
             for name, shape in zip(e.hf_names(layer), e.hf_shapes(self.dims)):
                 if name not in tensors:
                     raise ConversionError(f"Tensor '{name}' is missing from {where}.")
-                check_shape(name, tensors[name], shape, where)
+                check_shape(name, tensors[name].shape, shape, where)
                 parts.append(tensors[name])
             out[e.mcore] = e.from_hf(tuple(parts), self.dims)
         return out

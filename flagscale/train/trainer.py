@@ -398,6 +398,11 @@ class Trainer:
 
     # ---- set-up helpers ------------------------------------------------------------------------
 
+    def _log_line(self, line: str) -> None:
+        """Print ``line`` once for the run (rank 0)."""
+        if self.is_writer:
+            print(line, flush=True)
+
     def _checkpoint_to_resume(self) -> Optional[Path]:
         """The checkpoint to load: ``checkpoint.load`` resolved, converted first when its
         optimizer state only reloads at another TP/PP/VPP (collective; no flag needed)."""
@@ -406,8 +411,8 @@ class Trainer:
         checkpoint = _checkpoint_to_load(self.cfg, self.run_dir)
         if checkpoint is None:
             return None
-        log = partial(print, flush=True) if self.is_writer else (lambda line: None)
-        return prepare_resume(checkpoint, self.cfg, self.layout, self.run_dir, self.platform, log)
+        return prepare_resume(checkpoint, self.cfg, self.layout, self.run_dir, self.platform,
+                              self._log_line)
 
     def _resume(self, checkpoint: Optional[Path]) -> None:
         from flagscale.train.reshard import convert_if_buckets_differ
@@ -421,9 +426,8 @@ class Trainer:
                 self.data_fingerprints, f"Resuming from {checkpoint}",
                 f"Restore the data this run trained on, or train on the new data as a new run: "
                 f"run.dir=NEW_DIR checkpoint.load={checkpoint}.")
-        log = partial(print, flush=True) if self.is_writer else (lambda line: None)
         checkpoint = convert_if_buckets_differ(checkpoint, self.model, self.optimizer,
-                                               self.layout, self.run_dir, log)
+                                               self.layout, self.run_dir, self._log_line)
         loaded = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler,
                                  self.cfg.model, self.layout)
         self.start_iteration = self.iteration = loaded["iteration"]
