@@ -1,15 +1,17 @@
 """Pieces both conversion directions share: dtypes, the flagscale config of a checkpoint at one
-process, a one-process megatron-core context, one megatron-core transformer layer on its own, and
-a read-ahead thread."""
+process, a one-process megatron-core context, one megatron-core transformer layer on its own, a
+read-ahead thread, background writing, and tensors copied file to file (:class:`FileBytes`)."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import os
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -186,3 +188,65 @@ class WriteQueue:
         running ones, without re-raising."""
         for pool in self._pools:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+ZEROS = -1
+"""The ``fd`` of a :class:`FileBytes` range that is zeros (vocabulary padding rows)."""
+_COPY_CHUNK = 64 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class FileBytes:
+    """A tensor whose bytes are the concatenation of byte ranges of open files (rows of a
+    checkpoint's or a safetensors file's stored tensors): written by copying them file to file,
+    it never enters the process's memory."""
+
+    shape: tuple[int, ...]
+    ranges: tuple[tuple[int, int, int], ...]
+    """``(fd, position, nbytes)`` in order; ``fd`` :data:`ZEROS`: ``nbytes`` zero bytes."""
+    dtype: Optional[torch.dtype] = None
+    """The dtype the bytes hold (None: the dtype of the file being written)."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(nbytes for _, _, nbytes in self.ranges)
+
+    def write(self, fd: int, position: int) -> None:
+        """Write the bytes at ``position`` of ``fd``."""
+        for source, start, nbytes in self.ranges:
+            copy_range(source, start, nbytes, fd, position)
+            position += nbytes
+
+
+def pwrite_all(fd: int, data, position: int) -> None:
+    """Write all of ``data`` at ``position`` of ``fd``."""
+    view, done = memoryview(data), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], position + done)
+
+
+def copy_range(source: int, start: int, nbytes: int, fd: int, position: int) -> None:
+    """Copy ``nbytes`` at ``start`` of file ``source`` (:data:`ZEROS`: write zeros) to
+    ``position`` of ``fd``: in the kernel (``copy_file_range``: no pass through this process's
+    memory, as a plain file copy), or through a bounded buffer where the file systems do not
+    support it."""
+    done = 0
+    while source != ZEROS and done < nbytes:
+        try:
+            n = os.copy_file_range(source, fd, min(nbytes - done, 1 << 30), start + done,
+                                   position + done)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            break
+        if n == 0:
+            break  # end of file: reported below
+        done += n
+    while done < nbytes:
+        size = min(nbytes - done, _COPY_CHUNK)
+        data = bytes(size) if source == ZEROS else os.pread(source, size, start + done)
+        if not data:
+            raise ConversionError(f"Unexpected end of file copying {nbytes} bytes at offset "
+                                  f"{start}: a checkpoint or safetensors file is truncated.")
+        pwrite_all(fd, data, position + done)
+        done += len(data)

@@ -33,9 +33,9 @@ from flagscale.checkpoint.output import atomic_output_dir
 from flagscale.checkpoint.reader import CheckpointReader
 from flagscale.config import Config, load_config
 from flagscale.convert import mapping as M
-from flagscale.convert.common import DTYPE_NAMES, DTYPES, prefetched
+from flagscale.convert.common import DTYPE_NAMES, DTYPES, FileBytes, prefetched
 from flagscale.convert.hf_config import generation_config_dict, hf_config_dict
-from flagscale.convert.safetensors_stream import FileBytes, plan_shards, write_sharded
+from flagscale.convert.safetensors_stream import plan_shards, write_sharded
 from flagscale.convert.tokenizer import export_tokenizer
 from flagscale.errors import CheckpointError, ConversionError, DataError
 

@@ -11,12 +11,15 @@ global tensors with their shard metadata, so one process writes it and any TP/PP
 ``tp`` only sets the vocabulary padding (a multiple of 128 * tp) and, with ``pp``, the layout
 recorded in the saved config.
 
-No model is built: the safetensors are read one group at a time (the embedding, each layer, the
-final norm and output layer), each Hugging Face tensor's rows straight into their place in the
-megatron-core tensor the family's weight mapping assembles from them, and streamed into the
-checkpoint's files as megatron-core would have saved them (one chunk per layer of each stacked
-tensor, plus the layer modules' ``_extra_state`` objects, taken from one megatron-core layer built
-for that purpose), while the next group is read. Peak memory is a few layers, whatever the depth.
+No model is built and, when the checkpoint keeps the weights' dtype (bf16 or fp32 weights), no
+weight is read: the safetensors are taken one group at a time (the embedding, each layer, the
+final norm and output layer), each megatron-core tensor is described as the places of the Hugging
+Face rows the family's weight mapping assembles it from, and the checkpoint's files are written
+as megatron-core would have saved them (one chunk per layer of each stacked tensor, plus the
+layer modules' ``_extra_state`` objects, taken from one megatron-core layer built for that
+purpose) with those rows copied file to file by the kernel, as a plain copy does. Weights that
+change dtype (fp16 -> fp32) are read into place, cast and written while the next group is read.
+Peak memory is a layer at most, whatever the depth.
 Every tensor in the safetensors must be consumed by the mapping: one that would be dropped (a
 Qwen2's q/k/v biases under a Llama config) is an error naming it. The written checkpoint is then
 compared with the source layer by layer (``flagscale.convert.validate``) unless
@@ -26,10 +29,9 @@ compared with the source layer by layer (``flagscale.convert.validate``) unless
 from __future__ import annotations
 
 import dataclasses
-import functools
+import math
 import re
 import shutil
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,8 +46,8 @@ from flagscale.config import (Config, ModelConfig, ParallelDims, config_to_dict,
                               padded_vocab_size)
 from flagscale.config import validate as check_config
 from flagscale.convert import mapping as M
-from flagscale.convert.common import (layer_sharded_state, megatron_layer, prefetched,
-                                      single_process_megatron)
+from flagscale.convert.common import (ZEROS, FileBytes, layer_sharded_state, megatron_layer,
+                                      prefetched, single_process_megatron)
 from flagscale.convert.hf_config import load_config_json, model_fields_from_hf
 from flagscale.convert.safetensors_stream import SafetensorsReader
 from flagscale.convert.torch_dist_writer import TorchDistWriter
@@ -109,30 +111,29 @@ def _layer_objects(layer, num_layers: int) -> list[dict]:
 
 
 class _Buffers:
-    """Layer-sized buffers reused from layer to layer once written: a fresh allocation per
+    """Buffers of the read-then-cast path reused from layer to layer: a fresh allocation per
     layer costs page faults and zeroing, and on a node whose memory the page cache fills (any
-    long conversion), reclaiming pages first (measured: import CPU grew faster than depth)."""
+    long conversion), reclaiming pages first."""
 
     def __init__(self):
         self._free: dict[tuple, list[torch.Tensor]] = {}
-        self._lock = threading.Lock()
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        with self._lock:
-            free = self._free.get((tuple(shape), dtype))
-            if free:
-                return free.pop()
-        return empty(shape, dtype)
+        free = self._free.get((tuple(shape), dtype))
+        return free.pop() if free else empty(shape, dtype)
 
     def give(self, tensor: torch.Tensor) -> None:
-        with self._lock:
-            self._free.setdefault((tuple(tensor.shape), tensor.dtype), []).append(tensor)
+        self._free.setdefault((tuple(tensor.shape), tensor.dtype), []).append(tensor)
 
 
-def _read_group(weights: SafetensorsReader, wm: M.WeightMap, entries, layer: Optional[int],
-                pool: ThreadPoolExecutor, buffers: _Buffers) -> dict[str, torch.Tensor]:
-    """The megatron-core tensors of ``entries``, each assembled by reading its Hugging Face
-    rows straight into place (no intermediate HF tensors to join), several reads at once."""
+def _group(weights: SafetensorsReader, wm: M.WeightMap, entries, layer: Optional[int],
+           dtype: torch.dtype, pool: ThreadPoolExecutor, buffers: _Buffers
+           ) -> dict[str, torch.Tensor | FileBytes]:
+    """The megatron-core tensors of ``entries`` in ``dtype``. One whose Hugging Face tensors are
+    stored in ``dtype`` comes as :class:`FileBytes`, the places of its HF rows in the
+    safetensors (copied file to file by the writer, never read); the others (a cast, e.g. fp16
+    weights into an fp32 checkpoint) are assembled by reading each HF tensor's rows straight
+    into place, several reads at once, and cast."""
     out, reads = {}, []
     for e in entries:
         names = e.hf_names(layer)
@@ -142,31 +143,40 @@ def _read_group(weights: SafetensorsReader, wm: M.WeightMap, entries, layer: Opt
         if len(dtypes) != 1:
             raise ConversionError(f"{weights.where}: {', '.join(names)} have different dtypes "
                                   f"({', '.join(sorted(map(str, dtypes)))}).")
-        out[e.mcore] = e.fill(buffers.take(e.mcore_shape(wm.dims), dtypes.pop()), wm.dims,
-                              lambda i, start, stop, dst, names=names:
-                              reads.append((names[i], start, stop, dst)))
+        source, shape = dtypes.pop(), e.mcore_shape(wm.dims)
+        if source == dtype:
+            row = math.prod(shape[1:]) * dtype.itemsize
+            out[e.mcore] = FileBytes(shape, tuple(
+                (ZEROS, 0, (stop - start) * row) if i is None else
+                weights.row_bytes(names[i], at, at + stop - start)
+                for start, stop, i, at in e.pieces(wm.dims)), dtype)
+        else:
+            out[e.mcore] = e.fill(buffers.take(shape, source), wm.dims,
+                                  lambda i, start, stop, dst, names=names:
+                                  reads.append((names[i], start, stop, dst)))
     for done in pool.map(lambda job: weights.rows(*job), reads):
         del done
+    for key, tensor in out.items():
+        if isinstance(tensor, torch.Tensor):
+            out[key] = tensor.to(dtype)
+            buffers.give(tensor)
     return out
 
 
-def _groups(weights: SafetensorsReader, wm: M.WeightMap, dtype: torch.dtype, buffers: _Buffers):
-    """``(layer or None, {mcore key: (tensor, release)}, HF bytes read)`` in file order, cast
-    to ``dtype``; ``release()`` (None for a cast copy) returns a tensor's buffer once written."""
+def _groups(weights: SafetensorsReader, wm: M.WeightMap, dtype: torch.dtype):
+    """``(layer or None, {mcore key: tensor or FileBytes}, HF bytes)`` in file order."""
+    buffers = _Buffers()
     with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="flagscale-hf-read") as pool:
         for layer, entries in wm.groups():
-            mapped = _read_group(weights, wm, entries, layer, pool, buffers)
-            nbytes = sum(weights.nbytes(name) for e in entries
-                         for name in e.hf_names(layer))
-            out = {}
-            for key, tensor in mapped.items():
-                cast = tensor.to(dtype)
-                if cast is tensor:
-                    out[key] = (tensor, functools.partial(buffers.give, tensor))
-                else:
-                    buffers.give(tensor)
-                    out[key] = (cast, None)
-            yield layer, out, nbytes
+            nbytes = sum(weights.nbytes(name) for e in entries for name in e.hf_names(layer))
+            yield layer, _group(weights, wm, entries, layer, dtype, pool, buffers), nbytes
+
+
+def _with_layer_axis(tensor: torch.Tensor | FileBytes) -> torch.Tensor | FileBytes:
+    """``tensor`` as the chunk of one layer of a tensor stacked over layers."""
+    if isinstance(tensor, FileBytes):
+        return dataclasses.replace(tensor, shape=(1, *tensor.shape))
+    return tensor.unsqueeze(0)
 
 
 def hf_to_mcore(input: str | Path, output: str | Path, tp: int = 1, pp: int = 1,
@@ -208,16 +218,14 @@ def hf_to_mcore(input: str | Path, output: str | Path, tp: int = 1, pp: int = 1,
         bar = tqdm(total=weights.nbytes(), desc="import", unit="B", unit_scale=True,
                    disable=None if progress is None else not progress)
         with TorchDistWriter(tmp, max_queued_bytes=layer_bytes) as writer:
-            buffers = _Buffers()
-            for layer, tensors, nbytes in prefetched(_groups(weights, wm, dtype, buffers)):
-                for key, (tensor, release) in tensors.items():
+            for layer, tensors, nbytes in prefetched(_groups(weights, wm, dtype)):
+                for key, tensor in tensors.items():
                     if layer is None:
-                        writer.add_tensor(key, tensor.shape, (0,) * tensor.dim(), tensor,
-                                          release)
+                        writer.add_tensor(key, tensor.shape, (0,) * len(tensor.shape), tensor)
                     else:
                         writer.add_tensor(key, (layers, *tensor.shape),
-                                          (layer,) + (0,) * tensor.dim(), tensor.unsqueeze(0),
-                                          release)
+                                          (layer,) + (0,) * len(tensor.shape),
+                                          _with_layer_axis(tensor))
                 if layer is not None:
                     for unique_key, obj in objects[layer].items():
                         writer.add_object(unique_key, obj)

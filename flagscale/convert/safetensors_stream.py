@@ -9,19 +9,17 @@ tensors waiting to be written, not a shard. A tensor whose bytes already lie in 
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence, Union
 
 import torch
 
 from flagscale.checkpoint.reader import empty
-from flagscale.convert.common import WriteQueue
+from flagscale.convert.common import FileBytes, WriteQueue, pwrite_all
 from flagscale.errors import ConversionError
 
 WRITE_THREADS = 4
@@ -29,17 +27,6 @@ MAX_QUEUED_BYTES = 1 << 30
 """Bytes of tensors waiting to be written before :func:`write_sharded` takes the next one."""
 
 _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-_COPY_CHUNK = 64 << 20
-
-
-@dataclass(frozen=True)
-class FileBytes:
-    """A tensor whose bytes, in the output's dtype, are the concatenation of byte ranges of
-    open files (e.g. rows of a checkpoint's stored tensors)."""
-
-    shape: tuple[int, ...]
-    ranges: tuple[tuple[int, int, int], ...]
-    """``(fd, position, nbytes)`` in order."""
 
 
 def plan_shards(entries: Sequence[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
@@ -95,7 +82,7 @@ def write_sharded(out_dir: Path, shards, dtype: torch.dtype,
             raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
             fd = os.open(out_dir / file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             fds.append(fd)
-            _pwrite_all(fd, struct.pack("<Q", len(raw)) + raw, 0)
+            pwrite_all(fd, struct.pack("<Q", len(raw)) + raw, 0)
             for name, shape in shard:
                 got_name, tensor = next(tensors)
                 if got_name != name or tuple(tensor.shape) != shape:
@@ -120,45 +107,11 @@ def write_sharded(out_dir: Path, shards, dtype: torch.dtype,
 def _write_tensor(fd: int, position: int, tensor: Union[torch.Tensor, FileBytes],
                   dtype: torch.dtype) -> None:
     if isinstance(tensor, FileBytes):
-        for source, start, nbytes in tensor.ranges:
-            _copy_range(source, start, nbytes, fd, position)
-            position += nbytes
+        tensor.write(fd, position)
         return
     data = tensor.to(dtype).contiguous()  # a view (a QKV part) is gathered here, off the caller
     raw = data.view(-1).view(torch.uint8)
-    _pwrite_all(fd, memoryview(raw.numpy()) if raw.numel() else b"", position)
-
-
-def _pwrite_all(fd: int, data, position: int) -> None:
-    view, done = memoryview(data), 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], position + done)
-
-
-def _copy_range(source: int, start: int, nbytes: int, fd: int, position: int) -> None:
-    """Copy ``nbytes`` at ``start`` of file ``source`` to ``position`` of ``fd``: in the kernel
-    (``copy_file_range``: no pass through this process's memory, as a plain file copy), or
-    through a bounded buffer where the file systems do not support it."""
-    done = 0
-    while done < nbytes:
-        try:
-            n = os.copy_file_range(source, fd, min(nbytes - done, 1 << 30), start + done,
-                                   position + done)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            break
-        if n == 0:
-            raise ConversionError(f"Unexpected end of file copying {nbytes} bytes at offset "
-                                  f"{start}: a checkpoint file is truncated.")
-        done += n
-    while done < nbytes:
-        data = os.pread(source, min(nbytes - done, _COPY_CHUNK), start + done)
-        if not data:
-            raise ConversionError(f"Unexpected end of file copying {nbytes} bytes at offset "
-                                  f"{start}: a checkpoint file is truncated.")
-        _pwrite_all(fd, data, position + done)
-        done += len(data)
+    pwrite_all(fd, memoryview(raw.numpy()) if raw.numel() else b"", position)
 
 
 _FROM_NAMES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
@@ -242,22 +195,28 @@ class SafetensorsReader:
         shape = self.shape(name)
         return self.rows(name, 0, shape[0] if shape else 1).reshape(shape)
 
+    def row_bytes(self, name: str, start: int, stop: int) -> tuple[int, int, int]:
+        """``(fd, position, nbytes)``: where rows ``start:stop`` of tensor ``name`` lie."""
+        file, offset, dtype, shape = self._entry(name)
+        row = math.prod(shape[1:]) * dtype.itemsize
+        return self._fds[file], offset + start * row, (stop - start) * row
+
     def rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None
              ) -> torch.Tensor:
         """Rows ``start:stop`` of tensor ``name`` (its first axis), read straight into ``out``
         (contiguous, of their shape and stored dtype) when given."""
-        file, offset, dtype, shape = self._entry(name)
-        row = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+        dtype, shape = self.dtype(name), self.shape(name)
         if out is None:
             out = empty((stop - start, *shape[1:]), dtype)
         elif out.dtype != dtype or tuple(out.shape) != (stop - start, *shape[1:]) or \
                 not out.is_contiguous():
             raise ConversionError(f"Internal error reading rows {start}:{stop} of '{name}' "
                                   f"({dtype}, {shape}) into a {out.dtype} {tuple(out.shape)}.")
+        fd, position, _ = self.row_bytes(name, start, stop)
         view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else b""
-        done, position = 0, offset + start * row
+        done = 0
         while done < len(view):
-            n = os.preadv(self._fds[file], [view[done:]], position + done)
+            n = os.preadv(fd, [view[done:]], position + done)
             if n <= 0:
                 raise ConversionError(f"{self.where}: tensor '{name}' is cut short (truncated "
                                       f"safetensors file).")
@@ -267,5 +226,4 @@ class SafetensorsReader:
     def nbytes(self, name: str | None = None) -> int:
         """Bytes of tensor ``name``, or of all tensors."""
         entries = self._entries.values() if name is None else [self._entry(name)]
-        return sum(math.prod(s) * torch.empty((), dtype=d).element_size()
-                   for _, _, d, s in entries)
+        return sum(math.prod(s) * d.itemsize for _, _, d, s in entries)

@@ -13,8 +13,11 @@ dtype and chunks and where each chunk's bytes are, ``common.pt`` with the non-te
 ``metadata.json`` naming the backends. DCP's own save plans every tensor of the state dict at
 once; here each chunk is written as soon as it is produced (onto one of a few files, by writer
 threads that overlap the caller's reading and converting) and the metadata is written last, so
-memory holds only the chunks queued for writing. CRCs are not computed (DCP's reader does not
-check them); ``torch.load`` accepts archives without them.
+memory holds only the chunks queued for writing. A chunk whose bytes already lie in other files
+(:class:`FileBytes`: an import's rows of the Hugging Face safetensors) gets torch.save's archive
+with its storage bytes copied file to file by the kernel, so they never pass through the
+process. CRCs are not computed (DCP's reader does not check them); ``torch.load`` accepts
+archives without them.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ import pickle
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Sequence, Union
 
 import torch
 
-from flagscale.convert.common import WriteQueue
+from flagscale.convert.common import FileBytes, WriteQueue
+from flagscale.errors import ConversionError
 
 WRITE_THREADS = 4
 MAX_QUEUED_BYTES = 1 << 30
@@ -59,11 +63,11 @@ class TorchDistWriter:
         for f in self._files:
             f.close()
 
-    def _submit(self, index_key, payload, nbytes: int, written=None) -> None:
+    def _submit(self, index_key, payload, nbytes: int) -> None:
         slot = self._queue.least_loaded()
-        self._queue.submit(slot, nbytes, self._write, slot, index_key, payload, written)
+        self._queue.submit(slot, nbytes, self._write, slot, index_key, payload)
 
-    def _write(self, slot: int, index_key, payload, written=None) -> None:
+    def _write(self, slot: int, index_key, payload) -> None:
         from torch.distributed.checkpoint.filesystem import _StorageInfo
 
         f = self._files[slot]
@@ -71,34 +75,39 @@ class TorchDistWriter:
         if isinstance(payload, torch.Tensor):
             with _no_crc32():
                 torch.save(payload, f)
+        elif isinstance(payload, FileBytes):
+            _save_copied(f, payload)
         else:
             f.write(payload)
         length = f.tell() - offset
         with self._lock:
             self._storage[index_key] = _StorageInfo(self._names[slot], offset, length)
             self.bytes_written += length
-        if written is not None:
-            written()
 
     def add_tensor(self, key: str, global_shape: Sequence[int], offsets: Sequence[int],
-                   chunk: torch.Tensor, written: Optional[Callable[[], object]] = None) -> None:
-        """Queue ``chunk``, the region of global tensor ``key`` starting at ``offsets``;
-        ``written()`` is called once its bytes are written (its memory may then be reused)."""
+                   chunk: Union[torch.Tensor, FileBytes]) -> None:
+        """Queue ``chunk``, the region of global tensor ``key`` starting at ``offsets`` (a
+        :class:`FileBytes` with its dtype is copied from its files)."""
         from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex,
                                                            TensorProperties,
                                                            TensorStorageMetadata)
 
-        chunk = chunk.detach().contiguous()
-        if chunk.untyped_storage().nbytes() != chunk.numel() * chunk.element_size():
-            chunk = chunk.clone()  # torch.save writes the whole storage behind a view
+        if isinstance(chunk, FileBytes):
+            if chunk.dtype is None:
+                raise ConversionError(f"Internal error: the file bytes of '{key}' have no dtype.")
+            dtype, nbytes = chunk.dtype, chunk.nbytes
+        else:
+            chunk = chunk.detach().contiguous()
+            if chunk.untyped_storage().nbytes() != chunk.numel() * chunk.element_size():
+                chunk = chunk.clone()  # torch.save writes the whole storage behind a view
+            dtype, nbytes = chunk.dtype, chunk.numel() * chunk.element_size()
         with self._lock:
             md = self._metadata.get(key)
             if md is None:
                 md = self._metadata[key] = TensorStorageMetadata(
-                    TensorProperties(dtype=chunk.dtype), torch.Size(global_shape), [])
-            md.chunks.append(ChunkStorageMetadata(torch.Size(offsets), chunk.shape))
-        self._submit(MetadataIndex(key, torch.Size(offsets)), chunk,
-                     chunk.numel() * chunk.element_size(), written)
+                    TensorProperties(dtype=dtype), torch.Size(global_shape), [])
+            md.chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(chunk.shape)))
+        self._submit(MetadataIndex(key, torch.Size(offsets)), chunk, nbytes)
 
     def add_object(self, unique_key: str, obj: Any) -> None:
         """Queue a ShardedObject's data under its unique key (``key/shard_<offset>_<shape>``)."""
@@ -129,6 +138,45 @@ class TorchDistWriter:
         (self.path / "metadata.json").write_text(json.dumps(
             {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
              "common_backend": "torch", "common_backend_version": 1}))
+
+
+class _SkippedRecords:
+    """The file object torch.save writes into: writes go to ``f``, and each record whose bytes
+    torch seeks over instead of writing (``skip_data``) is noted as ``(position, nbytes)``."""
+
+    def __init__(self, f):
+        self.f, self.skipped = f, []
+
+    def write(self, data) -> int:
+        return self.f.write(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR:
+            self.skipped.append((self.f.tell(), offset))
+        return self.f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _save_copied(f, chunk: FileBytes) -> None:
+    """Append to ``f`` torch.save's archive of the tensor ``chunk`` describes, its storage bytes
+    copied from their files: torch.save under ``skip_data`` writes every record of the archive
+    but the storage's, whose place it seeks over, given an uninitialised tensor of that shape
+    (its memory is reserved, never touched)."""
+    out = _SkippedRecords(f)
+    with _no_crc32(), torch.serialization.skip_data():
+        torch.save(torch.empty(chunk.shape, dtype=chunk.dtype), out)
+    expected = [chunk.nbytes] if chunk.nbytes else []
+    if [nbytes for _, nbytes in out.skipped] != expected:
+        raise ConversionError(f"Internal error: torch.save left {out.skipped} for the storage "
+                              f"bytes (position, bytes) of a {chunk.nbytes}-byte tensor.")
+    f.flush()
+    for position, _ in out.skipped:
+        chunk.write(f.fileno(), position)
 
 
 class _no_crc32:

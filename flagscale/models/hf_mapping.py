@@ -78,23 +78,35 @@ class Entry:
                      torch.cat([tensor[start:stop] for start, stop in rows])
                      for rows in self.hf_rows(dims))
 
-    def fill(self, out: torch.Tensor, dims: ModelDims,
-             take: Callable[[int, int, int, torch.Tensor], object]) -> torch.Tensor:
-        """Assemble the megatron-core tensor in ``out`` (its shape): ``take(i, start, stop,
-        dst)`` puts rows ``start:stop`` of Hugging Face tensor ``i`` into ``dst``; rows no HF
-        tensor gives (the vocabulary padding) are zeroed. Returns ``out``."""
-        covered = [(out.shape[0], out.shape[0])]
+    def pieces(self, dims: ModelDims) -> list[tuple[int, int, int | None, int]]:
+        """The megatron-core tensor's rows in order, as ``(start, stop, i, at)``: rows
+        ``start:stop`` are rows ``at:at + stop - start`` of Hugging Face tensor ``i``, or zeros
+        where ``i`` is None (the vocabulary padding no HF tensor gives)."""
+        given = []
         for i, rows in enumerate(self.hf_rows(dims)):
             at = 0
             for start, stop in rows:
-                take(i, at, at + stop - start, out[start:stop])
+                given.append((start, stop, i, at))
                 at += stop - start
-                covered.append((start, stop))
-        edge = 0
-        for start, stop in sorted(covered):
+        pieces, edge = [], 0
+        for start, stop, i, at in sorted(given) + [(self.mcore_shape(dims)[0],) * 2 + (None, 0)]:
             if start > edge:
-                out[edge:start].zero_()
+                pieces.append((edge, start, None, 0))
+            if stop > start:
+                pieces.append((start, stop, i, at))
             edge = max(edge, stop)
+        return pieces
+
+    def fill(self, out: torch.Tensor, dims: ModelDims,
+             take: Callable[[int, int, int, torch.Tensor], object]) -> torch.Tensor:
+        """Assemble the megatron-core tensor in ``out`` (its shape) from :meth:`pieces`:
+        ``take(i, start, stop, dst)`` puts rows ``start:stop`` of Hugging Face tensor ``i`` into
+        ``dst``; padding rows are zeroed. Returns ``out``."""
+        for start, stop, i, at in self.pieces(dims):
+            if i is None:
+                out[start:stop].zero_()
+            else:
+                take(i, at, at + stop - start, out[start:stop])
         return out
 
     def from_hf(self, tensors: tuple[torch.Tensor, ...], dims: ModelDims) -> torch.Tensor:

@@ -186,3 +186,32 @@ def test_export_copies_tensors_stored_in_its_dtype_file_to_file(mcore_ckpt):
     copied, everything = copied_entries(mcore_ckpt, torch.float32, layer=3)
     assert copied == everything
     assert copied_entries(mcore_ckpt, torch.bfloat16)[0] == set()
+
+
+@pytest.mark.parametrize("stored, kept", [(torch.bfloat16, torch.bfloat16),
+                                          (torch.float16, torch.float32)])
+def test_import_keeps_every_weight_exactly_whether_copied_or_cast(hf_model, tmp_path, stored,
+                                                                  kept):
+    # Weights the checkpoint keeps in their dtype (bf16 here, fp32 in the fixtures above) are
+    # copied from the safetensors into the archives without being read; fp16 widens to fp32 on
+    # the read-and-cast path. Either way every megatron-core tensor holds the source's values.
+    from safetensors.torch import load_file
+
+    from flagscale.convert import mapping as M
+
+    src = _rewrite(hf_model[0], tmp_path / "src",
+                   lambda tensors: tensors.update({k: v.to(stored) for k, v in tensors.items()}))
+    ckpt = hf_to_mcore(src, tmp_path / "ckpt", tp=2, log=lambda line: None)
+    hf = {k: v for path in src.glob("*.safetensors") for k, v in load_file(path).items()}
+    reader = CheckpointReader(ckpt)
+    wm = M.WeightMap.of(checkpoint_config(ckpt).model,
+                        padded_vocab_size=reader.shape(M.EMBEDDING)[0])
+    for layer, entries in wm.groups():
+        keys = [e.mcore for e in entries]
+        got = ({k: reader.read_full(k) for k in keys} if layer is None
+               else reader.read_layer(keys, layer))
+        for key, expected in wm.from_hf(hf, entries, layer).items():
+            assert got[key].dtype == kept and torch.equal(got[key], expected.to(kept)), \
+                (key, layer)
+    assert not reader.read_full(M.EMBEDDING)[VOCAB:].any()  # the padding rows are zeros
+    reader.close()
