@@ -216,7 +216,7 @@ class Trainer:
         if self._gc_interval and self.iteration % self._gc_interval == 0:
             gc.collect()
         step = StepInfo(self.iteration, grad_norm,
-                        _sample_losses(reduced, self.layout.cp) if self._holds_loss else None,
+                        _sample_losses(reduced) if self._holds_loss else None,
                         batch_size)
         summary = StepSummary(device)
         summary.add("loss", _sum_losses(reduced if self._holds_loss else [], device))
@@ -564,7 +564,7 @@ def _loss(loss_mask, per_token_loss):
     per_token = per_token_loss.float()
     loss_sum = (per_token * mask).sum()
     tokens = mask.sum()
-    # Per sample: (loss sum, tokens), summed over the context-parallel ranks at the step's end.
+    # Per sample: (loss sum, tokens), summed over the context-parallel ranks by the step summary.
     per_sample = torch.stack([(per_token * mask).sum(dim=1), mask.sum(dim=1)])
     return loss_sum, tokens.to(torch.int), {
         "loss": torch.stack([loss_sum.detach(), tokens]).double(),
@@ -579,16 +579,11 @@ def _sum_losses(reduced: list[dict], device) -> torch.Tensor:
     return total
 
 
-def _sample_losses(reduced: list[dict], cp: int = 1) -> Optional[torch.Tensor]:
-    """Each sample's mean token loss over ``reduced``; under context parallelism every rank holds
-    a share of each sequence, so the (loss sum, tokens) pairs are summed over the CP group (one
-    all-reduce per step, on the ranks that hold losses: the whole CP group of each)."""
+def _sample_losses(reduced: list[dict]) -> Optional[torch.Tensor]:
+    """This rank's (loss sum, tokens) of each sample in ``reduced``, a 2 x rows tensor in
+    microbatch order. Under context parallelism each rank of a CP group holds its share of the
+    same rows: the step summary's one all-reduce over the world adds the shares up, so the
+    per-sample losses cost no collective of their own."""
     if not reduced:
         return None
-    sums = torch.cat([item["sample_losses"] for item in reduced], dim=1)
-    if cp > 1:
-        import torch.distributed as dist
-        from megatron.core import parallel_state
-
-        dist.all_reduce(sums, group=parallel_state.get_context_parallel_group())
-    return sums[0] / sums[1].clamp(min=1)
+    return torch.cat([item["sample_losses"] for item in reduced], dim=1)

@@ -1,6 +1,7 @@
 """Context parallelism on 2 real gloo processes: each rank gets megatron-core's load-balanced
 share of every sequence, and the per-sample losses a trace reports are the whole sequence's,
-summed over the CP group (the attention itself needs Transformer Engine, absent on CPU)."""
+each rank's share added up by the step summary's all-reduce (the attention itself needs
+Transformer Engine, absent on CPU)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def _cp_rank_work():
 
     from flagscale.data.datasets import to_device
     from flagscale.platform import setup_platform
+    from flagscale.train.callbacks.spikes import mean_losses
+    from flagscale.train.step_summary import StepSummary
     from flagscale.train.trainer import _loss, _sample_losses
 
     setup_platform("cpu")
@@ -41,15 +44,17 @@ def _cp_rank_work():
         # The same split applied to the per-token losses the model would compute locally.
         losses = to_device({"loss": _per_token_loss()}, torch.device("cpu"), cp=2)["loss"]
         _, _, reduced = _loss(local["loss_mask"], losses)
-        samples = _sample_losses([reduced], cp=2)
-        return {k: v.tolist() for k, v in local.items()}, samples.tolist()
+        summary = StepSummary(torch.device("cpu"))
+        summary.add("sample_losses", _sample_losses([reduced]))  # as the spike callback does
+        samples = mean_losses(summary.reduce()["sample_losses"])
+        return {k: v.tolist() for k, v in local.items()}, samples
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
 
 
 def test_batch_split_and_trace_losses_over_the_cp_group():
-    from flagscale.train.trainer import _loss, _sample_losses
+    from flagscale.train.trainer import _loss
 
     results = run_distributed(_cp_rank_work, 2)
     full = _full_batch()
@@ -61,6 +66,6 @@ def test_batch_split_and_trace_losses_over_the_cp_group():
         for key, value in full.items():
             assert local[key] == value[:, keep].tolist(), (rank, key)
     _, _, whole = _loss(full["loss_mask"], _per_token_loss())
-    expected = _sample_losses([whole]).tolist()
+    expected = (whole["sample_losses"][0] / whole["sample_losses"][1]).tolist()
     for _, samples in results:
         assert samples == pytest.approx(expected, rel=1e-6)

@@ -27,8 +27,9 @@ class StepInfo:
     grad_norm: float
     """Global gradient norm; nan when the update was dropped for a non-finite gradient."""
     sample_losses: Any
-    """Per-row losses of this rank's microbatches, in order, as a device tensor; None on ranks
-    that do not compute the loss (not the last pipeline stage, or TP rank > 0)."""
+    """(loss sum, tokens) of each row of this rank's microbatches, in order, as a 2 x rows device
+    tensor (under context parallelism, this rank's share of each row); None on ranks that do
+    not compute the loss (not the last pipeline stage, or TP rank > 0)."""
     batch_size: int
     """Sequences in this step's global batch (fewer than ``train.global_batch_size`` during a
     batch-size ramp-up)."""

@@ -1,16 +1,17 @@
 """Automatic trace reports: when a step's loss spikes or is not finite, name its documents.
 
-Every step each rank places the per-sample losses it holds (the last pipeline stage's tensor-rank-0
-process of each data-parallel replica holds its rows; other ranks hold none) at their positions in
-a vector as long as the step's global batch in the step summary
-(:mod:`flagscale.train.step_summary`), whose one all-reduce over the world gives every rank every
-row's loss. All ranks therefore take the same decision from the same numbers (and hold the same
+Every step each rank places the per-sample (loss sum, tokens) pairs it holds (the last pipeline
+stage's tensor-rank-0 processes of each data-parallel replica hold its rows, each rank of a
+context-parallel group its share of them; other ranks hold none) at their positions in two
+vectors as long as the step's global batch in the step summary
+(:mod:`flagscale.train.step_summary`), whose one all-reduce over the world adds the shares up
+and gives every rank every row's loss. All ranks therefore take the same decision from the same numbers (and hold the same
 spike window, saved in every checkpoint), and no rank can wait in a collective another one
 skipped. The writer rank then builds the iteration's trace records from its own copy of the train
 dataset (no collective) and writes ``traces/iter_XXXXXXX.jsonl``.
 
-Cost per step: (global batch size) float64 values more in the step summary's all-reduce, no
-collective or host sync of its own. A report costs seconds but only at a spike, at most
+Cost per step: twice (global batch size) float64 values more in the step summary's all-reduce,
+no collective or host sync of its own. A report costs seconds but only at a spike, at most
 ``trace.max_reports`` times per run.
 """
 
@@ -25,6 +26,13 @@ from flagscale.data.datasets import batch_index
 from flagscale.errors import FlagScaleError
 from flagscale.trace import SpikeDetector, Tracer, add_skipped_batches, write_spike_report
 from flagscale.train.callbacks.base import Callback, StepInfo
+
+
+def mean_losses(pairs: list[float]) -> list[float]:
+    """Each row's mean token loss from the summed step-summary slot (every row's loss sum, then
+    every row's token count)."""
+    rows = len(pairs) // 2
+    return [total / max(tokens, 1.0) for total, tokens in zip(pairs[:rows], pairs[rows:])]
 
 
 class SpikeReportCallback(Callback):
@@ -73,14 +81,15 @@ class SpikeReportCallback(Callback):
 
     def add_to_step_summary(self, step: StepInfo, summary) -> None:
         trainer = self.trainer
-        losses = torch.zeros(step.batch_size, dtype=torch.float64, device=trainer.platform.device)
+        pairs = torch.zeros(2, step.batch_size, dtype=torch.float64,
+                            device=trainer.platform.device)
         if step.sample_losses is not None:
             batch = batch_index(trainer.cfg, step.iteration - 1, trainer.skipped_batches)
-            losses[self._rows(batch)] = step.sample_losses.to(torch.float64)
-        summary.add("sample_losses", losses)
+            pairs[:, self._rows(batch)] = step.sample_losses.to(torch.float64)
+        summary.add("sample_losses", pairs)
 
     def post_step(self, step: StepInfo) -> None:
-        values = step.summary["sample_losses"]
+        values = mean_losses(step.summary["sample_losses"])
         # Rows hold equal token counts in pretraining, so their mean is the step's loss.
         reason = self.detector.check(sum(values) / len(values), step.grad_norm)
         if reason is None:
