@@ -156,6 +156,7 @@ class SafetensorsReader:
                 header = json.loads(os.pread(fd, length, 8))
             except (struct.error, ValueError) as exc:
                 raise ConversionError(f"{path} is not a safetensors file ({exc}).") from None
+            size = os.fstat(fd).st_size
             for key, info in header.items():
                 if key == "__metadata__":
                     continue
@@ -163,6 +164,12 @@ class SafetensorsReader:
                     raise ConversionError(f"Tensor '{key}' in {path} has dtype {info['dtype']}, "
                                           f"which flagscale does not convert.")
                 start = 8 + length + info["data_offsets"][0]
+                if 8 + length + info["data_offsets"][1] > size:
+                    # Checked here, before any output: the import copies these bytes unread.
+                    raise ConversionError(
+                        f"{path} is truncated: tensor '{key}' ends at byte "
+                        f"{8 + length + info['data_offsets'][1]} of a {size}-byte file. "
+                        f"Download or copy it again.")
                 self._entries[key] = (len(self._fds) - 1, start, _FROM_NAMES[info["dtype"]],
                                       tuple(info["shape"]))
 

@@ -89,12 +89,14 @@ class Entry:
                 given.append((start, stop, i, at))
                 at += stop - start
         pieces, edge = [], 0
-        for start, stop, i, at in sorted(given) + [(self.mcore_shape(dims)[0],) * 2 + (None, 0)]:
+        for start, stop, i, at in sorted(given):
             if start > edge:
                 pieces.append((edge, start, None, 0))
-            if stop > start:
-                pieces.append((start, stop, i, at))
+            pieces.append((start, stop, i, at))
             edge = max(edge, stop)
+        rows = self.mcore_shape(dims)[0]
+        if edge < rows:
+            pieces.append((edge, rows, None, 0))
         return pieces
 
     def fill(self, out: torch.Tensor, dims: ModelDims,

@@ -105,6 +105,18 @@ def test_import_refuses_an_unknown_tensor_by_name(hf_model, tmp_path):
     assert not (tmp_path / "ckpt").exists()
 
 
+def test_import_names_a_truncated_safetensors_file_before_any_output(hf_model, tmp_path):
+    # The import copies tensor bytes without reading them, so a short file is caught up front.
+    bad = tmp_path / "bad"
+    shutil.copytree(hf_model[0], bad)
+    (path,) = bad.glob("*.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 10)
+    with pytest.raises(ConversionError, match=rf"{path} is truncated: tensor '[\w.]+' ends at"):
+        hf_to_mcore(bad, tmp_path / "ckpt", validate=False)
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_import_refuses_a_mistral_window_relabeled_as_llama(hf_model, tmp_path):
     relabeled = tmp_path / "relabeled"
     shutil.copytree(hf_model[0], relabeled)
