@@ -10,9 +10,9 @@ a tensor already stored in the export's dtype as whole rows is copied file to fi
 as a plain copy is),
 and streams tensors into sharded safetensors (each written at its planned offset by a few writer
 threads) while the next layer is read (peak memory: a few layers); names, order and shapes come
-from the family's weight mapping (``flagscale.convert.mapping``). A model with tied embeddings is written without
-``lm_head.weight``, as transformers saves it. The output is written to a temporary sibling
-directory, compared layer by layer with flagscale's own megatron-core model
+from the family's weight mapping (``flagscale.convert.mapping``). A model with tied embeddings is
+written without ``lm_head.weight``, as transformers saves it. The output is written to a
+temporary sibling directory, compared layer by layer with flagscale's own megatron-core model
 (``flagscale.convert.validate``, unless ``validate=False``) and only then renamed into place.
 """
 

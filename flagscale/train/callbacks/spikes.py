@@ -7,8 +7,8 @@ vectors as long as the step's global batch in the step summary
 (:mod:`flagscale.train.step_summary`), whose one all-reduce over the world adds the shares up
 and gives every rank every row's loss. All ranks therefore take the same decision from the
 same numbers (and hold the same spike window, saved in every checkpoint), and no rank can wait
-in a collective another one skipped. The writer rank then builds the iteration's trace records from its own copy of the train
-dataset (no collective) and writes ``traces/iter_XXXXXXX.jsonl``.
+in a collective another one skipped. The writer rank then builds the iteration's trace records
+from its own copy of the train dataset (no collective) and writes ``traces/iter_XXXXXXX.jsonl``.
 
 Cost per step: twice (global batch size) float64 values more in the step summary's all-reduce,
 no collective or host sync of its own. A report costs seconds but only at a spike, at most
